@@ -1,0 +1,169 @@
+"""Command line: ``python -m dreamidv_core {swap,convert,text-context,check-models}``.
+
+The swap needs no ComfyUI: it reads the weights from a folder laid out like ``ComfyUI/models``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import DreamIDVError
+
+
+def _size(text: str):
+    try:
+        w, h = (int(v) for v in text.lower().replace("x", "*").split("*"))
+        return w, h
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 832*480, got {text!r}") from None
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def resolve_swap_files(args):
+    """Pick the DiT, VAE and text-context source from explicit paths or the models folder."""
+    from .model_files import FASTER_SWAP, SWAP, find_model_files, format_missing
+
+    report = find_model_files(args.models_dir)
+    purpose = FASTER_SWAP if args.faster else SWAP
+    dit = args.dit or report.path("dit_faster" if args.faster else "dit")
+    vae = args.vae or report.path("vae")
+    enc_status = report["text_encoder"]
+    encoder = args.text_encoder or (enc_status.found[0] if enc_status.found else None)
+    tokenizer = args.tokenizer or (enc_status.found[1] if enc_status.found and len(enc_status.found) > 1 else None)
+    missing = [name for name, value in (("DiT", dit), ("VAE", vae)) if value is None]
+    if encoder is None and args.context is None:
+        missing.append("text encoder")
+    if missing:
+        raise DreamIDVError(f"missing model files ({', '.join(missing)}).\n"
+                            + format_missing(report, include_optional=False) + f"\n(purpose: {purpose})")
+    return dit, vae, encoder, tokenizer
+
+
+def cmd_swap(args) -> int:
+    import numpy as np
+    import torch
+
+    from .checkpoints import load_dit
+    from .swap import SwapSettings, swap_face
+    from .text_context import get_text_context, load_precomputed_context
+    from .vae import load_wan_vae
+    from .video_io import read_image, read_video, write_video
+
+    dit_path, vae_path, encoder, tokenizer = resolve_swap_files(args)
+    device = _device(args.device)
+    video, fps = read_video(args.video, max_frames=args.frame_num)
+    mask, _ = read_video(args.mask, max_frames=args.frame_num)
+    pose = read_video(args.pose, max_frames=args.frame_num)[0] if args.pose else None
+    reference = read_image(args.reference)
+    if args.context:
+        context = load_precomputed_context(args.context)
+    else:
+        print(f"text context from {encoder} (cached after the first run)")
+        context = get_text_context(encoder, tokenizer, device=device)
+    print(f"loading {dit_path} ({args.weight_dtype}) and {vae_path} on {device}")
+    dit = load_dit(dit_path, weight_dtype=args.weight_dtype, device=device, attention_backend=args.attention)
+    vae = load_wan_vae(vae_path, device=device)
+    settings = SwapSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
+                            shift=args.shift, guidance=args.guidance, seed=args.seed, sampler=args.sampler)
+    start = time.time()
+
+    def progress(stage, i, n):
+        print(f"\r{stage} {i}/{n}  {time.time() - start:6.1f}s", end="\n" if i == n else "", flush=True)
+
+    result = swap_face(dit, vae, video, mask, reference, context.to(device), pose=pose, settings=settings,
+                       progress=progress)
+    frames = (result.frames.cpu().numpy() * 255).round().astype(np.uint8)
+    write_video(args.out, frames, args.fps or fps)
+    print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {args.fps or fps:g} fps")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoints import convert_to_safetensors
+
+    summary = convert_to_safetensors(args.src, args.dst, dtype=args.dtype)
+    print(", ".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
+
+
+def cmd_text_context(args) -> int:
+    from .state_dict_io import save_safetensors
+    from .text_context import DEFAULT_PROMPT, get_text_context
+
+    context = get_text_context(args.text_encoder, args.tokenizer, prompt=args.prompt or DEFAULT_PROMPT,
+                               device=_device(args.device))
+    if args.out:
+        save_safetensors({"context": context.contiguous()}, args.out)
+        print(f"wrote {args.out}: context {list(context.shape)}")
+    else:
+        print(f"context {list(context.shape)} cached")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m dreamidv_core", description="DreamID-V video face swap")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    sw = sub.add_parser("swap", help="swap the face in a video for the face in a photo")
+    sw.add_argument("--video", required=True, help="the driving video")
+    sw.add_argument("--reference", required=True, help="a photo of the new face")
+    sw.add_argument("--mask", required=True, help="face-mask video of the driving video (white face on black)")
+    sw.add_argument("--pose", help="pose video of the driving video (required by the full model)")
+    sw.add_argument("--out", required=True, help="output .mp4")
+    sw.add_argument("--models-dir", default="models", help="a folder laid out like ComfyUI/models")
+    sw.add_argument("--dit", help="DiT checkpoint (default: found in <models-dir>/diffusion_models)")
+    sw.add_argument("--vae", help="Wan 2.1 VAE (default: found in <models-dir>/vae)")
+    sw.add_argument("--text-encoder", help="umT5-XXL file (default: found in <models-dir>/text_encoders)")
+    sw.add_argument("--tokenizer", help="umT5 tokenizer (folder or spiece.model), for the official .pth encoder")
+    sw.add_argument("--context", help="precomputed text context (.safetensors or the official context.pth)")
+    sw.add_argument("--faster", action="store_true", help="use dreamidv_faster (no pose branch)")
+    sw.add_argument("--size", type=_size, default=(832, 480), help="maximum area as W*H, e.g. 832*480 or 1280*720")
+    sw.add_argument("--frame-num", type=int, default=81, help="frames to swap (floored to 4n+1)")
+    sw.add_argument("--steps", type=int, default=20)
+    sw.add_argument("--shift", type=float, default=5.0)
+    sw.add_argument("--guidance", type=float, default=4.0, help="identity guidance scale")
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--sampler", default="unipc", choices=("unipc", "euler"))
+    sw.add_argument("--weight-dtype", default="bf16", choices=("fp32", "bf16", "fp16", "fp8_e4m3fn"))
+    sw.add_argument("--attention", default="sdpa", choices=("sdpa", "flash", "sage"))
+    sw.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    sw.add_argument("--fps", type=float, help="output frame rate (default: the source's)")
+    sw.set_defaults(func=cmd_swap)
+
+    cv = sub.add_parser("convert", help="convert an official .pth (DiT or VAE) to safetensors")
+    cv.add_argument("src")
+    cv.add_argument("dst")
+    cv.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="cast the weight matrices")
+    cv.set_defaults(func=cmd_convert)
+
+    tc = sub.add_parser("text-context", help="encode the prompt once with umT5 and cache it")
+    tc.add_argument("--text-encoder", required=True)
+    tc.add_argument("--tokenizer")
+    tc.add_argument("--prompt")
+    tc.add_argument("--out", help="also write the context here")
+    tc.add_argument("--device", default="auto")
+    tc.set_defaults(func=cmd_text_context)
+
+    ck = sub.add_parser("check-models", help="list the model files that are missing and where they go")
+    ck.add_argument("rest", nargs=argparse.REMAINDER)
+    ck.set_defaults(func=lambda a: __import__("dreamidv_core.model_files", fromlist=["main"]).main(a.rest))
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DreamIDVError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
