@@ -110,6 +110,12 @@ def cmd_text_context(args) -> int:
     return 0
 
 
+def cmd_check_models(args) -> int:
+    from .model_files import main as check_main
+
+    return check_main(["--models-dir", args.models_dir] + (["--strict"] if args.strict else []))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m dreamidv_core", description="DreamID-V video face swap")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -155,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     tc.set_defaults(func=cmd_text_context)
 
     ck = sub.add_parser("check-models", help="list the model files that are missing and where they go")
-    ck.add_argument("rest", nargs=argparse.REMAINDER)
-    ck.set_defaults(func=lambda a: __import__("dreamidv_core.model_files", fromlist=["main"]).main(a.rest))
+    ck.add_argument("--models-dir", default="models", help="a folder laid out like ComfyUI/models")
+    ck.add_argument("--strict", action="store_true", help="exit 1 when a file needed to swap is missing")
+    ck.set_defaults(func=cmd_check_models)
     return ap
 
 

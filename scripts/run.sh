@@ -18,14 +18,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 PACK_NAME="comfyui-dreamidv"
 
-check_models() {  # never fails: missing files are reported, ComfyUI starts anyway
-    local dir="$1" out
-    # the command line's check-models (python -m dreamidv_core); else the catalogue module directly
-    if out="$(cd "$ROOT" && "$PY" -m dreamidv_core check-models --models-dir "$dir" 2>&1)"; then
-        printf '%s\n' "$out"
-    else
-        (cd "$ROOT" && "$PY" -m dreamidv_core.model_files --models-dir "$dir") || true
-    fi
+check_models() {  # reports missing files; ComfyUI starts anyway
+    (cd "$ROOT" && "$PY" -m dreamidv_core check-models --models-dir "$1")
 }
 
 case "${1:-}" in

@@ -7,7 +7,6 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dreamidv_core import text_context as tc
 from dreamidv_core import umt5
