@@ -12,6 +12,7 @@ GFLOP/s of the step's matrix work, and the GEMM rate of the same process for com
 
     python benchmarks/bench_dit.py                 # default sizes
     python benchmarks/bench_dit.py --dtype bf16 --grids 3x16x16 6x16x28
+    python benchmarks/bench_dit.py --released --grids 2x16x16 --repeats 1   # the 1.3B model, random weights
 """
 from __future__ import annotations
 
@@ -63,18 +64,23 @@ def gemm_rate(dtype) -> float:
 def child(args) -> dict:
     import torch
 
+    from dreamidv_core.checkpoints import _set_tensor, storage_dtype
     from dreamidv_core.configs import DiTConfig
     from dreamidv_core.dit import DreamIDVTransformer, init_random_
 
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    cfg = DiTConfig(variant="full", dim=args.dim, ffn_dim=args.dim * 4, num_heads=args.dim // 128,
-                    num_layers=args.layers, text_len=512, cross_attn_pose=False)
-    model = init_random_(DreamIDVTransformer(cfg, compute_dtype=dtype)).eval()
-    if dtype != torch.float32:  # store matrices in bf16 like the loader does
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and not name.endswith("modulation"):
-                p.data = p.data.to(dtype)
+    if args.released:
+        from dreamidv_core.configs import DREAMIDV_1_3B as cfg
+    else:
+        cfg = DiTConfig(variant="full", dim=args.dim, ffn_dim=args.dim * 4, num_heads=args.dim // 128,
+                        num_layers=args.layers, text_len=512, cross_attn_pose=False)
+    # built on meta and materialised in the storage dtypes the loader uses: RSS is the real footprint
+    with torch.device("meta"):
+        model = DreamIDVTransformer(cfg, compute_dtype=dtype)
+    for name, p in list(model.named_parameters()):
+        _set_tensor(model, name, torch.empty(p.shape, dtype=storage_dtype(name, tuple(p.shape), dtype)))
+    model = init_random_(model).eval()
     f, h, w = (int(v) for v in args.grid.split("x"))
     frames = 4 * (f - 1) + 1
     g = torch.Generator().manual_seed(0)
@@ -123,6 +129,7 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"))
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--released", action="store_true", help="the released 1.3B configuration (random weights)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -132,7 +139,8 @@ def main():
     if args.child:
         print(json.dumps(child(args)))
         return
-    print(f"DiT step benchmark: dim {args.dim}, {args.layers} blocks, head_dim 128, {args.dtype}, "
+    size = "released 1.3B config" if args.released else f"dim {args.dim}, {args.layers} blocks, head_dim 128"
+    print(f"DiT step benchmark: {size}, {args.dtype}, "
           f"{args.threads} threads; one step = 2 evaluations (identity guidance)")
     print(f"{'grid':>10} {'tokens':>7} {'mode':>10} {'s/step':>8} {'GFLOP/s':>8} {'GEMM GFLOP/s':>13} "
           f"{'% GEMM':>7} {'peak RSS MB':>12} {'prepare s':>10}")
@@ -141,7 +149,7 @@ def main():
         for mode in ("reuse", "recompute"):
             cmd = [sys.executable, __file__, "--child", "--grid", grid, "--mode", mode, "--dtype", args.dtype,
                    "--dim", str(args.dim), "--layers", str(args.layers), "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads)] + (["--released"] if args.released else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             r = rows[mode] = json.loads(out)
             print(f"{grid:>10} {r['tokens']:>7} {mode:>10} {r['sec_per_step']:>8.3f} {r['gflops']:>8.1f} "

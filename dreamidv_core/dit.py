@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .attention import attention
+from .attention import attention, check_backend
 from .configs import DiTConfig
 from .errors import InputError
 from .layers import (CastConv2d, CastConv3d, CastLinear, LayerNorm, RMSNorm, apply_rope, rope_table,
@@ -31,8 +31,8 @@ from .pose_guider import PoseGuider
 KV = Tuple[torch.Tensor, torch.Tensor]
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with qk RMSNorm, 3-axis RoPE and (optionally) gated pose attention."""
+class _AttentionLayers(nn.Module):
+    """q, k, v, o projections with qk RMSNorm, plus the pose layers when ``pose`` (the released names)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float, pose: bool):
         super().__init__()
@@ -46,6 +46,10 @@ class SelfAttention(nn.Module):
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, self.head_dim))
+
+
+class SelfAttention(_AttentionLayers):
+    """Multi-head self-attention with qk RMSNorm, 3-axis RoPE and (optionally) gated pose attention."""
 
     def pose_kv(self, pose_tokens: torch.Tensor, rope) -> KV:
         """pose_tokens [1, L, C] (zeros at reference positions) -> roped pose K, pose V [1, L, N, D]."""
@@ -62,30 +66,18 @@ class SelfAttention(nn.Module):
         return self.o(out.to(x.dtype))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_AttentionLayers):
     """Attention from the video tokens to the 512 text tokens (whose K/V are computed once).
 
-    ``declare_pose`` adds the pose layers the reference declares here by inheritance and never uses.
+    With ``pose=True`` it holds the pose layers the reference declares here by inheritance and never uses.
     """
-
-    def __init__(self, dim: int, num_heads: int, eps: float, declare_pose: bool):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q, self.k, self.v, self.o = (CastLinear(dim, dim) for _ in range(4))
-        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
-        if declare_pose:
-            self.k_pose, self.v_pose = CastLinear(dim, dim), CastLinear(dim, dim)
-            self.norm_k_pose = RMSNorm(dim, eps)
-            self.pose_gate = nn.Parameter(torch.zeros(1))
 
     def context_kv(self, context: torch.Tensor) -> KV:
         """context [1, text_len, C] (embedded) -> K, V [1, text_len, N, D] in the context's dtype."""
-        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, self.head_dim))
-        v = self.v(context).unflatten(-1, (self.num_heads, self.head_dim))
-        return k.to(context.dtype), v
+        return self._heads(self.norm_k(self.k(context))).to(context.dtype), self._heads(self.v(context))
 
     def forward(self, x: torch.Tensor, kv: KV, backend: str) -> torch.Tensor:
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim)).to(x.dtype)
+        q = self._heads(self.norm_q(self.q(x))).to(x.dtype)
         return self.o(attention(q, *kv, backend))
 
 
@@ -98,7 +90,7 @@ class DiTBlock(nn.Module):
         self.norm1 = LayerNorm(dim, cfg.eps)
         self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps, pose=cfg.has_pose)
         self.norm3 = LayerNorm(dim, cfg.eps, affine=True)
-        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, declare_pose=cfg.cross_attn_pose)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, pose=cfg.cross_attn_pose)
         self.norm2 = LayerNorm(dim, cfg.eps)
         self.ffn = nn.Sequential(CastLinear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  CastLinear(cfg.ffn_dim, dim))
@@ -161,7 +153,7 @@ class DreamIDVTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.compute_dtype = compute_dtype
-        self.attention_backend = attention_backend
+        self.attention_backend = check_backend(attention_backend)
         dim = cfg.dim
         self.patch_embedding = CastConv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(CastLinear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),

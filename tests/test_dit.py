@@ -153,3 +153,14 @@ def test_context_longer_than_text_len_is_refused(full_model):
     inp = make_inputs(full_model.cfg)
     with pytest.raises(InputError, match="at most"):
         full_model.prepare(torch.randn(full_model.cfg.text_len + 1, full_model.cfg.text_dim), inp["y"], inp["ref"])
+
+
+def test_missing_attention_backend_is_a_clear_error(monkeypatch):
+    from dreamidv_core import attention as attn
+
+    monkeypatch.setattr(attn, "available_backends", lambda: ["sdpa"])
+    assert attn.check_backend("sdpa") == "sdpa"
+    with pytest.raises(Exception, match="flash-attn"):
+        attn.check_backend("flash")
+    with pytest.raises(Exception, match="unknown attention backend"):
+        attn.check_backend("xformers")
