@@ -75,15 +75,31 @@ def make_guided_model(dit: DreamIDVTransformer, cond, guidance: float, batch: bo
     return model
 
 
+def encode_reference(vae, reference, source_width: int, source_height: int, settings: SwapSettings) -> torch.Tensor:
+    """Reference photo -> its VAE latent [1, 16, 1, h, w]: letterboxed in white onto the original
+    frame size, then resized and cropped like the video (the released model's identity tokens)."""
+    ref = prepare_reference(reference, source_width, source_height, settings.width, settings.height)
+    return vae.encode(ref.mul(2).sub(1)[None])
+
+
+def pose_tokens_for(dit: DreamIDVTransformer, pose, count: int, settings: SwapSettings) -> torch.Tensor:
+    """Pose frames -> PoseGuider tokens [1, L, C] (computed once per video)."""
+    return dit.pose_tokens(prepare_frames(pose, count, settings.width, settings.height, "pose")[None])
+
+
 @torch.no_grad()
 def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: torch.Tensor, pose=None,
-              settings: SwapSettings = SwapSettings(), progress: Progress = None, cancel: Cancel = None) -> SwapResult:
+              settings: SwapSettings = SwapSettings(), progress: Progress = None, cancel: Cancel = None,
+              pose_tokens: Optional[torch.Tensor] = None, ref_latent: Optional[torch.Tensor] = None) -> SwapResult:
     """Swap the face in ``video`` for the identity in ``reference``.
 
     video, mask, pose: frames [F, H, W, C] (uint8 or float in [0, 1]; mask may be [F, H, W]);
     reference: [H, W, C]; context: umT5 context [L, 4096] of the prompt. ``pose`` is required by the
-    full model and ignored by the faster one (whose mask carries the pose). ``progress(stage, i, n)``
-    is called per stage and per sampling step; ``cancel()`` returning True stops within one step.
+    full model and ignored by the faster one (whose mask carries the pose). Precomputed
+    ``pose_tokens`` (:func:`pose_tokens_for`) and ``ref_latent`` (:func:`encode_reference`) replace
+    ``pose`` and ``reference``. ``vae`` is anything with ``encode(video [B,3,F,H,W] in [-1,1])`` and
+    ``decode(latent)`` on normalised Wan 2.1 latents. ``progress(stage, i, n)`` is called per stage and
+    per sampling step; ``cancel()`` returning True stops within one step.
     """
     s = settings
     if s.sampler not in SAMPLERS:
@@ -93,10 +109,12 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
     first = to_uint8_frames(video[:1], "video")[0]
     src_h, src_w = first.shape[:2]
     _check_stream(mask, "mask", len(video), (src_h, src_w))
-    if dit.cfg.has_pose:
+    if dit.cfg.has_pose and pose_tokens is None:
         if pose is None:
             raise InputError("the full DreamID-V model needs a pose video (or load the faster checkpoint)")
         _check_stream(pose, "pose", len(video), (src_h, src_w))
+    if ref_latent is None and reference is None:
+        raise InputError("a reference image (or its latent) is required")
 
     report("encode", 0, 3)
     pixels = prepare_frames(video, count, s.width, s.height, "video")
@@ -105,14 +123,16 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
     report("encode", 1, 3)
     mask_latent = vae.encode(prepare_frames(mask, count, s.width, s.height, "mask")[None])[0]
     report("encode", 2, 3)
-    ref = prepare_reference(reference, src_w, src_h, s.width, s.height)
-    ref_latent = vae.encode(ref.mul(2).sub(1)[None])
+    if ref_latent is None:
+        ref_latent = encode_reference(vae, reference, src_w, src_h, s)
     report("encode", 3, 3)
 
-    pose_tokens = None
-    if dit.cfg.has_pose:
-        pose_tokens = dit.pose_tokens(prepare_frames(pose, count, s.width, s.height, "pose")[None])
+    if dit.cfg.has_pose and pose_tokens is None:
+        pose_tokens = pose_tokens_for(dit, pose, count, s)
+    if not dit.cfg.has_pose:
+        pose_tokens = None
     y = torch.cat([video_latent, mask_latent])
+    ref_latent = ref_latent.reshape(1, *ref_latent.shape[-4:]).to(y.device)
     refs = torch.cat([ref_latent, torch.zeros_like(ref_latent)]) if s.guidance != 0 else ref_latent
     cond = dit.prepare(context, y, refs, pose_tokens, cache_pose_kv=s.cache_pose_kv)
 

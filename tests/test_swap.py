@@ -142,3 +142,17 @@ def test_mismatched_mask_length_and_missing_pose_are_clear_errors(models):
         swap_face(dit, vae, video, mask, ref, context, pose=None, settings=s)
     with pytest.raises(InputError, match="same size"):
         swap_face(dit, vae, video, mask[:, :20], ref, context, pose=pose, settings=s)
+
+
+def test_precomputed_pose_tokens_and_reference_latent_give_the_same_swap(models):
+    from dreamidv_core.swap import encode_reference, pose_tokens_for
+
+    dit, vae = models
+    video, mask, pose, ref = clip()
+    context = torch.randn(4, 48, generator=torch.Generator().manual_seed(1))
+    s = SwapSettings(width=48, height=32, steps=2)
+    direct = swap_face(dit, vae, video, mask, ref, context, pose=pose, settings=s)
+    tokens = pose_tokens_for(dit, pose, direct.frames_used, s)
+    latent = encode_reference(vae, ref, video.shape[2], video.shape[1], s)
+    staged = swap_face(dit, vae, video, mask, None, context, settings=s, pose_tokens=tokens, ref_latent=latent)
+    assert torch.equal(direct.latent, staged.latent)
