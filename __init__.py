@@ -1,8 +1,8 @@
 """DreamID-V for ComfyUI: video face swapping with DreamID-V.
 
-ComfyUI entry point (V1 API): ComfyUI imports this folder as a package from ``custom_nodes/`` and
-reads ``NODE_CLASS_MAPPINGS`` / ``NODE_DISPLAY_NAME_MAPPINGS``. The model code lives in the
-ComfyUI-free library ``dreamidv_core`` (also usable from the command line: ``python -m dreamidv_core``).
+ComfyUI entry point (V3 API): ComfyUI imports this folder as a package from ``custom_nodes/`` and
+calls ``comfy_entrypoint``. The model code lives in the ComfyUI-free library ``dreamidv_core`` (also
+usable from the command line: ``python -m dreamidv_core``).
 """
 import os
 import sys
@@ -14,10 +14,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.append(_HERE)
 
-if __package__:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-else:  # loaded as a plain file (not as a package): nothing to register
-    NODE_CLASS_MAPPINGS = {}
-    NODE_DISPLAY_NAME_MAPPINGS = {}
+# Inside ComfyUI (``comfy`` already imported) the nodes are registered; imported elsewhere (e.g. by a
+# test runner walking the folder) the package stays inert instead of failing on ComfyUI's modules.
+if __package__ and "comfy" in sys.modules:
+    from .nodes import comfy_entrypoint
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["comfy_entrypoint"]

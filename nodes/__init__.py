@@ -1,12 +1,30 @@
-"""ComfyUI nodes of the DreamID-V pack.
+"""ComfyUI nodes of the DreamID-V pack (V3 node API).
 
-Each node module adds its classes to the two mappings below; the pack's root ``__init__.py`` hands
-them to ComfyUI. Node code imports the model library as ``dreamidv_core`` (absolute import; the root
-``__init__`` puts the pack folder on ``sys.path``) and imports sibling node modules relatively
-(``from . import x``): ``import nodes`` would be ComfyUI's own module.
+Each node module lists its classes in ``NODES``; :func:`comfy_entrypoint` hands them all to ComfyUI.
+Node code imports the model library as ``dreamidv_core`` (absolute import; the root ``__init__``
+puts the pack folder on ``sys.path``) and sibling node modules relatively (``from . import x``):
+``import nodes`` would be ComfyUI's own module.
 """
+from typing_extensions import override
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+from comfy_api.latest import ComfyExtension, io
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+from . import common, composite, identity, loaders, pose, sampler
+
+common.register_model_folders()
+
+NODE_MODULES = (loaders, pose, identity, sampler, composite)
+
+
+def all_nodes() -> list:
+    return [node for module in NODE_MODULES for node in module.NODES]
+
+
+class DreamIDVExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return all_nodes()
+
+
+async def comfy_entrypoint() -> DreamIDVExtension:
+    return DreamIDVExtension()

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,41 @@ def comfyui_dir() -> Path:
 def _seed_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def comfy(comfyui_dir):
+    """ComfyUI's own modules importable in this process (CPU), for node unit tests.
+
+    ComfyUI's folder goes first on sys.path so that its top-level ``nodes`` module wins over this
+    repository's ``nodes`` package; the pack itself is reached through :func:`load_pack` below, the
+    way ComfyUI imports it (as a package named after its folder).
+    """
+    path = str(comfyui_dir)
+    if sys.path[0] != path:
+        sys.path.insert(0, path)
+    mod = sys.modules.get("nodes")
+    if mod is not None and not str(getattr(mod, "__file__", "")).startswith(path):
+        del sys.modules["nodes"]  # the repository's package was imported by name: make room for ComfyUI's
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # no GPU here; must be set before comfy.model_management is imported
+    import comfy.model_management  # noqa: F401
+    import folder_paths  # noqa: F401
+    return comfyui_dir
+
+
+@pytest.fixture(scope="session")
+def pack(comfy, repo_root):
+    """This pack imported as ComfyUI imports it: ``pack.nodes.loaders`` etc."""
+    import importlib.util
+
+    name = "comfyui_dreamidv_under_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, repo_root / "__init__.py",
+                                                  submodule_search_locations=[str(repo_root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 ComfyUI (0.3.75 from scripts/get_comfyui.sh) without an import error."""
 from __future__ import annotations
 
-import importlib.util
 import socket
 import sys
 from pathlib import Path
@@ -10,25 +9,17 @@ from pathlib import Path
 import pytest
 
 
-def _load_pack(repo_root: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, repo_root / "__init__.py",
-                                                  submodule_search_locations=[str(repo_root)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(name, None)
-        sys.modules.pop(name + ".nodes", None)
-    return module
+def test_pack_loads_like_comfyui_loads_it(pack, repo_root):
+    import asyncio
 
+    from comfy_api.latest import ComfyExtension
 
-def test_pack_imports_like_comfyui_imports_it(repo_root):
-    # ComfyUI uses the folder's path as the module name
-    mod = _load_pack(repo_root, str(repo_root / "custom_nodes" / "comfyui-dreamidv"))
-    assert isinstance(mod.NODE_CLASS_MAPPINGS, dict)
-    assert isinstance(mod.NODE_DISPLAY_NAME_MAPPINGS, dict)
-    assert set(mod.NODE_DISPLAY_NAME_MAPPINGS) <= set(mod.NODE_CLASS_MAPPINGS)
+    extension = asyncio.run(pack.comfy_entrypoint())
+    assert isinstance(extension, ComfyExtension)
+    nodes = asyncio.run(extension.get_node_list())
+    ids = [n.define_schema().node_id for n in nodes]
+    assert len(ids) == len(set(ids))
+    assert all(i.startswith("DreamIDV") for i in ids)
     assert str(repo_root) in sys.path  # so that node code can `import dreamidv_core`
 
 

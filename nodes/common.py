@@ -1,0 +1,68 @@
+"""What every DreamID-V node shares: the category, the pack's custom types, model folders, progress
+and interruption. The only module of the pack besides the node modules that imports ComfyUI."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+CATEGORY = "DreamID-V"
+NODE_PREFIX = "DreamIDV"
+
+# The pack's own socket types (ComfyUI's IMAGE, MASK, VIDEO, VAE, CONDITIONING are used everywhere else).
+DreamIDVModel = io.Custom("DREAMIDV_MODEL")  # a loaded DiT (full or faster) wrapped for ComfyUI's memory manager
+PoseTokens = io.Custom("DREAMIDV_POSE_TOKENS")  # PoseGuider output, computed once per video
+Identity = io.Custom("DREAMIDV_IDENTITY")  # reference photo, its face + ArcFace embedding, letterbox and latent
+PoseKeypoint = io.Custom("POSE_KEYPOINT")  # controlnet_aux's keypoint format (list of per-frame dicts)
+
+# Model folders this pack adds next to ComfyUI's own (extra_model_paths.yaml can name them too).
+PACK_FOLDERS = {
+    "mediapipe": {".task"},
+    "insightface": {".onnx"},
+    "sam2": {".pt", ".pth", ".safetensors", ".yaml"},
+    "dwpose": {".onnx"},
+    "dreamidv": {".safetensors", ".pth", ".pt"},  # text-context cache and pack-specific files
+}
+
+
+def register_model_folders() -> None:
+    """Add the pack's folders without dropping paths an extra_model_paths.yaml already gave them."""
+    for name, exts in PACK_FOLDERS.items():
+        default = os.path.join(folder_paths.models_dir, name)
+        if name in folder_paths.folder_names_and_paths:
+            paths, old_exts = folder_paths.folder_names_and_paths[name]
+            if default not in paths:
+                paths.append(default)
+            folder_paths.folder_names_and_paths[name] = (paths, set(old_exts) | exts)
+        else:
+            folder_paths.folder_names_and_paths[name] = ([default], set(exts))
+
+
+def model_choices(folder: str, suffixes: Iterable[str] = ()) -> list:
+    """File names in a model folder (filtered by suffix), for a combo input."""
+    names = folder_paths.get_filename_list(folder)
+    suffixes = tuple(s.lower() for s in suffixes)
+    return [n for n in names if not suffixes or n.lower().endswith(suffixes)]
+
+
+def cancel_hook() -> Callable[[], bool]:
+    """For dreamidv_core's ``cancel``: raises ComfyUI's interruption as soon as the user cancels."""
+    def cancel() -> bool:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        return False
+    return cancel
+
+
+def progress_hook(total_steps: int, stage: str = "sample") -> Callable[[str, int, int], None]:
+    """For dreamidv_core's ``progress(stage, i, n)``: drives ComfyUI's progress bar for one stage."""
+    bar = comfy.utils.ProgressBar(total_steps)
+
+    def progress(name: str, i: int, n: int) -> None:
+        if name == stage:
+            bar.update_absolute(i, n)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+    return progress

@@ -1,0 +1,2 @@
+"""DreamID-V nodes: composite (being written)."""
+NODES = []

@@ -1,0 +1,2 @@
+"""DreamID-V nodes: identity (being written)."""
+NODES = []

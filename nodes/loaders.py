@@ -1,0 +1,2 @@
+"""DreamID-V nodes: loaders (being written)."""
+NODES = []

@@ -1,0 +1,2 @@
+"""DreamID-V nodes: pose (being written)."""
+NODES = []

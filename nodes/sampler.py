@@ -1,0 +1,2 @@
+"""DreamID-V nodes: sampler (being written)."""
+NODES = []
