@@ -82,8 +82,8 @@ def flash_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_sc
         mask = (torch.arange(k.shape[1], device=k.device)[None] < k_lens.to(k.device)[:, None])[:, None, None]
     if q_scale is not None:
         q = q * q_scale
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2),
-                                         attn_mask=mask, is_causal=causal, scale=softmax_scale)
+    q, k, v = (u.to(q.dtype).transpose(1, 2) for u in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=softmax_scale)
     return out.transpose(1, 2).type(q.dtype)
 attention = flash_attention
 ''',
@@ -182,7 +182,7 @@ def check_dit(args, dev):
     if args.weights_dit:
         from dreamidv_core.checkpoints import load_dit
         ours = load_dit(args.weights_dit, weight_dtype="fp32", device=dev)
-        cfg, what = ours.cfg, "real weights"
+        cfg, what = ours.cfg, Path(args.weights_dit).name
         f, h, w = 3, 16, 16
     else:
         cfg, what = tiny_config("full", cross_attn_pose=True, pose_widths=(128, 256, 512, 512)), "tiny random"
@@ -270,7 +270,7 @@ def check_vae(args, dev):
                         attn_scales=[], temperal_downsample=list(cfg.temporal_downsample))
     if args.weights_vae:
         raw.load_state_dict(torch.load(args.weights_vae, map_location="cpu", weights_only=True), assign=True)
-        ours, what, size = load_wan_vae(args.weights_vae, device=dev), "real weights", (64, 96)
+        ours, what, size = load_wan_vae(args.weights_vae, device=dev), Path(args.weights_vae).name, (64, 96)
     else:
         torch.manual_seed(0)
         for p in raw.parameters():
