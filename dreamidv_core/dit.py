@@ -246,6 +246,27 @@ class DreamIDVTransformer(nn.Module):
                 cond.pose_tokens = full
         return cond
 
+    def pose_kv_cache_bytes(self, latent_grid: Tuple[int, int, int]) -> int:
+        """Memory the per-block pose K/V cache takes for a latent grid (F, h8, w8)."""
+        f, h8, w8 = latent_grid
+        pt, ph, pw = self.cfg.patch_size
+        tokens = (f // pt + 1) * (h8 // ph) * (w8 // pw)
+        itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
+        return 2 * tokens * self.cfg.dim * self.cfg.num_layers * itemsize
+
+    def should_cache_pose_kv(self, latent_grid: Tuple[int, int, int], budget_fraction: float = 0.25) -> bool:
+        """Cache the pose K/V (saves two linear layers per block and evaluation) only when it takes
+        less than ``budget_fraction`` of the free memory of the model's device. At 81 frames of
+        832x480 the 1.3B model's cache is ~6.3 GB in bf16 for a saving of ~2% per evaluation."""
+        device = self.patch_embedding.weight.device
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        return self.pose_kv_cache_bytes(latent_grid) < budget_fraction * free
+
     # ------------------------------------------------------------------ one evaluation
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: DiTConditions,
                 refs: Optional[Sequence[int]] = None) -> torch.Tensor:

@@ -39,7 +39,7 @@ class SwapSettings:
     seed: int = 0
     sampler: str = "unipc"
     batch_guidance: bool = False  # both guidance passes in one batched forward (more memory, faster on GPU)
-    cache_pose_kv: bool = True  # per-block pose K/V computed once (memory: 2 x tokens x dim per block)
+    cache_pose_kv: Optional[bool] = None  # per-block pose K/V computed once; None: when memory allows
 
 
 @dataclass
@@ -134,7 +134,8 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
     y = torch.cat([video_latent, mask_latent])
     ref_latent = ref_latent.reshape(1, *ref_latent.shape[-4:]).to(y.device)
     refs = torch.cat([ref_latent, torch.zeros_like(ref_latent)]) if s.guidance != 0 else ref_latent
-    cond = dit.prepare(context, y, refs, pose_tokens, cache_pose_kv=s.cache_pose_kv)
+    cache_kv = s.cache_pose_kv if s.cache_pose_kv is not None else dit.should_cache_pose_kv(tuple(y.shape[1:]))
+    cond = dit.prepare(context, y, refs, pose_tokens, cache_pose_kv=cache_kv)
 
     device = dit.patch_embedding.weight.device
     generator = torch.Generator(device=device).manual_seed(s.seed)

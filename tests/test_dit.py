@@ -164,3 +164,14 @@ def test_missing_attention_backend_is_a_clear_error(monkeypatch):
         attn.check_backend("flash")
     with pytest.raises(Exception, match="unknown attention backend"):
         attn.check_backend("xformers")
+
+
+def test_pose_kv_cache_size_and_automatic_choice(full_model, monkeypatch):
+    import psutil
+
+    # (3 latent frames + 1 reference frame) x (4/2) x (6/2) tokens, K and V, dim 64, 2 blocks, float32
+    assert full_model.pose_kv_cache_bytes((3, 4, 6)) == 2 * (4 * 2 * 3) * 64 * 2 * 4
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 10 ** 12})())
+    assert full_model.should_cache_pose_kv((3, 4, 6))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 1000})())
+    assert not full_model.should_cache_pose_kv((3, 4, 6))
