@@ -1,2 +1,294 @@
-"""DreamID-V nodes: loaders (being written)."""
-NODES = []
+"""DreamID-V nodes: the DiT loader and the text context.
+
+* ``DreamIDVModelLoader``: a DreamID-V checkpoint from ``diffusion_models`` -> DREAMIDV_MODEL, a
+  :class:`LoadedDiT` wrapping the :class:`~dreamidv_core.dit.DreamIDVTransformer` in ComfyUI's
+  ``ModelPatcher`` so that ComfyUI's memory manager moves it to the GPU for a run and frees it when
+  another model needs the memory. Loaded models are shared while anything holds them (same file and
+  options -> same object).
+* ``DreamIDVTextContext``: the umT5 context of the fixed prompt "chang face" as CONDITIONING, computed
+  once per encoder file and cached on disk, or read from a precomputed context file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import folder_paths
+from comfy_api.latest import io
+
+from dreamidv_core.attention import BACKENDS
+from dreamidv_core.checkpoints import WEIGHT_DTYPES, load_dit
+from dreamidv_core.errors import CheckpointError, InputError
+from dreamidv_core.model_files import get_entry
+from dreamidv_core.text_context import DEFAULT_PROMPT, TEXT_DIM, get_text_context, load_precomputed_context
+
+from . import common
+
+log = logging.getLogger(__name__)
+
+DIT_FOLDER = "diffusion_models"
+TEXT_FOLDER = "text_encoders"
+CONTEXT_FOLDER = "dreamidv"
+DEVICE_CHOICES = ("auto", "auto_offload", "cpu")
+NONE = "none"
+TOKENIZER_DIRS = ("google/umt5-xxl", "umt5-xxl", "umt5_xxl", "google_umt5-xxl")
+
+
+def expected_dit_names() -> str:
+    names = get_entry("dit").accepted_names + get_entry("dit_faster").accepted_names
+    return ", ".join(names)
+
+
+def folder_hint(folder: str) -> str:
+    paths = folder_paths.get_folder_paths(folder) if folder in folder_paths.folder_names_and_paths else []
+    return f"the '{folder}' model folder ({', '.join(paths) or 'no paths registered'})"
+
+
+def resolve_model_file(folder: str, name: str, expected: str) -> Path:
+    """Full path of a combo choice, or a CheckpointError naming the folder and the expected names."""
+    path = folder_paths.get_full_path(folder, name) if name and name != NONE else None
+    if path is None or not os.path.isfile(path):
+        raise CheckpointError(name or "(no file chosen)", f"not found in {folder_hint(folder)}; expected one of: "
+                                                          f"{expected}")
+    return Path(path)
+
+
+def file_problem(folder: str, name: str, expected: str) -> str:
+    """'' when the combo choice resolves to a file, else the error message (for ``validate_inputs``)."""
+    try:
+        resolve_model_file(folder, name, expected)
+        return ""
+    except CheckpointError as exc:
+        return str(exc)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+@dataclass(eq=False)
+class LoadedDiT:
+    """DREAMIDV_MODEL: a DreamID-V DiT under ComfyUI's memory management.
+
+    ``patcher.model`` is the :class:`DreamIDVTransformer`; ``key`` identifies file and options (pose
+    tokens record it); ``offload_after`` moves the weights back to the CPU after every run.
+    """
+
+    patcher: object
+    name: str
+    path: str
+    key: str
+    offload_after: bool = False
+
+    @property
+    def dit(self):
+        return self.patcher.model
+
+    @property
+    def variant(self) -> str:
+        return self.dit.cfg.variant
+
+    @property
+    def device(self) -> torch.device:
+        return self.dit.patch_embedding.weight.device
+
+    def load(self, memory_required: int = 0) -> None:
+        """Put the whole model on its load device (ComfyUI frees other models as needed).
+
+        Always a full load: the DiT's modules are not ComfyUI ``ops`` and cannot run partly offloaded.
+        """
+        mm.load_models_gpu([self.patcher], memory_required=int(memory_required), force_full_load=True)
+
+    def release(self) -> None:
+        """After a run: with ``offload_after``, unload the model from the GPU now."""
+        if not self.offload_after or mm.is_device_cpu(self.patcher.load_device):
+            return
+        unload_patcher(self.patcher)
+
+
+def unload_patcher(patcher) -> None:
+    """Unload one model from ComfyUI's list of loaded models (weights go to its offload device)."""
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        loaded = mm.current_loaded_models[i]
+        if loaded.model is patcher:
+            mm.current_loaded_models.pop(i).model_unload()
+    mm.soft_empty_cache()
+
+
+def _devices(choice: str):
+    if choice == "cpu":
+        cpu = torch.device("cpu")
+        return cpu, cpu
+    if choice in ("auto", "auto_offload"):
+        return mm.get_torch_device(), mm.unet_offload_device()
+    raise InputError(f"device: unknown choice '{choice}'; choose one of {', '.join(DEVICE_CHOICES)}")
+
+
+_CACHE: "weakref.WeakValueDictionary[tuple, LoadedDiT]" = weakref.WeakValueDictionary()
+_CACHE_LOCK = threading.Lock()
+
+
+def load_model(name: str, weight_dtype: str = "bf16", attention: str = "sdpa", device: str = "auto") -> LoadedDiT:
+    """The DiT of ``diffusion_models/<name>``; the same object again while anything (ComfyUI's output
+    cache, another node) still holds it. When nothing does, it is garbage-collected."""
+    path = resolve_model_file(DIT_FOLDER, name, expected_dit_names())
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, weight_dtype, attention, device)
+    with _CACHE_LOCK:
+        cached = _CACHE.get(key)
+        if cached is not None:
+            return cached
+        load_device, offload_device = _devices(device)
+        try:
+            dit = load_dit(path, weight_dtype=weight_dtype, device=offload_device, attention_backend=attention)
+        except CheckpointError as exc:
+            raise CheckpointError(path, f"{exc.problem}. DreamIDVModelLoader needs a DreamID-V checkpoint in "
+                                        f"{folder_hint(DIT_FOLDER)}: one of {expected_dit_names()}") from None
+        patcher = comfy.model_patcher.ModelPatcher(dit, load_device=load_device, offload_device=offload_device)
+        handle = LoadedDiT(patcher=patcher, name=name, path=str(path), key="|".join(map(str, key)),
+                           offload_after=(device == "auto_offload"))
+        _CACHE[key] = handle
+        log.info("DreamID-V: loaded %s (%s, %s weights, %s attention) for %s", name, dit.cfg.variant,
+                 weight_dtype, attention, load_device)
+        return handle
+
+
+class DreamIDVModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DreamIDVModelLoader",
+            display_name="DreamID-V Model Loader",
+            category=common.CATEGORY,
+            description="Loads a DreamID-V diffusion transformer (full with pose attention, or faster; detected "
+                        "from the file).",
+            inputs=[
+                io.Combo.Input("model_name", options=common.model_choices(DIT_FOLDER),
+                               tooltip=f"DreamID-V checkpoint in models/{DIT_FOLDER}: {expected_dit_names()}. "
+                                       "Full or faster is detected from the file."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="bf16",
+                               tooltip="Precision of the weights in memory. bf16 is the reference's; fp8_e4m3fn "
+                                       "halves memory (computes in bf16); fp32 for CPU accuracy checks."),
+                io.Combo.Input("attention", options=list(BACKENDS), default="sdpa",
+                               tooltip="Attention kernel: sdpa (PyTorch, always available), flash (flash-attn) "
+                                       "or sage (sageattention) if installed. All are exact except sage."),
+                io.Combo.Input("device", options=list(DEVICE_CHOICES), default="auto",
+                               tooltip="auto: ComfyUI's GPU, kept there until ComfyUI needs the memory; "
+                                       "auto_offload: GPU during a run, moved to CPU after it; cpu: run on the CPU."),
+            ],
+            outputs=[common.DreamIDVModel.Output(display_name="model")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_name):
+        """Replaces ComfyUI's 'value not in list' with a message naming the folder and the expected files."""
+        return file_problem(DIT_FOLDER, model_name, expected_dit_names()) or True
+
+    @classmethod
+    def execute(cls, model_name, weight_dtype="bf16", attention="sdpa", device="auto") -> io.NodeOutput:
+        return io.NodeOutput(load_model(model_name, weight_dtype, attention, device))
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+def context_cache_dir() -> Path:
+    """``<first 'dreamidv' model folder>/text_context`` if writable, else ComfyUI's user folder."""
+    candidates = []
+    if CONTEXT_FOLDER in folder_paths.folder_names_and_paths:
+        candidates += [Path(p) / "text_context" for p in folder_paths.get_folder_paths(CONTEXT_FOLDER)]
+    candidates.append(Path(folder_paths.get_user_directory()) / "dreamidv" / "text_context")
+    for cand in candidates:
+        try:
+            cand.mkdir(parents=True, exist_ok=True)
+            if os.access(cand, os.W_OK):
+                return cand
+        except OSError:
+            continue
+    return candidates[-1]
+
+
+def find_tokenizer(encoder: Path) -> Optional[Path]:
+    """The google/umt5-xxl tokenizer folder for an official encoder .pth: next to the file or in any
+    ``text_encoders`` folder. ``None`` when the file embeds its tokenizer (ComfyUI's safetensors)."""
+    from dreamidv_core.umt5 import read_embedded_tokenizer
+
+    try:
+        if read_embedded_tokenizer(encoder) is not None:
+            return None
+    except CheckpointError:
+        pass
+    roots = [encoder.parent] + [Path(p) for p in folder_paths.get_folder_paths(TEXT_FOLDER)]
+    looked = []
+    for root in roots:
+        for sub in TOKENIZER_DIRS:
+            cand = root / sub
+            looked.append(str(cand))
+            if cand.is_dir():
+                return cand
+    raise CheckpointError(encoder, "has no embedded tokenizer, and no google/umt5-xxl tokenizer folder was found "
+                                   f"(looked in: {', '.join(dict.fromkeys(looked))}). Put the google/umt5-xxl "
+                                   "folder (spiece.model or tokenizer.json) next to the encoder, or use ComfyUI's "
+                                   "umt5_xxl_*.safetensors")
+
+
+def context_conditioning(context: torch.Tensor) -> list:
+    """[L, 4096] -> ComfyUI CONDITIONING [[cond [1, L, 4096] float32, {...}]]."""
+    return [[context.to(torch.float32)[None], {"pooled_output": None, "dreamidv_tokens": int(context.shape[0])}]]
+
+
+class DreamIDVTextContext(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DreamIDVTextContext",
+            display_name="DreamID-V Text Context",
+            category=common.CATEGORY,
+            description=f"The umT5-XXL context of DreamID-V's fixed prompt \"{DEFAULT_PROMPT}\", computed once per "
+                        "encoder file and cached on disk (or read from a precomputed context file).",
+            inputs=[
+                io.Combo.Input("text_encoder", options=[NONE] + common.model_choices(TEXT_FOLDER),
+                               tooltip="umT5-XXL encoder in models/text_encoders: " +
+                                       ", ".join(get_entry("text_encoder").accepted_names) +
+                                       ". Runs only once; later runs read the cache."),
+                io.Combo.Input("precomputed_context", options=[NONE] + common.model_choices(CONTEXT_FOLDER),
+                               default=NONE, optional=True,
+                               tooltip="A context file in models/dreamidv ([L, 4096] tensor: the official "
+                                       "context.pth or a cache .safetensors). Used instead of the encoder."),
+                io.Combo.Input("encoder_device", options=["cpu", "auto"], default="cpu", optional=True,
+                               tooltip="Where the encoder runs on a cache miss: cpu (slow, needs ~12 GB RAM for "
+                                       "bf16) or auto (ComfyUI's GPU)."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, text_encoder, precomputed_context=NONE):
+        if precomputed_context and precomputed_context != NONE:
+            return file_problem(CONTEXT_FOLDER, precomputed_context, "a [L, 4096] context file") or True
+        if not text_encoder or text_encoder == NONE:
+            return True  # execute explains what to choose
+        return file_problem(TEXT_FOLDER, text_encoder, ", ".join(get_entry("text_encoder").accepted_names)) or True
+
+    @classmethod
+    def execute(cls, text_encoder, precomputed_context=NONE, encoder_device="cpu") -> io.NodeOutput:
+        if precomputed_context and precomputed_context != NONE:
+            path = resolve_model_file(CONTEXT_FOLDER, precomputed_context, "a [L, 4096] context file")
+            return io.NodeOutput(context_conditioning(load_precomputed_context(path, TEXT_DIM)))
+        if not text_encoder or text_encoder == NONE:
+            raise InputError("DreamIDVTextContext: choose a text_encoder (" +
+                             ", ".join(get_entry("text_encoder").accepted_names) + f" in {folder_hint(TEXT_FOLDER)}) "
+                             "or a precomputed_context")
+        encoder = resolve_model_file(TEXT_FOLDER, text_encoder, ", ".join(get_entry("text_encoder").accepted_names))
+        device = mm.get_torch_device() if encoder_device == "auto" else "cpu"
+        context = get_text_context(encoder, find_tokenizer(encoder), cache_dir=context_cache_dir(), device=device)
+        return io.NodeOutput(context_conditioning(context))
+
+
+NODES = [DreamIDVModelLoader, DreamIDVTextContext]

@@ -1,2 +1,117 @@
-"""DreamID-V nodes: pose (being written)."""
-NODES = []
+"""DreamID-V nodes: pose extraction (frames -> pose video + face mask + keypoints + info).
+
+A thin adapter over :mod:`dreamidv_core.pose`. Model files come from the pack's model folders:
+``models/mediapipe/`` (face_landmarker_v2_with_blendshapes.task) and ``models/dwpose/``
+(yolox_l.onnx, dw-ll_ucoco_384.onnx), or wherever extra_model_paths.yaml points those folders.
+"""
+from __future__ import annotations
+
+import torch
+import folder_paths
+from comfy_api.latest import io
+
+from dreamidv_core import pose as core
+from dreamidv_core.errors import InputError
+from dreamidv_core.pose.dwpose import DWPose
+from dreamidv_core.pose.mediapipe_face import FaceLandmarker
+
+from . import common
+
+SOURCES = ("mediapipe", "dwpose", "keypoints")
+MEDIAPIPE_FILE = "face_landmarker_v2_with_blendshapes.task"
+DET_FILE = "yolox_l.onnx"
+POSE_FILE = "dw-ll_ucoco_384.onnx"
+
+
+def _choices(folder: str, suffix: str, default: str) -> list:
+    names = common.model_choices(folder, (suffix,))
+    return names or [default]
+
+
+def _model_path(folder: str, name: str, expected: str) -> str:
+    path = folder_paths.get_full_path(folder, name) if name else None
+    if path is None:
+        dirs = ", ".join(folder_paths.get_folder_paths(folder)) or f"models/{folder}"
+        raise InputError(f"model file '{name}' not found in the '{folder}' model folder ({dirs}); "
+                         f"put {expected} there (or point '{folder}' at it in extra_model_paths.yaml)")
+    return path
+
+
+class DreamIDVPoseExtract(io.ComfyNode):
+    """Frames -> DreamID-V pose video, face mask and keypoints, drawn as the reference pipeline does."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamIDVPoseExtract",
+            display_name="DreamID-V Pose Extract",
+            category=common.CATEGORY,
+            description="Pose video + face mask for DreamID-V from the driving video: MediaPipe face "
+                        "landmarks retargeted onto the reference face (the released default), DWPose "
+                        "body + face, or keypoints from another node (POSE_KEYPOINT). Frames without a "
+                        "face are filled from their neighbours (counted in 'info').",
+            inputs=[
+                io.Image.Input("frames", tooltip="The driving video frames (IMAGE batch); pose and mask come "
+                               "out at the same size and count."),
+                io.Combo.Input("source", options=list(SOURCES), default="mediapipe",
+                               tooltip="mediapipe: face landmarks, expression retargeted onto 'reference' "
+                               "(the DreamID-V default). dwpose: body limbs + 68 face points (YOLOX + DWPose "
+                               "ONNX). keypoints: draw the POSE_KEYPOINT input (e.g. from controlnet_aux)."),
+                io.Image.Input("reference", optional=True,
+                               tooltip="mediapipe only: the face photo to swap in; the video's expressions "
+                               "are moved onto this face's shape. Unconnected: the video's own face is drawn."),
+                common.PoseKeypoint.Input("keypoints", optional=True,
+                                          tooltip="keypoints only: POSE_KEYPOINT from another node (e.g. "
+                                          "DWPose Estimator), normalised or pixel coordinates, one per frame."),
+                io.Combo.Input("mediapipe_model", options=_choices("mediapipe", ".task", MEDIAPIPE_FILE),
+                               tooltip=f"mediapipe only: the face landmarker in models/mediapipe ({MEDIAPIPE_FILE})."),
+                io.Combo.Input("detector_model", options=_choices("dwpose", ".onnx", DET_FILE),
+                               default=DET_FILE, tooltip=f"dwpose only: person detector in models/dwpose ({DET_FILE})."),
+                io.Combo.Input("pose_model", options=_choices("dwpose", ".onnx", POSE_FILE),
+                               default=POSE_FILE, tooltip=f"dwpose only: pose estimator in models/dwpose ({POSE_FILE})."),
+                io.Combo.Input("provider", options=["CPU", "CUDA"], default="CPU",
+                               tooltip="dwpose only: onnxruntime device. CUDA needs onnxruntime-gpu (falls "
+                               "back to CPU, noted in 'info', otherwise)."),
+            ],
+            outputs=[
+                io.Image.Output("pose", display_name="pose", tooltip="Pose video for the DreamID-V PoseGuider."),
+                io.Mask.Output("mask", display_name="mask", tooltip="Face mask per frame (1 = face region to swap)."),
+                common.PoseKeypoint.Output("pose_keypoints", display_name="keypoints",
+                                           tooltip="The drawn keypoints (POSE_KEYPOINT, pixel coordinates)."),
+                io.String.Output("info", display_name="info", tooltip="Source, frame count, faces found and frames "
+                                 "filled from neighbours."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, frames, source, reference=None, keypoints=None, mediapipe_model=MEDIAPIPE_FILE,
+                detector_model=DET_FILE, pose_model=POSE_FILE, provider="CPU") -> io.NodeOutput:
+        if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[0] == 0:
+            raise InputError(f"frames: expected IMAGE frames [F, H, W, C], got "
+                             f"{list(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__}")
+        frames = frames.detach().cpu()
+        count = int(frames.shape[0])
+        hook = common.progress_hook(count, "pose")
+        progress = lambda i, n: hook("pose", i, n)  # noqa: E731
+        cancel = common.cancel_hook()
+        if source == "mediapipe":
+            path = _model_path("mediapipe", mediapipe_model, MEDIAPIPE_FILE)
+            ref = None if reference is None else reference.detach().cpu()
+            with FaceLandmarker(path) as landmarker:
+                result = core.extract_mediapipe(frames, landmarker, ref, "frames", progress, cancel)
+        elif source == "dwpose":
+            det = _model_path("dwpose", detector_model, DET_FILE)
+            est = _model_path("dwpose", pose_model, POSE_FILE)
+            result = core.extract_dwpose(frames, DWPose(det, est, provider), "frames", progress, cancel)
+        elif source == "keypoints":
+            if keypoints is None:
+                raise InputError("keypoints: source is 'keypoints' but no POSE_KEYPOINT is connected")
+            result = core.extract_keypoints(frames, keypoints, "keypoints", progress)
+        else:
+            raise InputError(f"source: expected one of {list(SOURCES)}, got {source!r}")
+        pose = torch.from_numpy(result.pose)
+        mask = torch.from_numpy(result.mask)
+        return io.NodeOutput(pose, mask, result.keypoints, result.info)
+
+
+NODES = [DreamIDVPoseExtract]

@@ -1,2 +1,221 @@
-"""DreamID-V nodes: sampler (being written)."""
-NODES = []
+"""DreamID-V nodes: the PoseGuider and the pose-attention DiT sampler.
+
+* ``DreamIDVPoseGuider``: model + pose video -> DREAMIDV_POSE_TOKENS (a
+  :class:`~dreamidv_core.adapters.PoseTokenSet`: the PoseGuider tokens, computed once, and the
+  geometry they belong to).
+* ``DreamIDVSampler``: model + VAE + text context + identity + pose tokens + video + mask -> the swapped
+  frames at model resolution, the same frames pasted back into the source frames, and the frame count.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management as mm
+from comfy_api.latest import io
+
+from dreamidv_core.adapters import PixelSpaceVAE, PoseTokenSet, context_from_conditioning, rgb_frames
+from dreamidv_core.errors import InputError
+from dreamidv_core.geometry import paste_back, source_crop_box
+from dreamidv_core.samplers import SAMPLERS
+from dreamidv_core.swap import SwapSettings, encode_reference, pose_tokens_for, swap_face
+from dreamidv_core.video_ops import output_size, usable_frame_count
+
+from . import common
+
+log = logging.getLogger(__name__)
+
+MAX_SIZE = 4096
+
+
+def _geometry_inputs():
+    return [
+        io.Int.Input("width", default=832, min=16, max=MAX_SIZE, step=16,
+                     tooltip="Area width: frames are resized (down only) to at most width x height pixels, keeping "
+                             "the video's aspect ratio, then centre-cropped to multiples of 16. 832x480 is the "
+                             "released setting; 1280x720 for more detail."),
+        io.Int.Input("height", default=480, min=16, max=MAX_SIZE, step=16,
+                     tooltip="Area height (see width)."),
+        io.Int.Input("frame_num", default=81, min=5, max=10001, step=1,
+                     tooltip="Frames to swap from the start of the video (at most); floored to 4n+1. 81 is the "
+                             "released setting."),
+    ]
+
+
+def _check_model(model):
+    if not hasattr(model, "patcher") or not hasattr(model, "dit"):
+        raise InputError(f"model: expected the output of DreamIDVModelLoader, got {type(model).__name__}")
+
+
+def memory_estimate(dit, frames: int, height: int, width: int, batch: int = 1, cache_pose_kv: bool = True) -> int:
+    """Rough bytes the DiT needs besides its weights for one run (activations, cached pose K/V)."""
+    cfg = dit.cfg
+    size = torch.empty((), dtype=dit.compute_dtype).element_size()
+    per_frame = (height // 16) * (width // 16)
+    tokens = ((frames - 1) // 4 + 2) * per_frame  # video latent frames + the reference frame
+    act = batch * tokens * (cfg.ffn_dim + 8 * cfg.dim) * size
+    pose_kv = 2 * cfg.num_layers * tokens * cfg.dim * size if (cfg.has_pose and cache_pose_kv) else 0
+    return int(act + pose_kv)
+
+
+class DreamIDVPoseGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DreamIDVPoseGuider",
+            display_name="DreamID-V PoseGuider",
+            category=common.CATEGORY,
+            description="Turns the pose video into the full model's pose tokens, once per video.",
+            inputs=[
+                common.DreamIDVModel.Input("model", tooltip="The full DreamID-V model (the faster one has no "
+                                                            "pose branch)."),
+                io.Image.Input("pose_video", tooltip="Pose frames from a DreamID-V pose node, same length and size "
+                                                     "as the video to swap."),
+                *_geometry_inputs(),
+            ],
+            outputs=[common.PoseTokens.Output(display_name="pose_tokens",
+                                              tooltip="Pose tokens and the clip geometry they were made for.")],
+        )
+
+    @classmethod
+    def execute(cls, model, pose_video, width=832, height=480, frame_num=81) -> io.NodeOutput:
+        _check_model(model)
+        if not model.dit.cfg.has_pose:
+            raise InputError(f"model: {model.name} is the faster DreamID-V variant, which has no pose branch; "
+                             "connect the mask straight to the sampler and leave pose_tokens empty")
+        pose = rgb_frames(pose_video, "pose_video")
+        count = usable_frame_count(pose.shape[0], frame_num)
+        settings = SwapSettings(width=width, height=height, frame_num=frame_num)
+        oh, ow = output_size(pose.shape[1], pose.shape[2], width, height)
+        model.load(memory_estimate(model.dit, count, oh, ow, cache_pose_kv=False))
+        try:
+            tokens = pose_tokens_for(model.dit, pose, count, settings).to("cpu")
+        finally:
+            model.release()
+        return io.NodeOutput(PoseTokenSet(tokens=tokens, frames=count, source_size=(pose.shape[2], pose.shape[1]),
+                                          area=(width, height), model_key=model.key))
+
+
+def conditioning_context(positive, text_dim: int) -> torch.Tensor:
+    """ComfyUI CONDITIONING -> [L, text_dim] (DreamIDVTextContext's, or CLIPTextEncode's umT5 output)."""
+    if not isinstance(positive, (list, tuple)) or not positive or not isinstance(positive[0], (list, tuple)):
+        raise InputError("positive: expected CONDITIONING (DreamIDVTextContext, or CLIPTextEncode with the umT5-XXL "
+                         "encoder loaded by CLIPLoader type 'wan')")
+    if len(positive) > 1:
+        log.warning("DreamID-V: positive has %d conditioning entries; only the first is used", len(positive))
+    cond, extra = positive[0][0], (positive[0][1] if len(positive[0]) > 1 else {})
+    mask = extra.get("attention_mask") if isinstance(extra, dict) else None
+    return context_from_conditioning(cond, mask, text_dim)
+
+
+class DreamIDVSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DreamIDVSampler",
+            display_name="DreamID-V Sampler",
+            category=common.CATEGORY,
+            description="Swaps the face in the video for the identity, with DreamID-V's pose-attention DiT.",
+            inputs=[
+                common.DreamIDVModel.Input("model", tooltip="From DreamIDVModelLoader."),
+                io.Vae.Input("vae", tooltip="The Wan 2.1 VAE (ComfyUI's Load VAE with wan_2.1_vae.safetensors)."),
+                io.Conditioning.Input("positive", tooltip="The text context of \"chang face\": DreamIDVTextContext, "
+                                                          "or CLIPTextEncode with umT5-XXL (CLIPLoader type wan)."),
+                common.Identity.Input("identity", tooltip="The reference face, from the DreamID-V identity node."),
+                io.Image.Input("video", tooltip="Frames to swap (alpha is dropped, greyscale becomes RGB)."),
+                io.Mask.Input("mask", tooltip="Face mask per frame (white = face region), same length and size as "
+                                              "the video."),
+                *_geometry_inputs(),
+                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps (released: 20)."),
+                io.Float.Input("shift", default=5.0, min=0.01, max=100.0, step=0.1,
+                               tooltip="Flow-matching sigma shift (released: 5)."),
+                io.Float.Input("identity_guidance", default=4.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Identity guidance: pred = c + g * (c - u), with u the pass without the "
+                                       "reference. 0 skips the second pass (released: 4)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed; the same seed gives the same result."),
+                io.Combo.Input("sampler", options=list(SAMPLERS), default="unipc",
+                               tooltip="unipc: the released flow-matching UniPC (order 2); euler: first order."),
+                io.Boolean.Input("batch_guidance", default=False,
+                                 tooltip="Run both guidance passes as one batch: faster on a large GPU, uses more "
+                                         "memory."),
+                common.PoseTokens.Input("pose_tokens", optional=True,
+                                        tooltip="From DreamIDVPoseGuider; required by the full model, ignored by "
+                                                "the faster one."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="frames",
+                                tooltip="Swapped frames at model resolution (the resized, centre-cropped area)."),
+                io.Image.Output(display_name="frames_in_source",
+                                tooltip="The swapped frames resized back into the source frames: same size as "
+                                        "the input video; pixels outside the model's crop are the source's."),
+                io.Int.Output(display_name="frame_count",
+                              tooltip="Frames used: the first frame_num frames, floored to 4n+1."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, positive, identity, video, mask, width=832, height=480, frame_num=81, steps=20,
+                shift=5.0, identity_guidance=4.0, seed=0, sampler="unipc", batch_guidance=False,
+                pose_tokens=None) -> io.NodeOutput:
+        _check_model(model)
+        dit = model.dit
+        context = conditioning_context(positive, dit.cfg.text_dim)
+        video = rgb_frames(video, "video")
+        mask = _mask_frames(mask)
+        if mask.shape[0] != video.shape[0]:
+            raise InputError(f"mask has {mask.shape[0]} frames but the video has {video.shape[0]}; they must have the "
+                             "same length")
+        if tuple(mask.shape[1:3]) != tuple(video.shape[1:3]):
+            raise InputError("mask is {}x{}, the video is {}x{}; they must have the same size".format(
+                mask.shape[2], mask.shape[1], video.shape[2], video.shape[1]))
+        if not hasattr(identity, "latent_for") or not hasattr(identity, "image"):
+            raise InputError(f"identity: expected the output of the DreamID-V identity node, got {type(identity).__name__}")
+        count = usable_frame_count(video.shape[0], frame_num)
+        src_h, src_w = video.shape[1:3]
+        settings = SwapSettings(width=width, height=height, frame_num=frame_num, steps=steps, shift=shift,
+                                guidance=identity_guidance, seed=seed, sampler=sampler, batch_guidance=batch_guidance)
+        tokens = None
+        if dit.cfg.has_pose:
+            if pose_tokens is None:
+                raise InputError(f"pose_tokens: {model.name} is the full DreamID-V model and needs pose tokens; "
+                                 "connect DreamIDVPoseGuider (or load the faster checkpoint)")
+            pose_tokens.check(count, (src_w, src_h), (width, height), model.key)
+            tokens = pose_tokens.tokens
+        elif pose_tokens is not None:
+            log.info("DreamID-V: %s is the faster variant; pose tokens are ignored", model.name)
+
+        oh, ow = output_size(src_h, src_w, width, height)
+        need = memory_estimate(dit, count, oh, ow, 2 if batch_guidance else 1)
+        adapter = PixelSpaceVAE(vae, after_encode=lambda: model.load(need))
+        ref_latent = identity.latent_for(src_w, src_h, width, height)
+        if ref_latent is None:
+            ref_latent = encode_reference(adapter, identity.image, src_w, src_h, settings)
+        model.load(need)
+        try:
+            result = swap_face(dit, adapter, video, mask, None, context, settings=settings,
+                               progress=common.progress_hook(steps), cancel=common.cancel_hook(),
+                               pose_tokens=tokens, ref_latent=ref_latent)
+        finally:
+            model.release()
+        frames = result.frames.to(mm.intermediate_device(), torch.float32)
+        box = source_crop_box(src_h, src_w, width, height)
+        in_source = paste_back(video[:result.frames_used].to(frames.device), frames, box)
+        return io.NodeOutput(frames, in_source, result.frames_used)
+
+
+def _mask_frames(mask) -> torch.Tensor:
+    """MASK [F, H, W] (or [H, W] for one frame) -> float32 [F, H, W] in [0, 1]."""
+    if not isinstance(mask, torch.Tensor):
+        raise InputError(f"mask: expected a MASK tensor [frames, height, width], got {type(mask).__name__}")
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() == 4 and mask.shape[-1] in (1, 3, 4):  # an IMAGE wired as mask
+        mask = mask[..., 0]
+    if mask.dim() != 3:
+        raise InputError(f"mask: expected [frames, height, width], got {list(mask.shape)}")
+    return mask.float().clamp(0, 1)
+
+
+NODES = [DreamIDVPoseGuider, DreamIDVSampler]

@@ -37,6 +37,16 @@ log "installing torch==$TORCH_VERSION and the requirements into $VENV"
 "$PY" -m pip install --quiet "torch==$TORCH_VERSION"
 "$PY" -m pip install --quiet -r "$ROOT/requirements.txt" -r "$ROOT/requirements-test.txt"
 
+# SAM 2 (the background composite) is published as source only and its dependencies name torch and
+# torchvision: build it against the torch already here, without its CUDA extension and without
+# dependencies (hydra-core and iopath come from requirements.txt). Skipped when already installed.
+SAM2_VERSION=1.1.0
+if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('sam2') != '$SAM2_VERSION')" 2>/dev/null; then
+    log "installing sam2==$SAM2_VERSION (source build, no CUDA extension)"
+    "$PY" -c 'import setuptools, wheel' 2>/dev/null || "$PY" -m pip install --quiet setuptools wheel
+    SAM2_BUILD_CUDA=0 "$PY" -m pip install --quiet --no-deps --no-build-isolation "sam2==$SAM2_VERSION"
+fi
+
 # Check that what is importable is what was asked for (a stray CUDA torch would show up here).
 "$PY" - "$TORCH_VERSION" <<'PYEOF'
 import sys, torch
@@ -44,7 +54,7 @@ want = sys.argv[1]
 have = torch.__version__.split("+")[0]
 if have != want:
     sys.exit(f"torch {torch.__version__} is installed but {want} is required (see constraints.txt)")
-import numpy, safetensors, einops, PIL, sentencepiece, av, cv2, psutil, pytest  # noqa: F401
+import numpy, safetensors, einops, PIL, sentencepiece, av, cv2, psutil, pytest, kornia, sam2.sam2_video_predictor  # noqa: F401
 print(f"[dreamidv] torch {torch.__version__}, numpy {numpy.__version__}, pytest {pytest.__version__}: ok",
       file=sys.stderr)
 PYEOF
