@@ -62,9 +62,12 @@ def cmd_swap(args) -> int:
     dit_path, vae_path, encoder, tokenizer = resolve_swap_files(args)
     device = _device(args.device)
     video, fps = read_video(args.video, max_frames=args.frame_num)
-    mask, _ = read_video(args.mask, max_frames=args.frame_num)
-    pose = read_video(args.pose, max_frames=args.frame_num)[0] if args.pose else None
     reference = read_image(args.reference)
+    if args.mask:
+        mask, _ = read_video(args.mask, max_frames=args.frame_num)
+        pose = read_video(args.pose, max_frames=args.frame_num)[0] if args.pose else None
+    else:
+        mask, pose = extract_pose_and_mask(args, video, reference)
     if args.context:
         context = load_precomputed_context(args.context)
     else:
@@ -86,6 +89,24 @@ def cmd_swap(args) -> int:
     write_video(args.out, frames, args.fps or fps)
     print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {args.fps or fps:g} fps")
     return 0
+
+
+def extract_pose_and_mask(args, video, reference):
+    """Pose video and face mask from the driving video with MediaPipe, retargeted onto the reference."""
+    from .model_files import find_model_files, format_missing
+    from .pose.extract import extract_mediapipe
+    from .pose.mediapipe_face import FaceLandmarker
+
+    task = args.landmarker or find_model_files(args.models_dir).path("face_landmarker")
+    if task is None:
+        raise DreamIDVError("no --mask given and no MediaPipe face landmarker to make one.\n"
+                            + format_missing(find_model_files(args.models_dir)))
+    print(f"pose and mask from the video with {task}")
+    with FaceLandmarker(str(task)) as landmarker:
+        result = extract_mediapipe(video, landmarker, reference=reference)
+    if result.filled:
+        print(result.info)
+    return result.mask, result.pose
 
 
 def cmd_convert(args) -> int:
@@ -123,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("swap", help="swap the face in a video for the face in a photo")
     sw.add_argument("--video", required=True, help="the driving video")
     sw.add_argument("--reference", required=True, help="a photo of the new face")
-    sw.add_argument("--mask", required=True, help="face-mask video of the driving video (white face on black)")
-    sw.add_argument("--pose", help="pose video of the driving video (required by the full model)")
+    sw.add_argument("--mask", help="face-mask video of the driving video (white face on black); "
+                                   "default: made with MediaPipe, as is the pose video")
+    sw.add_argument("--pose", help="pose video of the driving video (with --mask; required by the full model)")
+    sw.add_argument("--landmarker", help="MediaPipe face_landmarker .task (default: found in <models-dir>/mediapipe)")
     sw.add_argument("--out", required=True, help="output .mp4")
     sw.add_argument("--models-dir", default="models", help="a folder laid out like ComfyUI/models")
     sw.add_argument("--dit", help="DiT checkpoint (default: found in <models-dir>/diffusion_models)")

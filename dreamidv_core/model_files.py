@@ -32,7 +32,7 @@ SWAP = "swap"
 FASTER_SWAP = "faster swap"
 POSE_MEDIAPIPE = "pose and mask from video (MediaPipe)"
 POSE_DWPOSE = "pose and mask from video (DWPose)"
-FACE_ID = "face identity check / ID metrics"
+FACE_ID = "ArcFace ID token encoder (reference face)"
 SEGMENTATION = "video segmentation (SAM 2)"
 
 # ComfyUI's older names for the same folders; searched after the main name.
@@ -120,7 +120,6 @@ CATALOGUE: Tuple[ModelFile, ...] = (
         what="MediaPipe face landmarker (pose and face mask from a video)",
         source="Google MediaPipe face landmarker model",
         required_for=(POSE_MEDIAPIPE,),
-        coming=True,
     ),
     ModelFile(
         key="insightface",
@@ -129,18 +128,17 @@ CATALOGUE: Tuple[ModelFile, ...] = (
         what="InsightFace face analysis pack (detection + ArcFace identity embedding)",
         source="deepinsight/insightface model packs antelopev2 or buffalo_l",
         required_for=(FACE_ID,),
-        coming=True,
         dir_must_contain=(".onnx",),
     ),
     ModelFile(
         key="sam2",
         folder="sam2",
         options=(("sam2.1_hiera_tiny.pt",), ("sam2.1_hiera_small.pt",), ("sam2.1_hiera_base_plus.pt",),
-                 ("sam2.1_hiera_large.pt",)),
-        what="Segment Anything 2.1 video model (background recomposition / masks)",
+                 ("sam2.1_hiera_large.pt",), ("sam2_hiera_tiny.pt",), ("sam2_hiera_small.pt",),
+                 ("sam2_hiera_base_plus.pt",), ("sam2_hiera_large.pt",)),
+        what="Segment Anything 2 / 2.1 video model (background composite)",
         source="facebookresearch/sam2 checkpoints",
         required_for=(SEGMENTATION,),
-        coming=True,
     ),
     ModelFile(
         key="dwpose_detector",
@@ -149,7 +147,6 @@ CATALOGUE: Tuple[ModelFile, ...] = (
         what="DWPose person detector (YOLOX-L)",
         source="yzd-v/DWPose (the same file ComfyUI controlnet_aux users have)",
         required_for=(POSE_DWPOSE,),
-        coming=True,
     ),
     ModelFile(
         key="dwpose_estimator",
@@ -158,7 +155,6 @@ CATALOGUE: Tuple[ModelFile, ...] = (
         what="DWPose whole-body pose estimator",
         source="yzd-v/DWPose (the same file ComfyUI controlnet_aux users have)",
         required_for=(POSE_DWPOSE,),
-        coming=True,
     ),
 )
 
@@ -349,7 +345,8 @@ def format_missing(report: ModelReport, include_optional: bool = True) -> str:
             if st.entry.required and st.ok:
                 lines.append(f"    {st.entry.folder}/: {', '.join(str(p) for p in st.found)}")
     if include_optional and optional:
-        lines.append("Optional files (only for the features named; the 'coming' ones are for later releases):")
+        note = "; the 'coming' ones are for later releases" if any(st.entry.coming for st in optional) else ""
+        lines.append(f"Optional files (only for the features named{note}):")
         for st in optional:
             tag = " [coming]" if st.entry.coming else ""
             lines.append(_describe_missing(st) + tag)

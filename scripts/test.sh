@@ -15,6 +15,16 @@ if [ "${DREAMIDV_TEST_NO_COMFYUI:-0}" != 1 ]; then
     fi
 fi
 
+# The browser test drives Debian's chromium (headless). Installed when missing and we may use apt;
+# without it that one test skips with a reason.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+        && [ "${DREAMIDV_TEST_NO_BROWSER:-0}" != 1 ]; then
+    log "installing chromium for the browser test"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
+        log "could not install chromium: the browser test will skip"
+    fi
+fi
+
 cd "$ROOT"
 set +e
 "$PY" -m pytest "$@"

@@ -69,11 +69,11 @@ LINKS = [
 ]
 
 GROUPS = [
-    ("Inputs: source video and reference face", [-20, -50, 620, 830], "#3f789e"),
-    ("Models", [620, 370, 370, 450], "#88A"),
-    ("Pose, sampling, background", [620, -50, 1460, 410], "#b06634"),
-    ("Identity", [990, 370, 360, 360], "#b58b2a"),
-    ("Output: source fps and audio", [2080, -50, 460, 670], "#a1309b"),
+    ("Inputs: source video and reference face", [-20, -90, 620, 870], "#3f789e"),
+    ("Models", [620, 330, 370, 490], "#88A"),
+    ("Pose, sampling, background", [620, -90, 1460, 410], "#b06634"),
+    ("Identity", [990, 330, 360, 400], "#b58b2a"),
+    ("Output: source fps and audio", [2080, -90, 460, 710], "#a1309b"),
 ]
 
 

@@ -81,3 +81,25 @@ def test_cli_convert(tmp_path, capsys):
     rc = main(["convert", str(tmp_path / "dreamidv_faster.pth"), str(tmp_path / "f.safetensors"), "--dtype", "bf16"])
     assert rc == 0 and "DreamID-V DiT (faster)" in capsys.readouterr().out
     assert (tmp_path / "f.safetensors").stat().st_size > 0
+
+
+@pytest.mark.shared_assets
+def test_cli_swap_makes_pose_and_mask_with_mediapipe(tmp_path, models_dir, shared_dir, capsys):
+    import shutil
+
+    from PIL import Image
+
+    frames, _ = read_video(shared_dir / "assets" / "a_girl.mp4", max_frames=9)
+    small = np.stack([np.asarray(Image.fromarray(f).resize((480, 310))) for f in frames])
+    write_video(tmp_path / "girl.mp4", small, fps=24)
+    (models_dir / "mediapipe").mkdir()
+    shutil.copy(shared_dir / "assets" / "face_landmarker_v2_with_blendshapes.task", models_dir / "mediapipe")
+    torch.save([torch.randn(3, 4096)], tmp_path / "context.pth")
+    out = tmp_path / "swapped.mp4"
+    rc = main(["swap", "--video", str(tmp_path / "girl.mp4"), "--reference", str(shared_dir / "assets" / "an_1.jpg"),
+               "--context", str(tmp_path / "context.pth"), "--models-dir", str(models_dir), "--out", str(out),
+               "--size", "64*48", "--steps", "1", "--weight-dtype", "fp32", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "pose and mask from the video" in captured.out
+    assert read_video(out)[0].shape[0] == 9

@@ -53,10 +53,10 @@ def test_empty_dir_reports_every_required_file_with_its_folder(tmp_path):
     assert f"{tmp_path / 'diffusion_models'}{os.sep}" in msg and "dreamidv.pth" in msg
     assert "umt5_xxl_fp8_e4m3fn_scaled.safetensors" in msg
     assert "models_t5_umt5-xxl-enc-bf16.pth + google/umt5-xxl/" in msg
-    # optional files are listed apart, and later-milestone ones are marked as coming
+    # optional files are listed apart, with what they are needed for
     required_part, optional_part = msg.split("Optional files", 1)
     assert "dreamidv_faster" not in required_part and "dreamidv_faster" in optional_part
-    assert "[coming]" in optional_part and "yolox_l.onnx" in optional_part
+    assert "yolox_l.onnx" in optional_part and "pose and mask from video (DWPose)" in optional_part
 
 
 def test_complete_swap_set_is_found(tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.comfy_harness import (PACK_DIR, PACK_NAME, REPO_ROOT, ComfyServer, PromptFailed, execution_error,
+from tests.comfy_harness import (PACK_DIR, PACK_NAME, ComfyServer, PromptFailed, execution_error,
                                  missing_node_types, ui_to_api)
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
@@ -186,7 +186,7 @@ def set_inputs(api: dict, object_info: dict, changes: dict) -> dict:
     return api
 
 
-def test_prompt(server, video="clip.mp4", reference="reference.png", steps=2, seed=0, prefix=None,
+def swap_prompt(server, video="clip.mp4", reference="reference.png", steps=2, seed=0, prefix=None,
                 pose_model="dw-ll_ucoco_384.onnx") -> dict:
     """The bundled workflow in API format, pointed at the tiny models and test inputs."""
     api = ui_to_api(load_workflow(), server.object_info())
@@ -208,8 +208,6 @@ def test_prompt(server, video="clip.mp4", reference="reference.png", steps=2, se
     }
     return set_inputs(api, server.object_info(), changes)
 
-
-test_prompt.__test__ = False  # a helper, not a test
 
 
 def saved_videos(entry: dict, server: ComfyServer) -> list:
@@ -249,6 +247,8 @@ def test_bundled_workflow_is_served_as_template(server):
     assert "dreamidv_swap" in templates.get(PACK_NAME, []), templates
     served = server.request(f"/api/workflow_templates/{PACK_NAME}/dreamidv_swap.json", raw=True)
     assert json.loads(served) == load_workflow()
+    thumb = server.request(f"/api/workflow_templates/{PACK_NAME}/dreamidv_swap.jpg", raw=True)
+    assert thumb[:3] == b"\xff\xd8\xff", "the template thumbnail (dreamidv_swap.jpg) is not a JPEG"
     assert not missing_node_types(load_workflow(), server.object_info())
 
 
@@ -270,7 +270,7 @@ def test_bundled_workflow_runs_and_keeps_fps_and_audio(server):
 
     prefix = "dreamidv_test/run"
     t0 = time.monotonic()
-    entry = server.run(test_prompt(server, prefix=prefix), timeout=180)
+    entry = server.run(swap_prompt(server, prefix=prefix), timeout=180)
     run_s = time.monotonic() - t0
     files = saved_videos(entry, server)
     assert len(files) == 1 and files[0].is_file(), entry.get("outputs")
@@ -321,7 +321,7 @@ async def _interrupt_during_sampling(server: ComfyServer, prompt: dict, sampler_
 
 
 def test_interrupt_during_sampling_then_next_prompt_runs(server):
-    prompt = test_prompt(server, steps=200, seed=1, prefix="dreamidv_test/interrupted")
+    prompt = swap_prompt(server, steps=200, seed=1, prefix="dreamidv_test/interrupted")
     sampler_ids = {k for k, n in prompt.items() if n["class_type"] == "DreamIDVSampler"}
     timing = asyncio.run(_interrupt_during_sampling(server, prompt, sampler_ids))
     assert "interrupt_at" in timing, f"never saw the sampler's progress: {timing}"
@@ -329,7 +329,7 @@ def test_interrupt_during_sampling_then_next_prompt_runs(server):
     assert timing.get("last_step", timing["step_at_interrupt"]) <= timing["step_at_interrupt"] + 2, timing
     assert not outputs_under(server, "dreamidv_test/interrupted")
     assert server.queue()["queue_running"] == []
-    entry = server.run(test_prompt(server, steps=1, seed=2, prefix="dreamidv_test/after"), timeout=120)
+    entry = server.run(swap_prompt(server, steps=1, seed=2, prefix="dreamidv_test/after"), timeout=120)
     assert len(saved_videos(entry, server)) == 1
     print(f"[workflow] interrupt honoured {timing['stop_s']:.2f} s after step {timing['step_at_interrupt']}")
 
@@ -341,7 +341,7 @@ def test_interrupt_during_sampling_then_next_prompt_runs(server):
 ])
 def test_bad_input_fails_with_clear_error_and_no_output(server, case, changes, words):
     prefix = f"dreamidv_test/bad_{case}"
-    prompt = test_prompt(server, prefix=prefix, **changes)
+    prompt = swap_prompt(server, prefix=prefix, **changes)
     with pytest.raises(PromptFailed) as err:
         server.run(prompt, timeout=120)
     e = err.value.error
@@ -349,4 +349,5 @@ def test_bad_input_fails_with_clear_error_and_no_output(server, case, changes, w
     assert all(w in message for w in words), f"{case}: unclear error {e.get('node_type')}: {message!r}"
     assert "Traceback" not in message
     assert not outputs_under(server, prefix), f"{case}: an output was written"
+    print(f"[workflow] {case}: {e.get('node_type')}: {e.get('exception_message')}")
     assert execution_error(err.value.entry) is not None
