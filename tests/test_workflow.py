@@ -328,6 +328,10 @@ def test_interrupt_during_sampling_then_next_prompt_runs(server):
     assert timing.get("end") == "execution_interrupted", timing
     assert timing.get("last_step", timing["step_at_interrupt"]) <= timing["step_at_interrupt"] + 2, timing
     assert not outputs_under(server, "dreamidv_test/interrupted")
+    # the server leaves the interrupted prompt's queue slot just after it reports the interruption
+    deadline = time.monotonic() + 30
+    while server.queue()["queue_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert server.queue()["queue_running"] == []
     entry = server.run(swap_prompt(server, steps=1, seed=2, prefix="dreamidv_test/after"), timeout=120)
     assert len(saved_videos(entry, server)) == 1
