@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable
 
+from pathlib import Path
+
 import comfy.model_management
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
+
+from dreamidv_core.errors import CheckpointError
 
 CATEGORY = "DreamID-V"
 NODE_PREFIX = "DreamIDV"
@@ -47,6 +51,23 @@ def model_choices(folder: str, suffixes: Iterable[str] = ()) -> list:
     names = folder_paths.get_filename_list(folder)
     suffixes = tuple(s.lower() for s in suffixes)
     return [n for n in names if not suffixes or n.lower().endswith(suffixes)]
+
+
+def folder_hint(folder: str) -> str:
+    """"the 'vae' model folder (/path/a, /path/b)": where a user should put a file."""
+    paths = folder_paths.get_folder_paths(folder) if folder in folder_paths.folder_names_and_paths else []
+    return f"the '{folder}' model folder ({', '.join(paths) or 'no paths registered'})"
+
+
+def resolve_model_file(folder: str, name: str, expected: str) -> Path:
+    """Full path of a combo choice in a model folder, or a CheckpointError naming the folder (every
+    path of it, extra_model_paths.yaml included) and the expected file names."""
+    path = folder_paths.get_full_path(folder, name) if name and name != "none" else None
+    if path is None or not os.path.isfile(path):
+        raise CheckpointError(name or "(no file chosen)",
+                              f"not found in {folder_hint(folder)}; put {expected} there (or point '{folder}' "
+                              "at it in extra_model_paths.yaml)")
+    return Path(path)
 
 
 def cancel_hook() -> Callable[[], bool]:

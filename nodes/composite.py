@@ -18,16 +18,6 @@ SAM2_FOLDER = "sam2"
 CKPT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
-def _checkpoint_path(name: str) -> str:
-    path = folder_paths.get_full_path(SAM2_FOLDER, name) if name else None
-    if path is None or not os.path.isfile(path):
-        folders = ", ".join(folder_paths.get_folder_paths(SAM2_FOLDER)) or f"models/{SAM2_FOLDER}"
-        raise CheckpointError(name or "(no checkpoint chosen)",
-                              f"SAM2 checkpoint not found in the '{SAM2_FOLDER}' model folder ({folders}); "
-                              f"put one of {', '.join(segmentation.OFFICIAL_NAMES)} there")
-    return path
-
-
 def _config_path(config: str):
     """'auto', a bundled config name, or a .yaml file in the sam2 folder -> what segmentation takes."""
     if config in ("", "auto") or config in segmentation.bundled_configs():
@@ -91,7 +81,7 @@ class BackgroundComposite(io.ComfyNode):
             face_mask = face_mask[None]
         count = core.check_inputs(frames, generated, face_mask)  # fail before loading anything
         frames, face_mask = frames[:count], face_mask[:count]
-        ckpt = _checkpoint_path(sam2_checkpoint)
+        ckpt = str(common.resolve_model_file(SAM2_FOLDER, sam2_checkpoint, "one of " + ", ".join(segmentation.OFFICIAL_NAMES)))
         config = _config_path(sam2_config)
         dev = _device(device)
         if dev.type != "cpu":

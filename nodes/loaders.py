@@ -45,27 +45,17 @@ TOKENIZER_DIRS = ("google/umt5-xxl", "umt5-xxl", "umt5_xxl", "google_umt5-xxl")
 
 def expected_dit_names() -> str:
     names = get_entry("dit").accepted_names + get_entry("dit_faster").accepted_names
-    return ", ".join(names)
+    return "one of " + ", ".join(names)
 
 
-def folder_hint(folder: str) -> str:
-    paths = folder_paths.get_folder_paths(folder) if folder in folder_paths.folder_names_and_paths else []
-    return f"the '{folder}' model folder ({', '.join(paths) or 'no paths registered'})"
-
-
-def resolve_model_file(folder: str, name: str, expected: str) -> Path:
-    """Full path of a combo choice, or a CheckpointError naming the folder and the expected names."""
-    path = folder_paths.get_full_path(folder, name) if name and name != NONE else None
-    if path is None or not os.path.isfile(path):
-        raise CheckpointError(name or "(no file chosen)", f"not found in {folder_hint(folder)}; expected one of: "
-                                                          f"{expected}")
-    return Path(path)
+def expected_text_encoder_names() -> str:
+    return "one of " + ", ".join(get_entry("text_encoder").accepted_names)
 
 
 def file_problem(folder: str, name: str, expected: str) -> str:
     """'' when the combo choice resolves to a file, else the error message (for ``validate_inputs``)."""
     try:
-        resolve_model_file(folder, name, expected)
+        common.resolve_model_file(folder, name, expected)
         return ""
     except CheckpointError as exc:
         return str(exc)
@@ -138,7 +128,7 @@ _CACHE_LOCK = threading.Lock()
 def load_model(name: str, weight_dtype: str = "bf16", attention: str = "sdpa", device: str = "auto") -> LoadedDiT:
     """The DiT of ``diffusion_models/<name>``; the same object again while anything (ComfyUI's output
     cache, another node) still holds it. When nothing does, it is garbage-collected."""
-    path = resolve_model_file(DIT_FOLDER, name, expected_dit_names())
+    path = common.resolve_model_file(DIT_FOLDER, name, expected_dit_names())
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns, weight_dtype, attention, device)
     with _CACHE_LOCK:
@@ -150,7 +140,7 @@ def load_model(name: str, weight_dtype: str = "bf16", attention: str = "sdpa", d
             dit = load_dit(path, weight_dtype=weight_dtype, device=offload_device, attention_backend=attention)
         except CheckpointError as exc:
             raise CheckpointError(path, f"{exc.problem}. DreamIDVModelLoader needs a DreamID-V checkpoint in "
-                                        f"{folder_hint(DIT_FOLDER)}: one of {expected_dit_names()}") from None
+                                        f"{common.folder_hint(DIT_FOLDER)}: {expected_dit_names()}") from None
         patcher = comfy.model_patcher.ModelPatcher(dit, load_device=load_device, offload_device=offload_device)
         handle = LoadedDiT(patcher=patcher, name=name, path=str(path), key="|".join(map(str, key)),
                            offload_after=(device == "auto_offload"))
@@ -254,8 +244,7 @@ class DreamIDVTextContext(io.ComfyNode):
                         "encoder file and cached on disk (or read from a precomputed context file).",
             inputs=[
                 io.Combo.Input("text_encoder", options=[NONE] + common.model_choices(TEXT_FOLDER),
-                               tooltip="umT5-XXL encoder in models/text_encoders: " +
-                                       ", ".join(get_entry("text_encoder").accepted_names) +
+                               tooltip="umT5-XXL encoder in models/text_encoders: " + expected_text_encoder_names() +
                                        ". Runs only once; later runs read the cache."),
                 io.Combo.Input("precomputed_context", options=[NONE] + common.model_choices(CONTEXT_FOLDER),
                                default=NONE, optional=True,
@@ -274,18 +263,18 @@ class DreamIDVTextContext(io.ComfyNode):
             return file_problem(CONTEXT_FOLDER, precomputed_context, "a [L, 4096] context file") or True
         if not text_encoder or text_encoder == NONE:
             return True  # execute explains what to choose
-        return file_problem(TEXT_FOLDER, text_encoder, ", ".join(get_entry("text_encoder").accepted_names)) or True
+        return file_problem(TEXT_FOLDER, text_encoder, expected_text_encoder_names()) or True
 
     @classmethod
     def execute(cls, text_encoder, precomputed_context=NONE, encoder_device="cpu") -> io.NodeOutput:
         if precomputed_context and precomputed_context != NONE:
-            path = resolve_model_file(CONTEXT_FOLDER, precomputed_context, "a [L, 4096] context file")
+            path = common.resolve_model_file(CONTEXT_FOLDER, precomputed_context, "a [L, 4096] context file")
             return io.NodeOutput(context_conditioning(load_precomputed_context(path, TEXT_DIM)))
         if not text_encoder or text_encoder == NONE:
             raise InputError("DreamIDVTextContext: choose a text_encoder (" +
-                             ", ".join(get_entry("text_encoder").accepted_names) + f" in {folder_hint(TEXT_FOLDER)}) "
+                             expected_text_encoder_names() + f" in {common.folder_hint(TEXT_FOLDER)}) "
                              "or a precomputed_context")
-        encoder = resolve_model_file(TEXT_FOLDER, text_encoder, ", ".join(get_entry("text_encoder").accepted_names))
+        encoder = common.resolve_model_file(TEXT_FOLDER, text_encoder, expected_text_encoder_names())
         device = mm.get_torch_device() if encoder_device == "auto" else "cpu"
         context = get_text_context(encoder, find_tokenizer(encoder), cache_dir=context_cache_dir(), device=device)
         return io.NodeOutput(context_conditioning(context))

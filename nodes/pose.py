@@ -28,15 +28,6 @@ def _choices(folder: str, suffix: str, default: str) -> list:
     return names or [default]
 
 
-def _model_path(folder: str, name: str, expected: str) -> str:
-    path = folder_paths.get_full_path(folder, name) if name else None
-    if path is None:
-        dirs = ", ".join(folder_paths.get_folder_paths(folder)) or f"models/{folder}"
-        raise InputError(f"model file '{name}' not found in the '{folder}' model folder ({dirs}); "
-                         f"put {expected} there (or point '{folder}' at it in extra_model_paths.yaml)")
-    return path
-
-
 class DreamIDVPoseExtract(io.ComfyNode):
     """Frames -> DreamID-V pose video, face mask and keypoints, drawn as the reference pipeline does."""
 
@@ -95,13 +86,13 @@ class DreamIDVPoseExtract(io.ComfyNode):
         progress = lambda i, n: hook("pose", i, n)  # noqa: E731
         cancel = common.cancel_hook()
         if source == "mediapipe":
-            path = _model_path("mediapipe", mediapipe_model, MEDIAPIPE_FILE)
+            path = common.resolve_model_file("mediapipe", mediapipe_model, MEDIAPIPE_FILE)
             ref = None if reference is None else reference.detach().cpu()
             with FaceLandmarker(path) as landmarker:
                 result = core.extract_mediapipe(frames, landmarker, ref, "frames", progress, cancel)
         elif source == "dwpose":
-            det = _model_path("dwpose", detector_model, DET_FILE)
-            est = _model_path("dwpose", pose_model, POSE_FILE)
+            det = common.resolve_model_file("dwpose", detector_model, DET_FILE)
+            est = common.resolve_model_file("dwpose", pose_model, POSE_FILE)
             result = core.extract_dwpose(frames, DWPose(det, est, provider), "frames", progress, cancel)
         elif source == "keypoints":
             if keypoints is None:

@@ -275,7 +275,7 @@ def test_node_schema_and_execute(pack, tmp_path):
     data = [_frame([0.0] * 54, _square_face(0.2, 0.2, 0.4))] * 2
     img2, mask2, _, info2 = mod.DreamIDVPoseExtract.execute(frames, "keypoints", keypoints=data).result
     assert mask2[0].any() and "normalised" in info2
-    with pytest.raises(InputError, match="'mediapipe' model folder"):
+    with pytest.raises(CheckpointError, match="'mediapipe' model folder"):
         mod.DreamIDVPoseExtract.execute(frames, "mediapipe", mediapipe_model="missing.task")
     with pytest.raises(InputError, match="no POSE_KEYPOINT"):
         mod.DreamIDVPoseExtract.execute(frames, "keypoints")
