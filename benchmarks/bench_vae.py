@@ -6,6 +6,12 @@ Each mode runs in a fresh subprocess, so one mode's allocations cannot raise ano
 
     python benchmarks/bench_vae.py                       # 81 frames at 128x128
     python benchmarks/bench_vae.py --frames 17 --size 64x64 --modes decode_chunked,decode_oneshot
+    python benchmarks/bench_vae.py --frames 9 --size 640x352 --modes decode_chunked,decode_tiled,decode_tiled_whole
+
+``decode_tiled`` streams with spatial tiles (``decode_iter(tile=--tile, overlap=--overlap)``: every
+tile's temporal cache stays alive), ``decode_tiled_whole`` is the tile-major ``decode(tile=...)``
+(one tile's cache at a time; its float32 output clip is part of its peak). "est" is
+``decode_peak_bytes`` for the same call.
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODES = ("decode_chunked", "decode_oneshot", "encode_chunked", "encode_oneshot")
+MODES = ("decode_chunked", "decode_oneshot", "decode_tiled", "decode_tiled_whole", "encode_chunked",
+         "encode_oneshot")
 
 
 def _rss_mb(field: str) -> float:
@@ -25,13 +32,13 @@ def _rss_mb(field: str) -> float:
         return next(int(line.split()[1]) for line in fh if line.startswith(field)) / 1024
 
 
-def run_mode(mode: str, frames: int, height: int, width: int, threads: int) -> dict:
+def run_mode(mode: str, frames: int, height: int, width: int, threads: int, tile: int, overlap: int) -> dict:
     """Run one mode in this process and return its figures (called inside the child process)."""
     import time
 
     import torch
 
-    from dreamidv_core.vae import WanVAE
+    from dreamidv_core.vae import WanVAE, decode_peak_bytes
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -45,6 +52,11 @@ def run_mode(mode: str, frames: int, height: int, width: int, threads: int) -> d
     if mode == "decode_chunked":
         for _ in vae.decode_iter(data):  # a streaming consumer: each chunk is written out and dropped
             pass
+    elif mode == "decode_tiled":
+        for _ in vae.decode_iter(data, tile=tile, overlap=overlap):
+            pass
+    elif mode == "decode_tiled_whole":
+        vae.decode(data, tile=tile, overlap=overlap)
     elif mode == "decode_oneshot":
         vae.decode_oneshot(data)
     elif mode == "encode_chunked":
@@ -52,7 +64,11 @@ def run_mode(mode: str, frames: int, height: int, width: int, threads: int) -> d
     else:
         vae.encode_oneshot(data)
     seconds = time.perf_counter() - start
-    return {"mode": mode, "seconds": seconds, "peak_mb": _rss_mb("VmHWM") - before}
+    result = {"mode": mode, "seconds": seconds, "peak_mb": _rss_mb("VmHWM") - before}
+    if mode in ("decode_chunked", "decode_tiled", "decode_tiled_whole"):
+        result["estimate_mb"] = decode_peak_bytes(data.shape, None if mode == "decode_chunked" else tile,
+                                                  overlap, streaming=mode != "decode_tiled_whole") / 2**20
+    return result
 
 
 def main() -> None:
@@ -61,28 +77,33 @@ def main() -> None:
     parser.add_argument("--size", default="128x128", help="WIDTHxHEIGHT, multiples of 8")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    parser.add_argument("--tile", type=int, default=24, help="tile size in latent pixels (tiled modes)")
+    parser.add_argument("--overlap", type=int, default=8, help="tile overlap in latent pixels (tiled modes)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
 
     if args.child:
-        print(json.dumps(run_mode(args.child, args.frames, height, width, args.threads)))
+        print(json.dumps(run_mode(args.child, args.frames, height, width, args.threads, args.tile, args.overlap)))
         return
 
     print(f"Wan 2.1 VAE, random weights, fp32, CPU x{args.threads} threads: {args.frames} frames "
-          f"at {width}x{height} (latent {1 + (args.frames - 1) // 4} x {height // 8}x{width // 8})")
+          f"at {width}x{height} (latent {1 + (args.frames - 1) // 4} x {height // 8}x{width // 8}); tiled modes: "
+          f"tile {args.tile}, overlap {args.overlap} latent px")
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for mode in args.modes.split(","):
         if mode not in MODES:
             parser.error(f"unknown mode {mode!r}; choose from {MODES}")
         cmd = [sys.executable, __file__, "--child", mode, "--frames", str(args.frames),
-               "--size", args.size, "--threads", str(args.threads)]
+               "--size", args.size, "--threads", str(args.threads), "--tile", str(args.tile),
+               "--overlap", str(args.overlap)]
         done = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
         if done.returncode != 0:
-            print(f"{mode:16s} failed:\n{done.stderr}")
+            print(f"{mode:18s} failed:\n{done.stderr}")
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{mode:16s} {r['seconds']:8.1f} s   peak +{r['peak_mb']:8.0f} MB", flush=True)
+        est = f"   est {r['estimate_mb']:8.0f} MB" if "estimate_mb" in r else ""
+        print(f"{mode:18s} {r['seconds']:8.1f} s   peak +{r['peak_mb']:8.0f} MB{est}", flush=True)
 
 
 if __name__ == "__main__":

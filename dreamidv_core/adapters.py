@@ -149,8 +149,13 @@ class PixelSpaceVAE:
             self.after_encode()
         return normalise_latent(raw)
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        pixels = self.vae.decode(denormalise_latent(latent))
+    def decode(self, latent: torch.Tensor, tile: Optional[int] = None, overlap: int = 8) -> torch.Tensor:
+        """``tile``/``overlap`` (latent pixels): the host VAE's own spatial tiling (``decode_tiled``)."""
+        raw = denormalise_latent(latent)
+        if tile and hasattr(self.vae, "decode_tiled"):
+            pixels = self.vae.decode_tiled(raw, tile_x=tile, tile_y=tile, overlap=overlap)
+        else:
+            pixels = self.vae.decode(raw)
         if pixels.dim() == 4:  # [F, H, W, 3] for a batch of one
             pixels = pixels[None]
         return pixels.float().mul(2).sub(1).permute(0, 4, 1, 2, 3)
@@ -162,7 +167,7 @@ class PixelSpaceVAE:
 class PoseTokenSet:
     """PoseGuider tokens and what they were made for.
 
-    tokens: [1, L, C] (CPU); frames: frames used (4n+1); source_size: (width, height) of the pose video;
+    tokens: [1, L, C] (CPU); frames: frames of the clip (N); source_size: (width, height) of the pose video;
     area: (width, height) of the area setting; model_key: identity of the DiT that made them.
     """
 
@@ -171,10 +176,14 @@ class PoseTokenSet:
     source_size: Tuple[int, int]
     area: Tuple[int, int]
     model_key: str
+    window: Tuple[int, int] = (81, 16)  # (window, overlap) frames the tokens were laid out for
 
-    def check(self, frames: int, source_size: Tuple[int, int], area: Tuple[int, int], model_key: str) -> None:
+    def check(self, frames: int, source_size: Tuple[int, int], area: Tuple[int, int], model_key: str,
+              window: Tuple[int, int] = (81, 16)) -> None:
         """Raise :class:`InputError` naming every mismatch with the sampler's settings."""
         problems = []
+        if tuple(self.window) != tuple(window):
+            problems.append("window {} / overlap {} (the sampler's: {} / {})".format(*self.window, *window))
         if self.frames != frames:
             problems.append(f"{self.frames} frames (the sampler uses {frames})")
         if tuple(self.source_size) != tuple(source_size):
@@ -185,5 +194,5 @@ class PoseTokenSet:
             problems.append("another DreamID-V model")
         if problems:
             raise InputError("pose tokens were computed for " + "; ".join(problems) + ". Give DreamIDVPoseGuider the "
-                             "same model, the pose video of this clip, and the same width, height and frame_num "
-                             "as the sampler")
+                             "same model, the pose video of this clip, and the same width, height, frame_num, "
+                             "window and overlap as the sampler")

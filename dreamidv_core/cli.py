@@ -74,10 +74,19 @@ def cmd_swap(args) -> int:
         print(f"text context from {encoder} (cached after the first run)")
         context = get_text_context(encoder, tokenizer, device=device)
     print(f"loading {dit_path} ({args.weight_dtype}) and {vae_path} on {device}")
-    dit = load_dit(dit_path, weight_dtype=args.weight_dtype, device=device, attention_backend=args.attention)
+    offload = args.offload_blocks and torch.device(device).type == "cuda"
+    # with block offload the weights are read to the CPU and only the resident part moves to the GPU
+    dit = load_dit(dit_path, weight_dtype=args.weight_dtype, device="cpu" if offload else device,
+                   attention_backend=args.attention)
     vae = load_wan_vae(vae_path, device=device)
+    if offload:
+        from .speed import enable_block_offload
+
+        print(enable_block_offload(dit, args.offload_blocks, device).describe())
     settings = SwapSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
-                            shift=args.shift, guidance=args.guidance, seed=args.seed, sampler=args.sampler)
+                            shift=args.shift, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
+                            window=args.window, overlap=args.overlap, background_strength=args.background_strength,
+                            step_cache=args.step_cache, batch_guidance=args.batch_guidance, vae_tile=args.vae_tile)
     start = time.time()
 
     def progress(stage, i, n):
@@ -157,12 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--context", help="precomputed text context (.safetensors or the official context.pth)")
     sw.add_argument("--faster", action="store_true", help="use dreamidv_faster (no pose branch)")
     sw.add_argument("--size", type=_size, default=(832, 480), help="maximum area as W*H, e.g. 832*480 or 1280*720")
-    sw.add_argument("--frame-num", type=int, default=81, help="frames to swap (floored to 4n+1)")
+    sw.add_argument("--frame-num", type=int, help="swap only the first N frames (default: the whole clip)")
     sw.add_argument("--steps", type=int, default=20)
     sw.add_argument("--shift", type=float, default=5.0)
     sw.add_argument("--guidance", type=float, default=4.0, help="identity guidance scale")
     sw.add_argument("--seed", type=int, default=0)
     sw.add_argument("--sampler", default="unipc", choices=("unipc", "euler"))
+    sw.add_argument("--window", type=int, default=81, help="frames per window (4n+1); longer clips use overlapping windows")
+    sw.add_argument("--overlap", type=int, default=16, help="frames shared by neighbouring windows (multiple of 4)")
+    sw.add_argument("--background-strength", type=float, default=0.0,
+                    help="0..1: keep the latent outside the face mask at the source's during sampling")
+    sw.add_argument("--step-cache", type=float, default=0.0, help="skip barely-changing DiT evaluations (threshold; 0 = off)")
+    sw.add_argument("--batch-guidance", action="store_true", help="both guidance passes in one batch (more memory)")
+    sw.add_argument("--offload-blocks", type=int, default=0, help="keep N transformer blocks in CPU RAM (GPU only)")
+    sw.add_argument("--vae-tile", type=int, help="decode in spatial tiles of N latent pixels (8 px each)")
     sw.add_argument("--weight-dtype", default="bf16", choices=("fp32", "bf16", "fp16", "fp8_e4m3fn"))
     sw.add_argument("--attention", default="sdpa", choices=("sdpa", "flash", "sage"))
     sw.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

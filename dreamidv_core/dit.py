@@ -16,7 +16,7 @@ reference), the RoPE table, the PoseGuider tokens and (optionally) every block's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -166,6 +166,22 @@ class DreamIDVTransformer(nn.Module):
             self.ref_conv = CastConv2d(cfg.ref_dim, dim, kernel_size=cfg.patch_size[1:], stride=cfg.patch_size[1:])
         if cfg.has_pose:
             self.project_pose = PoseGuider(dim, cfg.pose_channels, cfg.pose_widths, cfg.patch_size)
+        self.block_offload = None  # speed.BlockOffload when some blocks live off the device
+
+    def streamed_blocks(self) -> Iterator[Tuple[int, DiTBlock]]:
+        """Yield (index, block) with the block's weights on the compute device: with block offload
+        (``speed.enable_block_offload``) each offloaded block is streamed in for the loop body only."""
+        off = self.block_offload
+        if off is None:
+            yield from enumerate(self.blocks)
+            return
+        off.begin()
+        for i, blk in enumerate(self.blocks):
+            off.fetch(i)
+            try:
+                yield i, blk
+            finally:
+                off.release(i)
 
     # ------------------------------------------------------------------ conditions (once per video)
     @torch.no_grad()
@@ -227,7 +243,7 @@ class DreamIDVTransformer(nn.Module):
         rope_grid = (grid[0] + 1, grid[1], grid[2]) if cfg.has_ref else grid
         rope = rope_table(rope_grid, cfg.head_dim, cfg.rope_theta, device)
         ctx = self.embed_context(context.to(device))
-        context_kv = [blk.cross_attn.context_kv(ctx) for blk in self.blocks]
+        context_kv = [blk.cross_attn.context_kv(ctx) for _, blk in self.streamed_blocks()]
         cond = DiTConditions(grid=grid, y=None if y is None else y.to(device, cd)[None], ref_tokens=ref_tokens,
                              rope=rope, context_kv=context_kv)
         if pose_tokens is not None:
@@ -241,7 +257,7 @@ class DreamIDVTransformer(nn.Module):
             full = torch.cat([pose_tokens.new_zeros(1, lr, cfg.dim), pose_tokens.reshape(1, lv, cfg.dim)], dim=1)
             full = full.to(device, cd)
             if cache_pose_kv:
-                cond.pose_kv = [blk.self_attn.pose_kv(full, rope) for blk in self.blocks]
+                cond.pose_kv = [blk.self_attn.pose_kv(full, rope) for _, blk in self.streamed_blocks()]
             else:
                 cond.pose_tokens = full
         return cond
@@ -291,16 +307,25 @@ class DreamIDVTransformer(nn.Module):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
         e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
-        h = tokens
-        for i, blk in enumerate(self.blocks):
+        cache = cond.extra.get("step_cache")  # speed.StepCache: may skip the blocks
+        if cache is None:
+            h = self.run_blocks(tokens, e0, cond)
+        else:
+            h = cache.run(self, tokens, e0, lr, cache.key(cond, refs), lambda x: self.run_blocks(x, e0, cond))
+        out = self.head(h[:, lr:], e)
+        return self.unpatchify(out, cond.grid)
+
+    def run_blocks(self, h: torch.Tensor, e0: torch.Tensor, cond: DiTConditions) -> torch.Tensor:
+        """tokens [B, L, C] (compute dtype), e0 [B, 6, C] float32 -> output of the last block [B, L, C] float32."""
+        cd, backend = self.compute_dtype, self.attention_backend
+        for i, blk in self.streamed_blocks():
             pose_kv = None
             if cond.pose_kv is not None:
                 pose_kv = cond.pose_kv[i]
             elif cond.pose_tokens is not None:
                 pose_kv = blk.self_attn.pose_kv(cond.pose_tokens, cond.rope)
             h = blk(h, e0, cond.rope, cond.context_kv[i], pose_kv, cd, backend)
-        out = self.head(h[:, lr:], e)
-        return self.unpatchify(out, cond.grid)
+        return h
 
     def unpatchify(self, x: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:
         """[B, F*h*w, out*pt*ph*pw] -> [B, out, F*pt, h*ph, w*pw]."""

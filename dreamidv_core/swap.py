@@ -1,14 +1,18 @@
-"""The DreamID-V face swap, following the released pipeline step by step.
+"""The DreamID-V face swap, following the released pipeline step by step, for clips of any length.
 
 video + mask + pose frames + reference photo + text context -> swapped frames.
 
-1. Take the first ``frame_num`` frames, floored to 4n+1; area-resize and centre-crop to multiples of 16.
+1. Take the whole clip (or its first ``frame_num`` frames): N >= 5 frames, padded at the end (last frame
+   repeated) to Np = 4n+1; area-resize and centre-crop to multiples of 16, chunk by chunk.
 2. VAE-encode the video ([-1, 1]), the mask video ([0, 1], *not* normalised) and the reference photo
-   (letterboxed in white onto the original frame size, then resized like the video, [-1, 1]).
-3. PoseGuider tokens from the pose video ([0, 1]) — once; text K/V, reference tokens, pose K/V — once.
-4. Seeded float32 noise [16, (F-1)/4+1, H/8, W/8]; flow-matching UniPC with shift; per step the
-   model runs with the reference and with a zeroed reference: ``pred = c + g * (c - u)``.
-5. VAE-decode; frames in [0, 1].
+   (letterboxed in white onto the original frame size, then resized like the video, [-1, 1]), streaming.
+3. PoseGuider tokens from the pose video ([0, 1]) — once, on the CPU; text K/V and reference tokens — once
+   for every window (:mod:`dreamidv_core.windows`).
+4. Seeded float32 noise [16, (Np-1)/4+1, H/8, W/8] for the whole clip; flow-matching UniPC with shift; per
+   step the model runs on every window of ``window`` frames (with the reference and with a zeroed
+   reference: ``pred = c + g * (c - u)``) and the windows' predictions are blended where they overlap.
+   A clip of at most one window is exactly the released single pass.
+5. VAE-decode, streaming, into N frames in [0, 1] (or a ``sink``).
 """
 from __future__ import annotations
 
@@ -19,8 +23,11 @@ import torch
 
 from .dit import DreamIDVTransformer
 from .errors import InputError
+from .speed import StepCache, attach_step_cache
 from .samplers import SAMPLERS, flow_sigmas, identity_guidance, sigma_to_timestep
-from .video_ops import prepare_frames, prepare_reference, to_uint8_frames, usable_frame_count
+from .video_ops import prepare_reference, to_uint8_frames
+from .windows import (FrameSource, WindowLayout, WindowedModel, check_window, clip_face_mask, clip_frame_count,
+                      clip_pose_tokens, decode_clip, encode_clip, plan_windows, preserve_background)
 
 Progress = Optional[Callable[[str, int, int], None]]
 Cancel = Optional[Callable[[], bool]]
@@ -32,21 +39,30 @@ class SwapSettings:
 
     width: int = 832
     height: int = 480
-    frame_num: int = 81
+    frame_num: Optional[int] = None  # None: the whole clip; an int keeps the first frame_num frames
     steps: int = 20
     shift: float = 5.0
     guidance: float = 4.0
     seed: int = 0
     sampler: str = "unipc"
     batch_guidance: bool = False  # both guidance passes in one batched forward (more memory, faster on GPU)
-    cache_pose_kv: Optional[bool] = None  # per-block pose K/V computed once; None: when memory allows
+    cache_pose_kv: Optional[bool] = None  # per-block pose K/V computed once; None: one window and memory allows
+    window: int = 81  # frames per window (4n+1); longer clips are sampled in overlapping windows
+    overlap: int = 16  # frames shared by neighbouring windows (a multiple of 4, < window)
+    background_strength: float = 0.0  # 0..1: pull the latent outside the face mask to the source at each step
+    step_cache: float = 0.0  # > 0: skip DiT evaluations whose input barely changed (TeaCache-like threshold)
+    vae_tile: Optional[int] = None  # VAE decode in spatial tiles of this many latent pixels (8 px each)
+    vae_tile_overlap: int = 8  # latent pixels shared by neighbouring tiles (blended)
 
 
 @dataclass
 class SwapResult:
-    frames: torch.Tensor  # [F, H, W, 3] float32 in [0, 1]
-    latent: torch.Tensor  # [16, F', H/8, W/8] float32
-    frames_used: int
+    frames: Optional[torch.Tensor]  # [N, H, W, 3] float32 in [0, 1] on the CPU (None when a sink took them)
+    latent: torch.Tensor  # [16, F', H/8, W/8] float32 (F' = latent frames of the padded clip)
+    frames_used: int  # N: frames swapped and returned
+    layout: Optional[WindowLayout] = None
+    evaluations: int = 0  # DiT forward calls (both guidance passes, every window)
+    skipped: int = 0  # of which the step cache skipped
 
 
 def _check_stream(frames, name: str, count: int, size):
@@ -82,71 +98,123 @@ def encode_reference(vae, reference, source_width: int, source_height: int, sett
     return vae.encode(ref.mul(2).sub(1)[None])
 
 
-def pose_tokens_for(dit: DreamIDVTransformer, pose, count: int, settings: SwapSettings) -> torch.Tensor:
-    """Pose frames -> PoseGuider tokens [1, L, C] (computed once per video)."""
-    return dit.pose_tokens(prepare_frames(pose, count, settings.width, settings.height, "pose")[None])
+def pose_tokens_for(dit: DreamIDVTransformer, pose, count: int, settings: SwapSettings,
+                    cancel: Cancel = None) -> torch.Tensor:
+    """The first ``count`` pose frames (padded to 4n+1 like the video) -> PoseGuider tokens [1, F' * hw, C]
+    on the CPU, computed once per video, one window piece at a time (:func:`windows.clip_pose_tokens`)."""
+    layout = plan_windows(count, settings.window, settings.overlap)
+    return clip_pose_tokens(dit, FrameSource(pose, count, settings.width, settings.height, "pose"), layout, cancel)
 
 
 @torch.no_grad()
 def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: torch.Tensor, pose=None,
               settings: SwapSettings = SwapSettings(), progress: Progress = None, cancel: Cancel = None,
-              pose_tokens: Optional[torch.Tensor] = None, ref_latent: Optional[torch.Tensor] = None) -> SwapResult:
-    """Swap the face in ``video`` for the identity in ``reference``.
+              pose_tokens: Optional[torch.Tensor] = None, ref_latent: Optional[torch.Tensor] = None,
+              sink: Optional[Callable[[torch.Tensor, int], None]] = None) -> SwapResult:
+    """Swap the face in ``video`` for the identity in ``reference``; returns exactly N frames.
 
-    video, mask, pose: frames [F, H, W, C] (uint8 or float in [0, 1]; mask may be [F, H, W]);
-    reference: [H, W, C]; context: umT5 context [L, 4096] of the prompt. ``pose`` is required by the
-    full model and ignored by the faster one (whose mask carries the pose). Precomputed
-    ``pose_tokens`` (:func:`pose_tokens_for`) and ``ref_latent`` (:func:`encode_reference`) replace
-    ``pose`` and ``reference``. ``vae`` is anything with ``encode(video [B,3,F,H,W] in [-1,1])`` and
-    ``decode(latent)`` on normalised Wan 2.1 latents. ``progress(stage, i, n)`` is called per stage and
-    per sampling step; ``cancel()`` returning True stops within one step.
+    video, mask, pose: frames [F, H, W, C] (uint8 or float in [0, 1]; mask may be [F, H, W]; anything with
+    ``len`` and slicing, read a chunk at a time); reference: [H, W, C]; context: umT5 context [L, 4096] of
+    the prompt. ``pose`` is required by the full model and ignored by the faster one (whose mask carries
+    the pose). Precomputed ``pose_tokens`` (:func:`pose_tokens_for` with the same N, window and overlap)
+    and ``ref_latent`` (:func:`encode_reference`) replace ``pose`` and ``reference``. ``vae`` is anything
+    with ``encode(video [B,3,F,H,W] in [-1,1])`` and ``decode(latent)`` on normalised Wan 2.1 latents; with
+    ``encode_iter`` / ``decode_iter`` too it streams (see :func:`windows.encode_clip`).
+    ``progress(stage, i, n)``: stages "encode", "sample" (per step), "window" (per window evaluation),
+    "decode". ``cancel()`` returning True stops before the next window evaluation (within one step).
+    ``sink(frames [k, H, W, 3] float32 CPU, start)`` receives the decoded frames instead of a returned tensor.
     """
     s = settings
     if s.sampler not in SAMPLERS:
         raise InputError(f"unknown sampler '{s.sampler}'; choose one of {', '.join(SAMPLERS)}")
+    check_window(s.window, s.overlap)
+    if not 0.0 <= s.background_strength <= 1.0:
+        raise InputError(f"background_strength must be in [0, 1], got {s.background_strength}")
     report = progress or (lambda stage, i, n: None)
-    count = usable_frame_count(len(video), s.frame_num)
+    count = clip_frame_count(len(video), s.frame_num)
+    layout = plan_windows(count, s.window, s.overlap)
     first = to_uint8_frames(video[:1], "video")[0]
     src_h, src_w = first.shape[:2]
-    _check_stream(mask, "mask", len(video), (src_h, src_w))
+    _check_stream(mask, "mask", count, (src_h, src_w))
     if dit.cfg.has_pose and pose_tokens is None:
         if pose is None:
             raise InputError("the full DreamID-V model needs a pose video (or load the faster checkpoint)")
-        _check_stream(pose, "pose", len(video), (src_h, src_w))
+        _check_stream(pose, "pose", count, (src_h, src_w))
     if ref_latent is None and reference is None:
         raise InputError("a reference image (or its latent) is required")
+    device = dit.patch_embedding.weight.device
 
     report("encode", 0, 3)
-    pixels = prepare_frames(video, count, s.width, s.height, "video")
-    video_latent = vae.encode(pixels.mul(2).sub(1)[None])[0]
-    del pixels
+    video_src = FrameSource(video, count, s.width, s.height, "video")
+    video_latent = encode_clip(vae, video_src, layout, lambda p: p.mul(2).sub(1), device, cancel)
     report("encode", 1, 3)
-    mask_latent = vae.encode(prepare_frames(mask, count, s.width, s.height, "mask")[None])[0]
+    mask_src = FrameSource(mask, count, s.width, s.height, "mask")
+    mask_latent = encode_clip(vae, mask_src, layout, lambda p: p, device, cancel)
     report("encode", 2, 3)
     if ref_latent is None:
         ref_latent = encode_reference(vae, reference, src_w, src_h, s)
     report("encode", 3, 3)
 
     if dit.cfg.has_pose and pose_tokens is None:
-        pose_tokens = pose_tokens_for(dit, pose, count, s)
+        pose_tokens = clip_pose_tokens(dit, FrameSource(pose, count, s.width, s.height, "pose"), layout, cancel)
     if not dit.cfg.has_pose:
         pose_tokens = None
+    total, h, w = video_latent.shape[1:]
+    if pose_tokens is not None and pose_tokens.shape[-2] % total:
+        raise InputError(f"pose tokens ({pose_tokens.shape[-2]}) were made for another clip: this one has {count} "
+                         f"frames (padded to {layout.frames}, {total} latent frames); compute them with "
+                         "pose_tokens_for and the same frame count, size, window and overlap")
     y = torch.cat([video_latent, mask_latent])
+    del mask_latent
     ref_latent = ref_latent.reshape(1, *ref_latent.shape[-4:]).to(y.device)
     refs = torch.cat([ref_latent, torch.zeros_like(ref_latent)]) if s.guidance != 0 else ref_latent
-    cache_kv = s.cache_pose_kv if s.cache_pose_kv is not None else dit.should_cache_pose_kv(tuple(y.shape[1:]))
-    cond = dit.prepare(context, y, refs, pose_tokens, cache_pose_kv=cache_kv)
+    if layout.count == 1:  # the released single pass
+        cache_kv = s.cache_pose_kv if s.cache_pose_kv is not None else dit.should_cache_pose_kv(tuple(y.shape[1:]))
+        shared = dit.prepare(context, y, refs, pose_tokens, cache_pose_kv=cache_kv)
+        model = WindowedModel(dit, shared, layout, y, None, s.guidance, s.batch_guidance,
+                              progress=report, cancel=cancel)
+        model._cache[0] = shared
+    else:
+        # several windows: caching every window's pose K/V would make memory grow with the clip for ~2%
+        # of compute, so "auto" recomputes them per evaluation (True caches them all anyway)
+        cache_kv = bool(s.cache_pose_kv)
+        shared = dit.prepare(context, y[:, :layout.latent_window], refs, None)
+        model = WindowedModel(dit, shared, layout, y, pose_tokens, s.guidance, s.batch_guidance,
+                              cache_pose_kv=cache_kv, progress=report, cancel=cancel)
 
-    device = dit.patch_embedding.weight.device
+    step_cache = StepCache(s.step_cache, steps=s.steps) if s.step_cache > 0 else None
+    if step_cache is not None:
+        attach_step_cache(shared, step_cache)  # every window and guidance pass keeps its own state
+    windowed = model
+
     generator = torch.Generator(device=device).manual_seed(s.seed)
     noise = torch.randn(video_latent.shape, generator=generator, dtype=torch.float32, device=device)
+    if s.background_strength > 0:
+        face = clip_face_mask(mask_src, layout).to(device)
+        keep = (s.background_strength * (1 - face))[None, None]
+        model = preserve_background(model, video_latent[None].to(device), keep)
     sigmas = flow_sigmas(s.steps, shift=s.shift)
-    model = make_guided_model(dit, cond, s.guidance, s.batch_guidance)
     latent = SAMPLERS[s.sampler](model, noise[None], sigmas,
                                  callback=lambda i, n, x: report("sample", i + 1, n), cancel=cancel)[0]
-    del cond
+    evaluations, skipped = _evaluation_counts(windowed, s.batch_guidance, step_cache)
+    del model, windowed, shared, y, noise, video_latent
+
     report("decode", 0, 1)
-    frames = vae.decode(latent[None])[0]
+    out = None
+    if sink is None:
+        out = torch.empty(count, *video_src.size, 3, dtype=torch.float32)
+
+        def sink(frames: torch.Tensor, start: int) -> None:
+            out[start:start + frames.shape[0]] = frames
+
+    tiles = {} if not s.vae_tile else {"tile": s.vae_tile, "overlap": s.vae_tile_overlap}
+    decode_clip(vae, latent, layout, count, sink, cancel, **tiles)
     report("decode", 1, 1)
-    frames = frames.add_(1).div_(2).clamp_(0, 1).permute(1, 2, 3, 0).contiguous()
-    return SwapResult(frames=frames, latent=latent, frames_used=count)
+    return SwapResult(frames=out, latent=latent, frames_used=count, layout=layout, evaluations=evaluations,
+                      skipped=skipped)
+
+
+def _evaluation_counts(windowed: WindowedModel, batch: bool, step_cache: Optional[StepCache]):
+    if step_cache is not None:
+        return step_cache.evaluations, step_cache.skipped
+    return windowed.evaluations * (1 if batch else 2), 0

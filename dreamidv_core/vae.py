@@ -8,7 +8,9 @@ The chunked passes (:meth:`WanVAE.encode_iter`, :meth:`WanVAE.decode_iter`, and 
 and then 4 frames at a time, the decoder one latent frame at a time, each carrying the causal
 temporal cache to the next chunk, so peak memory does not grow with the clip length. The
 ``*_oneshot`` methods run the whole clip through the network at once; they give the same result and
-serve as an independent reference.
+serve as an independent reference. ``decode``/``decode_iter`` also take spatial tiles (``tile=``,
+``overlap=``, ``'auto'`` with ``max_bytes``; see :mod:`dreamidv_core.vae_tiling` for the blend and
+the memory model, and :func:`decode_peak_bytes` for the estimate).
 
 Weights: :func:`load_wan_vae` reads the official ``Wan2.1_VAE.pth`` and ComfyUI's
 ``wan_2.1_vae.safetensors``. Both use the same tensor names (ComfyUI's ``comfy/ldm/wan/vae.py``
@@ -26,9 +28,11 @@ from torch import nn
 from .errors import CheckpointError, InputError
 from .state_dict_io import read_state_dict
 from .vae_blocks import CausalConv3d, Decoder3d, Encoder3d, TemporalCache
+from .vae_tiling import (DEFAULT_OVERLAP, TileGrid, TileSpec, choose_tile, decode_peak_bytes, make_grid,
+                         parse_tile)
 
 __all__ = ["WanVAEConfig", "WAN21_VAE_CONFIG", "TINY_VAE_CONFIG", "LATENT_MEAN", "LATENT_STD",
-           "WanVAE", "load_wan_vae", "is_wan_vae_state_dict"]
+           "WanVAE", "load_wan_vae", "is_wan_vae_state_dict", "decode_peak_bytes", "choose_tile"]
 
 # Per-channel statistics of Wan 2.1 latents (official ``wan/modules/vae.py``).
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -190,36 +194,117 @@ class WanVAE(nn.Module):
         z = latent.to(self.device, torch.float32) / inv_std + mean
         return self.conv2(z.to(self.dtype))
 
+    def _tiling(self, latent: torch.Tensor, tile: TileSpec, overlap: int, max_bytes: Optional[int],
+                streaming: bool, offload_caches: bool) -> Optional[TileGrid]:
+        """Resolve a tile spec (``'auto'`` included) into a :class:`TileGrid`; None = untiled."""
+        self._check_latent(latent)
+        if isinstance(tile, str):
+            if tile != "auto":
+                raise InputError(f"tile must be None, 'auto', an int or (height, width), got {tile!r}")
+            parse_tile(None, overlap)  # validates the overlap
+            if max_bytes is None:
+                if self.device.type != "cuda":
+                    raise InputError("tile='auto' needs max_bytes (the memory the decode may use) "
+                                     "on a device other than CUDA")
+                max_bytes = int(0.9 * torch.cuda.mem_get_info(self.device)[0])
+            parsed = choose_tile(latent.shape, max_bytes, overlap, config=self.config, dtype=self.dtype,
+                                 streaming=streaming, offload_caches=offload_caches)
+        else:
+            parsed = parse_tile(tile, overlap)
+        h, w = latent.shape[-2:]
+        if parsed is None or (parsed[0] >= h and parsed[1] >= w):
+            return None
+        return make_grid(h, w, parsed, overlap)
+
     @torch.no_grad()
-    def decode_iter(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode_iter(self, latent: torch.Tensor, tile: TileSpec = None, overlap: int = DEFAULT_OVERLAP,
+                    max_bytes: Optional[int] = None, offload_caches: bool = False) -> Iterator[torch.Tensor]:
         """Stream-decode normalised latents ``[B, 16, T, h, w]``.
 
         Yields the video in chunks, float32 in [-1, 1]: ``[B, 3, 1, 8h, 8w]`` for latent frame 0, then
         ``[B, 3, 4, 8h, 8w]`` per further latent frame (``1 + 4(T-1)`` frames in all). Only one
         chunk's activations and the temporal cache are alive at a time.
+
+        Spatial tiles (see :mod:`dreamidv_core.vae_tiling`): ``tile`` None (off), an int or
+        ``(height, width)`` in latent pixels, or ``'auto'`` (the largest tile whose estimated peak,
+        :func:`decode_peak_bytes`, fits ``max_bytes``; on CUDA ``max_bytes`` defaults to 90 % of the
+        free memory); ``overlap`` in latent pixels. Per latent frame the tiles are decoded one after
+        another, each with its own temporal cache, and blended with raised-cosine ramps. Every
+        tile's cache stays alive between latent frames (together they cover the whole frame:
+        ``offload_caches=True`` keeps the idle ones in CPU memory). A tile at least as large as the
+        latent decodes untiled.
         """
+        grid = self._tiling(latent, tile, overlap, max_bytes, True, offload_caches)
         x = self._decoder_input(latent)
-        cache = TemporalCache()
-        for t in range(x.shape[2]):
-            yield self.decoder(x[:, :, t:t + 1], cache).float().clamp_(-1.0, 1.0)
+        if grid is None:
+            cache = TemporalCache()
+            for t in range(x.shape[2]):
+                yield self.decoder(x[:, :, t:t + 1], cache).float().clamp_(-1.0, 1.0)
+            return
+        tiles, weights = grid.tiles(), grid.weights(self.device)
+        caches = [TemporalCache() for _ in tiles]
+        park = torch.device("cpu") if offload_caches and self.device.type != "cpu" else None
+        b, _, frames, h, w = x.shape
+        for t in range(frames):
+            out = None
+            for (rows, cols), weight, cache in zip(tiles, weights, caches):
+                if park is not None:
+                    _move_cache(cache, self.device)
+                y = self.decoder(x[:, :, t:t + 1, rows, cols], cache)
+                if park is not None:
+                    _move_cache(cache, park)
+                if out is None:
+                    out = torch.zeros(b, 3, y.shape[2], h * SPATIAL_STRIDE, w * SPATIAL_STRIDE,
+                                      dtype=torch.float32, device=self.device)
+                out[..., _video(rows), _video(cols)] += y.float() * weight
+                del y
+            yield out.clamp_(-1.0, 1.0)
 
     @torch.no_grad()
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Normalised latent ``[B, 16, T, h, w]`` -> video ``[B, 3, 1 + 4(T-1), 8h, 8w]``, float32 in [-1, 1]."""
+    def decode(self, latent: torch.Tensor, tile: TileSpec = None, overlap: int = DEFAULT_OVERLAP,
+               max_bytes: Optional[int] = None) -> torch.Tensor:
+        """Normalised latent ``[B, 16, T, h, w]`` -> video ``[B, 3, 1 + 4(T-1), 8h, 8w]``, float32 in [-1, 1].
+
+        ``tile``, ``overlap``, ``max_bytes`` as for :meth:`decode_iter`, with the same result; tiles
+        are decoded tile-major here (all frames of one tile, then the next), so only one tile's
+        temporal cache is alive at any time.
+        """
         self._check_latent(latent)
         b, _, t, h, w = latent.shape
-        out = torch.empty(b, 3, 1 + TEMPORAL_STRIDE * (t - 1), h * SPATIAL_STRIDE, w * SPATIAL_STRIDE,
+        out = torch.zeros(b, 3, 1 + TEMPORAL_STRIDE * (t - 1), h * SPATIAL_STRIDE, w * SPATIAL_STRIDE,
                           dtype=torch.float32, device=self.device)
-        start = 0
-        for chunk in self.decode_iter(latent):
-            out[:, :, start:start + chunk.shape[2]] = chunk
-            start += chunk.shape[2]
-        return out
+        grid = self._tiling(latent, tile, overlap, max_bytes, False, False)
+        if grid is None:
+            start = 0
+            for chunk in self.decode_iter(latent):
+                out[:, :, start:start + chunk.shape[2]] = chunk
+                start += chunk.shape[2]
+            return out
+        x = self._decoder_input(latent)
+        for (rows, cols), weight in zip(grid.tiles(), grid.weights(self.device)):
+            cache, start = TemporalCache(), 0
+            for i in range(t):
+                y = self.decoder(x[:, :, i:i + 1, rows, cols], cache)
+                out[:, :, start:start + y.shape[2], _video(rows), _video(cols)] += y.float() * weight
+                start += y.shape[2]
+                del y
+        return out.clamp_(-1.0, 1.0)
 
     @torch.no_grad()
     def decode_oneshot(self, latent: torch.Tensor) -> torch.Tensor:
         """As :meth:`decode`, but all latent frames pass through the network at once (no cache)."""
         return self.decoder(self._decoder_input(latent)).float().clamp_(-1.0, 1.0)
+
+
+def _video(latent_slice: slice) -> slice:
+    """Latent-pixel slice -> the video-pixel slice it decodes to."""
+    return slice(latent_slice.start * SPATIAL_STRIDE, latent_slice.stop * SPATIAL_STRIDE)
+
+
+def _move_cache(cache: TemporalCache, device: torch.device) -> None:
+    """Move a tile's cached tails to ``device`` (to park an idle tile's cache off the accelerator)."""
+    for key, value in cache.tails.items():
+        cache.tails[key] = value.to(device)
 
 
 # ---------------------------------------------------------------------- weight files

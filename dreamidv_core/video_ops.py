@@ -1,6 +1,5 @@
 """Frame preparation exactly as the reference pipeline does it.
 
-* frame count: the first ``frame_num`` frames, floored to 4n+1;
 * area resize: scale so that H*W is at most ``width*height`` of the requested size (downscale only,
   PIL bicubic), sizes rounded with Python's ``round``;
 * centre crop to multiples of 16 (offsets rounded with Python's ``round``, as torchvision does);
@@ -22,17 +21,6 @@ from PIL import Image, ImageOps
 from .errors import InputError
 
 CROP_MULTIPLE = 16  # VAE stride 8 x patch 2
-MIN_FRAMES = 5
-
-
-def usable_frame_count(available: int, frame_num: int = 81) -> int:
-    """Frames the model will see: min(available, frame_num) floored to 4n+1 (at least 5)."""
-    if frame_num < MIN_FRAMES:
-        raise InputError(f"frame_num must be at least {MIN_FRAMES}, got {frame_num}")
-    n = min(available, frame_num)
-    if n < MIN_FRAMES:
-        raise InputError(f"the video has {available} frames; DreamID-V needs at least {MIN_FRAMES}")
-    return (n - 1) // 4 * 4 + 1
 
 
 def resized_size(height: int, width: int, max_width: int, max_height: int) -> Tuple[int, int]:

@@ -20,7 +20,8 @@ from dreamidv_core.errors import InputError
 from dreamidv_core.geometry import paste_back, source_crop_box
 from dreamidv_core.samplers import SAMPLERS
 from dreamidv_core.swap import SwapSettings, encode_reference, pose_tokens_for, swap_face
-from dreamidv_core.video_ops import output_size, usable_frame_count
+from dreamidv_core.video_ops import output_size
+from dreamidv_core.windows import check_window, clip_frame_count
 
 from . import common
 
@@ -37,9 +38,14 @@ def _geometry_inputs():
                              "released setting; 1280x720 for more detail."),
         io.Int.Input("height", default=480, min=16, max=MAX_SIZE, step=16,
                      tooltip="Area height (see width)."),
-        io.Int.Input("frame_num", default=81, min=5, max=10001, step=1,
-                     tooltip="Frames to swap from the start of the video (at most); floored to 4n+1. 81 is the "
-                             "released setting."),
+        io.Int.Input("frame_num", default=0, min=0, max=100000, step=1,
+                     tooltip="0: swap the whole clip. Otherwise swap only the first frame_num frames (at least 5)."),
+        io.Int.Input("window", default=81, min=5, max=1001, step=4,
+                     tooltip="Frames the model sees at once (4n+1; the released model was trained on 81). Longer "
+                             "clips are sampled in overlapping windows blended at every step (no seams)."),
+        io.Int.Input("overlap", default=16, min=0, max=1000, step=4,
+                     tooltip="Frames shared by neighbouring windows (a multiple of 4, smaller than window). More "
+                             "overlap: smoother identity across windows, more compute."),
     ]
 
 
@@ -79,22 +85,24 @@ class DreamIDVPoseGuider(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, pose_video, width=832, height=480, frame_num=81) -> io.NodeOutput:
+    def execute(cls, model, pose_video, width=832, height=480, frame_num=0, window=81, overlap=16) -> io.NodeOutput:
         _check_model(model)
         if not model.dit.cfg.has_pose:
             raise InputError(f"model: {model.name} is the faster DreamID-V variant, which has no pose branch; "
                              "connect the mask straight to the sampler and leave pose_tokens empty")
         pose = rgb_frames(pose_video, "pose_video")
-        count = usable_frame_count(pose.shape[0], frame_num)
-        settings = SwapSettings(width=width, height=height, frame_num=frame_num)
+        settings = SwapSettings(width=width, height=height, frame_num=frame_num or None, window=window,
+                                overlap=overlap)
+        check_window(window, overlap)
+        count = clip_frame_count(pose.shape[0], settings.frame_num)
         oh, ow = output_size(pose.shape[1], pose.shape[2], width, height)
-        model.load(memory_estimate(model.dit, count, oh, ow, cache_pose_kv=False))
+        model.load(memory_estimate(model.dit, min(count, window), oh, ow, cache_pose_kv=False))
         try:
-            tokens = pose_tokens_for(model.dit, pose, count, settings).to("cpu")
+            tokens = pose_tokens_for(model.dit, pose, count, settings, cancel=common.cancel_hook()).to("cpu")
         finally:
             model.release()
         return io.NodeOutput(PoseTokenSet(tokens=tokens, frames=count, source_size=(pose.shape[2], pose.shape[1]),
-                                          area=(width, height), model_key=model.key))
+                                          area=(width, height), model_key=model.key, window=(window, overlap)))
 
 
 def conditioning_context(positive, text_dim: int) -> torch.Tensor:
@@ -140,6 +148,20 @@ class DreamIDVSampler(io.ComfyNode):
                 io.Boolean.Input("batch_guidance", default=False,
                                  tooltip="Run both guidance passes as one batch: faster on a large GPU, uses more "
                                          "memory."),
+                io.Float.Input("background_strength", default=0.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Pull the latent outside the face mask back to the source video at every "
+                                       "step (1: the background stays the source's; 0: off). A cheap complement "
+                                       "to the SAM2 composite."),
+                io.Float.Input("step_cache", default=0.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="Skip DiT evaluations whose input barely changed since the last computed "
+                                       "one (TeaCache-like; 0 = off). Faster, slightly less faithful; calibrate "
+                                       "the threshold on your clips (see benchmarks/bench_long.py)."),
+                io.Int.Input("vae_tile", default=0, min=0, max=512, step=8,
+                             tooltip="Decode in spatial tiles of this many latent pixels (x8 image pixels; e.g. "
+                                     "40 = 320 px) so decoding 720p never needs more memory than sampling. "
+                                     "0 = no tiles."),
+                io.Int.Input("vae_tile_overlap", default=8, min=0, max=256, step=1,
+                             tooltip="Latent pixels neighbouring tiles share and blend (smaller than vae_tile)."),
                 common.PoseTokens.Input("pose_tokens", optional=True,
                                         tooltip="From DreamIDVPoseGuider; required by the full model, ignored by "
                                                 "the faster one."),
@@ -156,8 +178,9 @@ class DreamIDVSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, vae, positive, identity, video, mask, width=832, height=480, frame_num=81, steps=20,
-                shift=5.0, identity_guidance=4.0, seed=0, sampler="unipc", batch_guidance=False,
+    def execute(cls, model, vae, positive, identity, video, mask, width=832, height=480, frame_num=0, window=81,
+                overlap=16, steps=20, shift=5.0, identity_guidance=4.0, seed=0, sampler="unipc",
+                batch_guidance=False, background_strength=0.0, step_cache=0.0, vae_tile=0, vae_tile_overlap=8,
                 pose_tokens=None) -> io.NodeOutput:
         _check_model(model)
         dit = model.dit
@@ -172,22 +195,25 @@ class DreamIDVSampler(io.ComfyNode):
                 mask.shape[2], mask.shape[1], video.shape[2], video.shape[1]))
         if not hasattr(identity, "latent_for") or not hasattr(identity, "image"):
             raise InputError(f"identity: expected the output of the DreamID-V identity node, got {type(identity).__name__}")
-        count = usable_frame_count(video.shape[0], frame_num)
+        check_window(window, overlap)
+        count = clip_frame_count(video.shape[0], frame_num or None)
         src_h, src_w = video.shape[1:3]
-        settings = SwapSettings(width=width, height=height, frame_num=frame_num, steps=steps, shift=shift,
-                                guidance=identity_guidance, seed=seed, sampler=sampler, batch_guidance=batch_guidance)
+        settings = SwapSettings(width=width, height=height, frame_num=frame_num or None, steps=steps, shift=shift,
+                                guidance=identity_guidance, seed=seed, sampler=sampler, batch_guidance=batch_guidance,
+                                window=window, overlap=overlap, background_strength=background_strength,
+                                step_cache=step_cache, vae_tile=vae_tile or None, vae_tile_overlap=vae_tile_overlap)
         tokens = None
         if dit.cfg.has_pose:
             if pose_tokens is None:
                 raise InputError(f"pose_tokens: {model.name} is the full DreamID-V model and needs pose tokens; "
                                  "connect DreamIDVPoseGuider (or load the faster checkpoint)")
-            pose_tokens.check(count, (src_w, src_h), (width, height), model.key)
+            pose_tokens.check(count, (src_w, src_h), (width, height), model.key, (window, overlap))
             tokens = pose_tokens.tokens
         elif pose_tokens is not None:
             log.info("DreamID-V: %s is the faster variant; pose tokens are ignored", model.name)
 
         oh, ow = output_size(src_h, src_w, width, height)
-        need = memory_estimate(dit, count, oh, ow, 2 if batch_guidance else 1)
+        need = memory_estimate(dit, min(count, window), oh, ow, 2 if batch_guidance else 1)
         adapter = PixelSpaceVAE(vae, after_encode=lambda: model.load(need))
         ref_latent = identity.latent_for(src_w, src_h, width, height)
         if ref_latent is None:
@@ -199,6 +225,8 @@ class DreamIDVSampler(io.ComfyNode):
                                pose_tokens=tokens, ref_latent=ref_latent)
         finally:
             model.release()
+        if step_cache > 0:
+            log.info("DreamID-V: step cache skipped %d of %d DiT evaluations", result.skipped, result.evaluations)
         frames = result.frames.to(mm.intermediate_device(), torch.float32)
         box = source_crop_box(src_h, src_w, width, height)
         in_source = paste_back(video[:result.frames_used].to(frames.device), frames, box)

@@ -428,3 +428,27 @@ def test_comfy_umt5_tokenizer_pads_to_512_after_eos(comfy, spm_bytes):
     ours = UMT5Tokenizer(spm_bytes=spm_bytes, source="test").encode("chang face")
     assert len(tokens) == 1 and len(ids) == 512
     assert ids[:len(ours)] == ours and ours[-1] == 1 and set(ids[len(ours):]) == {0}
+
+
+def test_sampler_swaps_a_clip_longer_than_one_window(pack, models, tiny_vaes):
+    full, _ = models
+    vae = tiny_vaes[1]
+    video, mask = clip(frames=15, seed=4)  # window 9 / overlap 4 -> 3 windows over 17 padded frames
+    pose = pose_for(pack, full, video=clip(frames=15, seed=5)[0], frame_num=0, window=9, overlap=4)
+    assert pose.frames == 15 and pose.window == (9, 4)
+    frames, in_source, count = run(pack, full, vae, pose, video, mask, frame_num=0, window=9, overlap=4,
+                                   background_strength=0.5, step_cache=0.2)
+    assert count == 15 and frames.shape == (15, 32, 48, 3) and in_source.shape == (15, H_SRC, W_SRC, 3)
+    # tokens made for other windows are refused with a message naming the mismatch
+    with pytest.raises(InputError, match="window 9 / overlap 4"):
+        run(pack, full, vae, pose, video, mask, frame_num=0, window=13, overlap=4)
+
+
+def test_loader_block_offload_option(model_dirs, loader):
+    write_dit(model_dirs["diffusion_models"], "dreamidv.safetensors", "full")
+    handle = loader.DreamIDVModelLoader.execute("dreamidv.safetensors", "fp32", "sdpa", "cpu", 2).result[0]
+    assert handle.offload_blocks == 2
+    again = loader.DreamIDVModelLoader.execute("dreamidv.safetensors", "fp32", "sdpa", "cpu", 0).result[0]
+    assert again is not handle  # a different option is a different cached model
+    with pytest.raises(InputError, match="has 2 blocks"):
+        loader.DreamIDVModelLoader.execute("dreamidv.safetensors", "fp32", "sdpa", "cpu", 5)

@@ -10,17 +10,21 @@ from dreamidv_core.errors import Cancelled, InputError
 from dreamidv_core.swap import SwapSettings, swap_face
 from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
 from dreamidv_core.video_ops import (letterbox_reference, output_size, prepare_frames, prepare_reference,
-                                     resized_size, usable_frame_count)
+                                     resized_size)
+from dreamidv_core.windows import clip_frame_count, padded_frame_count
 
 
-@pytest.mark.parametrize("available,frame_num,expected", [(100, 81, 81), (80, 81, 77), (5, 81, 5), (9, 8, 5), (23, 81, 21)])
-def test_frame_count_is_floored_to_4n_plus_1(available, frame_num, expected):
-    assert usable_frame_count(available, frame_num) == expected
+@pytest.mark.parametrize("available,frame_num,expected,padded", [
+    (100, None, 100, 101), (80, 81, 80, 81), (5, None, 5, 5), (9, 8, 8, 9), (23, 81, 23, 25), (200, 81, 81, 81)])
+def test_frame_count_keeps_every_frame_and_pads_to_4n_plus_1(available, frame_num, expected, padded):
+    # the whole clip (or its first frame_num frames) is swapped; the model sees it padded to 4n+1
+    assert clip_frame_count(available, frame_num) == expected
+    assert padded_frame_count(expected) == padded
 
 
 def test_too_few_frames_is_a_clear_error():
     with pytest.raises(InputError, match="at least 5"):
-        usable_frame_count(4)
+        clip_frame_count(4)
 
 
 @pytest.mark.parametrize("h,w,expected_resize,expected_out", [
@@ -95,10 +99,11 @@ def test_tiny_swap_respects_frame_count_and_size_and_is_deterministic(models):
     a = do_swap(models, seed=3)
     b = do_swap(models, seed=3)
     c = do_swap(models, seed=4)
-    # 11 frames -> 9 (4n+1); 40x56 at a 48*32 area -> scale sqrt(1536/2240): 33x46 -> crop 32x32
-    assert a.frames_used == 9
-    assert a.frames.shape == (9, 32, 32, 3)
-    assert a.latent.shape == (16, 3, 4, 4)
+    # 11 frames, padded to 13 (4n+1) for the model, cropped back to 11;
+    # 40x56 at a 48*32 area -> scale sqrt(1536/2240): 33x46 -> crop 32x32
+    assert a.frames_used == 11
+    assert a.frames.shape == (11, 32, 32, 3)
+    assert a.latent.shape == (16, 4, 4, 4)
     assert 0 <= a.frames.min() and a.frames.max() <= 1
     assert torch.equal(a.frames, b.frames)
     assert not torch.equal(a.frames, c.frames)

@@ -11,8 +11,9 @@ import torch
 
 from dreamidv_core.errors import CheckpointError, InputError
 from dreamidv_core.state_dict_io import save_safetensors
-from dreamidv_core.vae import (TINY_VAE_CONFIG, WAN21_VAE_CONFIG, WanVAE, is_wan_vae_state_dict,
-                               load_wan_vae)
+from dreamidv_core.vae import (TINY_VAE_CONFIG, WAN21_VAE_CONFIG, WanVAE, choose_tile, decode_peak_bytes,
+                               is_wan_vae_state_dict, load_wan_vae)
+from dreamidv_core.vae_tiling import cache_floats_per_pixel, make_grid, tile_spans
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ATOL = 2e-5  # fp32, outputs of magnitude ~1
@@ -258,3 +259,158 @@ def test_wrong_shapes_raise_checkpoint_error(tmp_path, tiny_vae):
     with pytest.raises(CheckpointError, match=r"bad_shape\.pth: tensor shapes differ.*conv2\.weight "
                                               r"\(16, 16, 3, 1, 1\) \(expected \(16, 16, 1, 1, 1\)\)"):
         load_wan_vae(path, config=TINY_VAE_CONFIG)
+
+
+# ---------------------------------------------------------------- spatial tiles
+
+@pytest.fixture(scope="module")
+def tile_case(tiny_vae):
+    """A 2-latent-frame 12x20 latent (96x160 video) and its untiled decode."""
+    torch.manual_seed(3)
+    latent = torch.randn(1, 16, 2, 12, 20)
+    return latent, tiny_vae.decode(latent)
+
+
+@pytest.mark.parametrize("tile,overlap,max_err", [
+    ((12, 12), 6, 0.02),   # 3 column tiles, 12 does not divide 20
+    ((8, 11), 4, 0.15),    # 2 x 3 tiles, neither size divides
+    (7, 3, 0.3),           # small tiles, 3 deep overlaps in width
+])
+def test_tiled_decode_matches_untiled(tiny_vae, tile_case, tile, overlap, max_err):
+    latent, reference = tile_case
+    tiled = tiny_vae.decode(latent, tile=tile, overlap=overlap)
+    streamed = list(tiny_vae.decode_iter(latent, tile=tile, overlap=overlap))
+    assert [c.shape for c in streamed] == [(1, 3, 1, 96, 160), (1, 3, 4, 96, 160)]
+    assert torch.equal(torch.cat(streamed, dim=2), tiled)  # tile-major == time-major, bit for bit
+    err = (tiled - reference).abs()
+    # not exact (tiles see zero padding and per-tile attention), but close, and mostly very close
+    assert err.max() < max_err, err.max()
+    assert err.mean() < 0.01, err.mean()
+
+
+def test_tile_at_least_latent_size_is_untiled(tiny_vae, tile_case):
+    latent, reference = tile_case
+    for tile in [(12, 20), 20, (50, 64)]:
+        assert torch.equal(tiny_vae.decode(latent, tile=tile), reference)
+    assert torch.equal(torch.cat(list(tiny_vae.decode_iter(latent, tile=64, overlap=4)), 2), reference)
+
+
+def _seam_ratio(out, reference, columns):
+    """Worst horizontal-gradient error at ``columns`` relative to the mean reference gradient."""
+    diff = (out[..., 1:] - out[..., :-1]) - (reference[..., 1:] - reference[..., :-1])
+    scale = (reference[..., 1:] - reference[..., :-1]).abs().mean()
+    return max(diff[..., c - 1].abs().mean() for c in columns) / scale
+
+
+def test_no_seam_at_tile_borders(tiny_vae, tile_case):
+    latent, reference = tile_case
+    blended = make_grid(12, 20, (12, 10), 4)  # columns (0, 10), (5, 15), (10, 20)
+    edges = sorted({8 * a for a, _ in blended.cols[1:]} | {8 * b for _, b in blended.cols[:-1]})
+    smooth = _seam_ratio(tiny_vae.decode(latent, tile=(12, 10), overlap=4), reference, edges)
+    # control: abutting tiles without overlap show the seam the test must catch
+    hard = _seam_ratio(tiny_vae.decode(latent, tile=(12, 10), overlap=0), reference, [80])
+    assert hard > 0.3, hard
+    assert smooth < 0.05 * hard, (smooth, hard)
+
+
+def test_blend_weights_sum_to_one():
+    for size, tile, overlap in [(20, 12, 6), (33, 8, 3), (40, 40, 8), (73, 40, 8), (90, 16, 8), (21, 7, 0)]:
+        spans = tile_spans(size, tile, overlap)
+        assert spans[0][0] == 0 and spans[-1][1] == size
+        assert all(b - a == min(tile, size) for a, b in spans)
+        assert all(spans[i + 1][0] <= spans[i][1] - overlap for i in range(len(spans) - 1))
+    grid = make_grid(33, 20, (8, 7), 3)  # 3-deep overlaps along the width
+    total = torch.zeros(1, 1, 1, 33 * 8, 20 * 8, dtype=torch.float64)
+    for (rows, cols), w in zip(grid.tiles(), grid.weights("cpu", torch.float64)):
+        assert w.min() >= 0
+        total[..., rows.start * 8:rows.stop * 8, cols.start * 8:cols.stop * 8] += w
+    torch.testing.assert_close(total, torch.ones_like(total))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tile=0), "tile size"), (dict(tile=(8, -1)), "tile size"), (dict(tile="big"), "tile must be"),
+    (dict(tile=(8,)), "tile must be"), (dict(tile=2.5), "tile must be"), (dict(tile=8, overlap=-1), "overlap"),
+    (dict(tile=8, overlap=8), "smaller than the tile"), (dict(tile=(16, 6), overlap=6), "smaller than the tile"),
+    (dict(tile=8, overlap=1.5), "overlap"), (dict(tile="auto"), "max_bytes"),
+    (dict(tile="auto", max_bytes=1000), "cannot fit"),
+])
+def test_bad_tiles_raise_input_error(tiny_vae, kwargs, match):
+    latent = torch.zeros(1, 16, 1, 24, 24)
+    with pytest.raises(InputError, match=match):
+        tiny_vae.decode(latent, **kwargs)
+    with pytest.raises(InputError, match=match):
+        next(tiny_vae.decode_iter(latent, **kwargs))
+
+
+def test_peak_estimate_and_auto_tiles(tiny_vae, tile_case):
+    # the cache size is exact: 24.63 x dim values per video pixel for the released decoder
+    assert cache_floats_per_pixel(WAN21_VAE_CONFIG) == pytest.approx(2364.5)
+    shape = (1, 16, 21, 90, 160)  # 81 frames at 1280x720
+    full = decode_peak_bytes(shape, None, dtype=torch.bfloat16)
+    tiled = decode_peak_bytes(shape, 40, 8, dtype=torch.bfloat16)
+    offloaded = decode_peak_bytes(shape, 40, 8, dtype=torch.bfloat16, offload_caches=True)
+    assert offloaded < 0.3 * full and offloaded < tiled < full, (full, tiled, offloaded)
+    assert decode_peak_bytes(shape, 40, 8, streaming=False) < decode_peak_bytes(shape, None, streaming=False)
+    assert choose_tile(shape, full, dtype=torch.bfloat16) is None
+    tile = choose_tile(shape, (full + tiled) // 2, dtype=torch.bfloat16)
+    assert tile is not None and decode_peak_bytes(shape, tile, 8, dtype=torch.bfloat16) <= (full + tiled) // 2
+    # 'auto' decodes with the tile choose_tile picks for the VAE's own config and dtype
+    latent, reference = tile_case
+    small = decode_peak_bytes(latent.shape, (8, 12), 4, config=TINY_VAE_CONFIG, streaming=False)
+    auto = choose_tile(latent.shape, small, 4, config=TINY_VAE_CONFIG, streaming=False)
+    assert auto is not None and auto[0] < 12
+    torch.testing.assert_close(tiny_vae.decode(latent, tile="auto", overlap=4, max_bytes=small),
+                               tiny_vae.decode(latent, tile=auto, overlap=4), atol=0, rtol=0)
+
+
+_TILED_MEMORY_PROBE = textwrap.dedent("""
+    import json, torch
+    from dreamidv_core.vae import WanVAE, TINY_VAE_CONFIG, decode_peak_bytes
+
+    def reset_peak():
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+
+    def status_mb(field):
+        with open("/proc/self/status") as fh:
+            return next(int(l.split()[1]) for l in fh if l.startswith(field)) / 1024
+
+    torch.manual_seed(0)
+    vae = WanVAE(TINY_VAE_CONFIG).eval()
+    latent = torch.randn(1, 16, 2, 24, 24)  # 192x192 video
+
+    def growth(run):
+        reset_peak()
+        base = status_mb("VmRSS")
+        run()
+        return status_mb("VmHWM") - base
+
+    def stream(tile):
+        for _ in vae.decode_iter(latent, tile=tile, overlap=4):
+            pass
+
+    stream(8)  # warm-up
+    mb = {"stream_untiled": growth(lambda: stream(None)), "stream_tiled": growth(lambda: stream(12)),
+          "whole_untiled": growth(lambda: vae.decode(latent)),
+          "whole_tiled": growth(lambda: vae.decode(latent, tile=12, overlap=4))}
+    for name, tile, streaming in [("stream_untiled", None, True), ("stream_tiled", 12, True),
+                                  ("whole_untiled", None, False), ("whole_tiled", 12, False)]:
+        mb["estimate_" + name] = decode_peak_bytes(latent.shape, tile, 4, config=TINY_VAE_CONFIG,
+                                                   streaming=streaming) / 2**20
+    print(json.dumps(mb))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak RSS from /proc")
+def test_tiled_decode_lowers_peak_memory():
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2",
+               PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", _TILED_MEMORY_PROBE], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    mb = json.loads(result.stdout.strip().splitlines()[-1])
+    # 3x3 tiles of 12x12: one tile's activations instead of the frame's; streaming keeps all caches
+    assert mb["stream_tiled"] < 0.75 * mb["stream_untiled"], mb
+    assert mb["whole_tiled"] < 0.75 * mb["whole_untiled"], mb
+    for name in ("stream_untiled", "stream_tiled", "whole_untiled", "whole_tiled"):
+        assert 0.7 < mb["estimate_" + name] / mb[name] < 1.6, (name, mb)

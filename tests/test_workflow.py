@@ -27,6 +27,7 @@ WORKFLOW = PACK_DIR / "workflows" / "dreamidv_swap.json"
 PACK_NODES = ("DreamIDVModelLoader", "DreamIDVTextContext", "DreamIDVPoseGuider", "DreamIDVSampler",
               "DreamIDVPoseExtract", "DreamIDVIdentityEncoder", "DreamIDVBackgroundComposite")
 FPS, FRAMES, W, H = 12, 9, 64, 48
+LONG_FRAMES = 19  # with window 9 / overlap 4: 3 windows over 21 padded frames
 SAMPLE_RATE = 16000
 
 
@@ -152,6 +153,7 @@ def server(comfyui_dir, tmp_path_factory):
     write_clip(s.input_dir / "clip.mp4", face_frames())
     write_clip(s.input_dir / "noface.mp4", face_frames(face=False))
     write_clip(s.input_dir / "short.mp4", face_frames(4))
+    write_clip(s.input_dir / "long.mp4", face_frames(LONG_FRAMES))
     from tests.onnx_models import paint_face
 
     ref = np.full((96, 128, 3), 90, np.uint8)  # fits the 128 detection size at scale 1
@@ -187,7 +189,7 @@ def set_inputs(api: dict, object_info: dict, changes: dict) -> dict:
 
 
 def swap_prompt(server, video="clip.mp4", reference="reference.png", steps=2, seed=0, prefix=None,
-                pose_model="dw-ll_ucoco_384.onnx") -> dict:
+                pose_model="dw-ll_ucoco_384.onnx", window=None) -> dict:
     """The bundled workflow in API format, pointed at the tiny models and test inputs."""
     api = ui_to_api(load_workflow(), server.object_info())
     changes = {
@@ -206,6 +208,9 @@ def swap_prompt(server, video="clip.mp4", reference="reference.png", steps=2, se
                                         "prompt_frames": 1},
         "SaveVideo": {"filename_prefix": prefix or f"dreamidv_test/{uuid.uuid4().hex[:8]}"},
     }
+    if window is not None:  # (window, overlap) on both the PoseGuider and the sampler
+        for node in ("DreamIDVPoseGuider", "DreamIDVSampler"):
+            changes[node].update(window=window[0], overlap=window[1])
     return set_inputs(api, server.object_info(), changes)
 
 
@@ -265,26 +270,28 @@ def test_bundled_workflow_matches_node_schemas(server):
     assert have["version"] == 0.4
 
 
-def test_bundled_workflow_runs_and_keeps_fps_and_audio(server):
+@pytest.mark.parametrize("video, count, window", [("clip.mp4", FRAMES, None), ("long.mp4", LONG_FRAMES, (9, 4))],
+                         ids=["one_window", "three_windows"])
+def test_bundled_workflow_runs_and_keeps_fps_and_audio(server, video, count, window):
     import av
 
-    prefix = "dreamidv_test/run"
+    prefix = f"dreamidv_test/run_{count}"
     t0 = time.monotonic()
-    entry = server.run(swap_prompt(server, prefix=prefix), timeout=180)
+    entry = server.run(swap_prompt(server, video=video, prefix=prefix, window=window), timeout=180)
     run_s = time.monotonic() - t0
     files = saved_videos(entry, server)
     assert len(files) == 1 and files[0].is_file(), entry.get("outputs")
     with av.open(str(files[0])) as c:
         v = c.streams.video[0]
         frames = [f for f in c.decode(video=0)]
-        assert len(frames) == FRAMES
+        assert len(frames) == count
         assert abs(float(v.average_rate) - FPS) < 0.01, v.average_rate
         assert (frames[0].width, frames[0].height) == (W, H)
         assert c.streams.audio, "the swapped video has no audio track"
         c.seek(0)
         audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
-        assert audio.size > 0.5 * SAMPLE_RATE * FRAMES / FPS and np.abs(audio).max() > 0.1
-    print(f"[workflow] swap of {FRAMES} frames {W}x{H} through /prompt: {run_s:.1f} s")
+        assert audio.size > 0.5 * SAMPLE_RATE * count / FPS and np.abs(audio).max() > 0.1
+    print(f"[workflow] swap of {count} frames {W}x{H} through /prompt: {run_s:.1f} s")
 
 
 async def _interrupt_during_sampling(server: ComfyServer, prompt: dict, sampler_ids: set) -> dict:
