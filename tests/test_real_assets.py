@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from dreamidv_core.video_io import read_image, read_video
-from dreamidv_core.video_ops import output_size, prepare_frames, prepare_reference, usable_frame_count
+from dreamidv_core.video_ops import output_size, prepare_frames, prepare_reference
+from dreamidv_core.windows import clip_frame_count
 
 pytestmark = pytest.mark.shared_assets
 
@@ -11,7 +12,7 @@ pytestmark = pytest.mark.shared_assets
 def test_real_clip_and_face_prepare_to_matching_model_inputs(shared_dir):
     frames, fps = read_video(shared_dir / "assets" / "a_girl.mp4", max_frames=11)
     face = read_image(shared_dir / "assets" / "an_1.jpg")
-    n = usable_frame_count(len(frames))
+    n = clip_frame_count(len(frames), 9)
     h, w = frames.shape[1:3]
     video = prepare_frames(frames, n, 832, 480, "video")
     ref = prepare_reference(face, w, h, 832, 480)
