@@ -345,7 +345,9 @@ def decode_clip(vae, latent: torch.Tensor, layout: WindowLayout, frames: int,
     total, lw = layout.latent_frames, layout.latent_window
     if hasattr(vae, "decode_iter"):
         start = 0
-        for chunk in vae.decode_iter(latent[None], **tiles):
+        # on a GPU the idle tiles' temporal caches wait in host memory (one tile's cache on the device)
+        opts = dict(tiles, offload_caches=True) if tiles and latent.device.type == "cuda" else tiles
+        for chunk in vae.decode_iter(latent[None], **opts):
             emit(chunk, start)
             start += chunk.shape[2]
             if start >= frames:
