@@ -1,4 +1,4 @@
-"""Command line: ``python -m dreamidv_core {swap,convert,text-context,check-models}``.
+"""Command line: ``python -m dreamidv_core {swap,convert,text-context,check-models,identity-report}``.
 
 The swap needs no ComfyUI: it reads the weights from a folder laid out like ``ComfyUI/models``.
 """
@@ -208,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["identity-report"]:  # its own parser: per-frame ArcFace similarity to a reference
+        from .identity_report import identity_report_main
+
+        return identity_report_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,233 @@
+"""Procedural training samples in the format of training/DATASET.md, for everyone's tests.
+
+A "face" is a filled ellipse whose **identity** is its look (face colour, eye shape and eye colour,
+mouth colour) and whose **pose** is where it is and how big it is in each frame (centre x, y and
+radius, in pixels). Both are known by construction and stored in ``record.json["synthetic"]``
+(see :func:`identity_of`), so tests can measure identity transfer and pose following.
+
+For each sample two identities are drawn: the *driving* identity (the face seen in driving.mp4) and
+the *target* identity (the face in identity.png and target.mp4). The driving and target videos share
+the background and the per-frame pose; only the face's look differs. That is the swap the model must
+learn, whatever the direction (forward: synthetic target; backward: real target, generated driving).
+
+mask.mp4 = the face ellipse (white on black); pose.mp4 = white dots at 68 face keypoints (the layout
+of the 68-point face model: jaw, brows, nose, eyes, mouth) on black; or, with ``pose_format=
+"keypoints"``, keypoints.json in controlnet_aux's POSE_KEYPOINT format with the same points.
+
+Deterministic: the same arguments give the same pixels and records. About a few ms per sample at the
+default 9 frames of 48x64 (most of it is H.264 encoding).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from dreamidv_core.state_dict_io import atomic_write
+from dreamidv_core.video_io import write_video
+
+FACE_COLOURS = [(230, 180, 140), (120, 200, 90), (90, 140, 230), (220, 90, 200), (240, 220, 70), (90, 220, 220)]
+EYE_SHAPES = ["circle", "square", "bar"]
+EYE_COLOURS = [(20, 20, 20), (200, 30, 30), (250, 250, 250)]
+N_IDENTITIES = len(FACE_COLOURS) * len(EYE_SHAPES)  # identity k: face colour k // 3, eye shape k % 3
+
+
+def identity_params(k: int) -> Dict:
+    """Look of identity ``k`` (0 <= k < N_IDENTITIES): face colour, eye shape, eye colour (RGB 0..255)."""
+    k = int(k) % N_IDENTITIES
+    return {"id": k, "identity_colour": list(FACE_COLOURS[k // len(EYE_SHAPES)]),
+            "eye_shape": EYE_SHAPES[k % len(EYE_SHAPES)],
+            "eye_colour": list(EYE_COLOURS[(k // len(EYE_SHAPES) + k) % len(EYE_COLOURS)])}
+
+
+def face_keypoints(cx: float, cy: float, r: float) -> np.ndarray:
+    """The 68 face points (x, y in pixels) of a face centred at (cx, cy) with radius r -> [68, 2]."""
+    pts = []
+    for a in np.linspace(math.pi * 0.05, math.pi * 0.95, 17)[::-1]:  # jaw 0-16 (lower half, left to right)
+        pts.append((cx - math.cos(a) * r * 0.8, cy + math.sin(a) * r))
+    for side in (-1, 1):  # brows 17-26
+        xs = np.linspace(0.15, 0.55, 5) if side > 0 else -np.linspace(0.55, 0.15, 5)
+        pts += [(cx + x * r, cy - 0.42 * r) for x in xs]
+    pts += [(cx, cy + t * r) for t in np.linspace(-0.25, 0.15, 4)]  # nose bridge 27-30
+    pts += [(cx + x * r, cy + 0.22 * r) for x in np.linspace(-0.15, 0.15, 5)]  # nose base 31-35
+    for side in (-1, 1):  # eyes 36-47: 6 points around each eye centre
+        ex, ey = cx + side * 0.35 * r, cy - 0.2 * r
+        pts += [(ex + math.cos(a) * 0.12 * r, ey + math.sin(a) * 0.07 * r) for a in np.linspace(math.pi, -math.pi, 6, endpoint=False)]
+    for n, (w, h) in ((12, (0.35, 0.12)), (8, (0.22, 0.05))):  # mouth 48-67: outer 12, inner 8
+        pts += [(cx + math.cos(a) * w * r, cy + 0.5 * r + math.sin(a) * h * r)
+                for a in np.linspace(math.pi, -math.pi, n, endpoint=False)]
+    return np.asarray(pts, np.float64)
+
+
+def draw_face(canvas: np.ndarray, look: Dict, cx: float, cy: float, r: float) -> None:
+    """Draw a face of look ``look`` at (cx, cy), radius r, onto uint8 RGB ``canvas`` in place."""
+    c = (int(round(cx)), int(round(cy)))
+    cv2.ellipse(canvas, c, (max(1, int(round(0.8 * r))), max(1, int(round(r)))), 0, 0, 360, tuple(look["identity_colour"]), -1)
+    eye = tuple(look["eye_colour"])
+    er = max(1, int(round(0.14 * r)))
+    for side in (-1, 1):
+        ex, ey = int(round(cx + side * 0.35 * r)), int(round(cy - 0.2 * r))
+        if look["eye_shape"] == "circle":
+            cv2.circle(canvas, (ex, ey), er, eye, -1)
+        elif look["eye_shape"] == "square":
+            cv2.rectangle(canvas, (ex - er, ey - er), (ex + er, ey + er), eye, -1)
+        else:
+            cv2.rectangle(canvas, (ex - 2 * er, ey - max(1, er // 2)), (ex + 2 * er, ey + max(1, er // 2)), eye, -1)
+    mw, mh = max(1, int(round(0.35 * r))), max(1, int(round(0.1 * r)))
+    cv2.ellipse(canvas, (c[0], int(round(cy + 0.5 * r))), (mw, mh), 0, 0, 360, (150, 30, 40), -1)
+
+
+def face_mask(h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
+    """uint8 [H, W, 3]: the face ellipse in white on black."""
+    m = np.zeros((h, w, 3), np.uint8)
+    cv2.ellipse(m, (int(round(cx)), int(round(cy))), (max(1, int(round(0.8 * r))), max(1, int(round(r)))),
+                0, 0, 360, (255, 255, 255), -1)
+    return m
+
+
+def pose_image(h: int, w: int, points: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3]: a white dot at each keypoint on black."""
+    img = np.zeros((h, w, 3), np.uint8)
+    for x, y in points:
+        cv2.circle(img, (int(x), int(y)), 1, (255, 255, 255), -1)
+    return img
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    a, b = rng.integers(20, 235, size=(2, 3))
+    t = np.linspace(0, 1, w)[None, :, None]
+    bg = (a[None, None] * (1 - t) + b[None, None] * t).repeat(h, axis=0)
+    return np.ascontiguousarray(bg.astype(np.uint8))
+
+
+def _poses(rng: np.random.Generator, frames: int, h: int, w: int) -> List[List[float]]:
+    """Per frame [cx, cy, r] in pixels: a straight move with a changing size, kept inside the frame."""
+    r0, r1 = rng.uniform(0.22, 0.36, size=2) * h
+    out = []
+    start = rng.uniform(0.3, 0.7, size=2)
+    end = rng.uniform(0.3, 0.7, size=2)
+    for i in range(frames):
+        t = i / max(1, frames - 1)
+        r = r0 + (r1 - r0) * t
+        fx, fy = start + (end - start) * t
+        cx = min(max(fx * w, 0.8 * r + 1), w - 0.8 * r - 1)
+        cy = min(max(fy * h, r + 1), h - r - 1)
+        out.append([round(float(cx), 3), round(float(cy), 3), round(float(r), 3)])
+    return out
+
+
+def _keypoints_json(points: Sequence[np.ndarray], h: int, w: int) -> list:
+    """POSE_KEYPOINT: one frame dict per frame, pixel coordinates, one person with 68 face points, no body."""
+    return [{"people": [{"pose_keypoints_2d": [],
+                         "face_keypoints_2d": [float(v) for x, y in p for v in (round(x, 3), round(y, 3), 1.0)]}],
+             "canvas_width": w, "canvas_height": h} for p in points]
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    atomic_write(path, write)
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+def write_synthetic_sample(folder, frames: int = 9, size: Tuple[int, int] = (48, 64), seed: int = 0,
+                           direction: str = "forward", identity: int = None, driving_identity: int = None,
+                           pose_format: str = "video", fps: float = 24.0) -> Dict:
+    """Write one sample folder; returns its record. size = (height, width). ``identity`` /
+    ``driving_identity``: identity indices (drawn from ``seed`` when None; always different)."""
+    if direction not in ("forward", "backward"):
+        raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
+    if pose_format not in ("video", "keypoints"):
+        raise ValueError(f"pose_format must be 'video' or 'keypoints', got {pose_format!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    rng = np.random.default_rng(seed)
+    tgt = int(rng.integers(N_IDENTITIES)) if identity is None else int(identity) % N_IDENTITIES
+    drv = int(rng.integers(N_IDENTITIES - 1)) if driving_identity is None else int(driving_identity) % N_IDENTITIES
+    if driving_identity is None and drv >= tgt:
+        drv += 1  # never the target identity
+    look, drv_look = identity_params(tgt), identity_params(drv)
+    bg = _background(rng, h, w)
+    poses = _poses(rng, frames, h, w)
+
+    driving = np.empty((frames, h, w, 3), np.uint8)
+    target = np.empty_like(driving)
+    mask = np.empty_like(driving)
+    pose = np.empty_like(driving)
+    points = []
+    for i, (cx, cy, r) in enumerate(poses):
+        driving[i] = bg
+        draw_face(driving[i], drv_look, cx, cy, r)
+        target[i] = bg
+        draw_face(target[i], look, cx, cy, r)
+        mask[i] = face_mask(h, w, cx, cy, r)
+        points.append(face_keypoints(cx, cy, r))
+        pose[i] = pose_image(h, w, points[-1])
+
+    ident = np.full((h, w, 3), 255, np.uint8)  # the identity photo: frontal, centred, on white
+    draw_face(ident, look, w / 2, h / 2, 0.4 * h)
+
+    _write_png(folder / "identity.png", ident)
+    write_video(folder / "driving.mp4", driving, fps)
+    write_video(folder / "mask.mp4", mask, fps)
+    if pose_format == "video":
+        write_video(folder / "pose.mp4", pose, fps)
+    else:
+        _write_bytes(folder / "keypoints.json", json.dumps(_keypoints_json(points, h, w)).encode())
+    write_video(folder / "target.mp4", target, fps)
+    record = {
+        "version": 1,
+        "direction": direction,
+        "fps": fps,
+        "frames": frames,
+        "identity_similarity": {"identity_target": 1.0, "identity_driving": 0.0},
+        "source": {"generator": "tests/synthetic_data.py", "seed": seed},
+        "synthetic": {"identity": look, "driving_identity": drv_look, "poses": poses,
+                      "pose_layout": "per frame [cx, cy, radius] in pixels of the driving frame",
+                      "size": [h, w]},
+    }
+    _write_bytes(folder / "record.json", json.dumps(record, indent=1).encode())
+    return record
+
+
+def write_synthetic_dataset(root, n_samples: int, frames: int = 9, size: Tuple[int, int] = (48, 64), seed: int = 0,
+                            direction: str = "forward", pose_format: str = "video", fps: float = 24.0) -> List[Path]:
+    """Write ``n_samples`` sample folders ``root/sample_000`` ... -> their paths. ``direction``: "forward",
+    "backward" or "mixed" (alternating, forward first). size = (height, width)."""
+    if direction not in ("forward", "backward", "mixed"):
+        raise ValueError(f"direction must be 'forward', 'backward' or 'mixed', got {direction!r}")
+    root = Path(root)
+    paths = []
+    for i in range(n_samples):
+        d = direction if direction != "mixed" else ("forward", "backward")[i % 2]
+        p = root / f"sample_{i:03d}"
+        write_synthetic_sample(p, frames=frames, size=size, seed=seed * 100003 + i, direction=d,
+                               pose_format=pose_format, fps=fps)
+        paths.append(p)
+    return paths
+
+
+def identity_of(sample: Union[str, Path, Dict, object]) -> Dict:
+    """The construction metadata of a synthetic sample: ``{"identity": {...}, "driving_identity": {...},
+    "poses": [[cx, cy, r], ...], ...}``. ``sample``: a sample folder, a record dict, or anything with a
+    ``record`` (training.dataset.SampleInfo) or ``path`` attribute."""
+    if isinstance(sample, dict):
+        record = sample.get("record", sample)
+    elif hasattr(sample, "record"):
+        record = sample.record
+    else:
+        folder = Path(getattr(sample, "path", sample))
+        record = json.loads((folder / "record.json").read_text())
+    if "synthetic" not in record:
+        raise KeyError("not a synthetic sample: its record.json has no 'synthetic' entry")
+    return record["synthetic"]

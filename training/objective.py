@@ -1,0 +1,270 @@
+"""Flow-matching training objective in the released DreamID-V convention, with identity dropout.
+
+Convention (the one :mod:`dreamidv_core.samplers` integrates):
+
+* ``x_sigma = (1 - sigma) * z + sigma * eps`` with ``z`` the normalised VAE latent of the supervision
+  video and ``eps ~ N(0, I)``; the DiT predicts the velocity ``v = eps - z``;
+* training sigmas are ``u ~ U(0, 1)`` (or logit-normal) passed through the sampler's time shift
+  ``shift * u / (1 + (shift - 1) * u)`` (:func:`dreamidv_core.samplers.shift_sigmas`), so training sees
+  noise levels where the released 20-step schedule spends its steps;
+* the model timestep is ``sigma * 1000`` as a float. The sampler feeds ``trunc(sigma * 1000)``
+  (:func:`dreamidv_core.samplers.sigma_to_timestep`); the sinusoidal embedding is smooth in t, so the
+  float timestep trains the same function at the integer points and between them.
+
+The conditioning is built exactly as :func:`dreamidv_core.swap.swap_face` builds it: ``y`` = [VAE(video in
+[-1, 1]), VAE(mask in [0, 1], not normalised)], the reference image latent (replaced by zeros - the
+sampler's unconditional identity-guidance row - for a fraction ``identity_dropout`` of the samples), the
+PoseGuider tokens of the pose video and the text context. :func:`prepare_conditions` is the
+grad-enabled twin of :meth:`DreamIDVTransformer.prepare` (which runs under ``no_grad``), batched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from dreamidv_core.dit import DiTConditions, DreamIDVTransformer
+from dreamidv_core.errors import InputError
+from dreamidv_core.layers import rope_table
+from dreamidv_core.samplers import NUM_TRAIN_TIMESTEPS, shift_sigmas
+
+__all__ = ["FlowMatchingObjective", "TrainingConditioning", "ChunkLoss", "prepare_conditions",
+           "encode_conditioning", "embed_contexts"]
+
+Context = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+@dataclass
+class TrainingConditioning:
+    """One batch's conditioning, as the sampler builds it (B samples of one size).
+
+    context: [L, text_dim] (shared), [B, L, text_dim] or a list of B [L_i, text_dim] (umT5 contexts);
+    y: [B, 32, F', h, w] (normalised video latent, then the latent of the mask video in [0, 1]);
+    ref_latent: [B, 16, 1, h, w] (latent of the letterboxed reference image in [-1, 1]);
+    pose: [B, 3, F, H, W] pose video in [0, 1] (full model; ignored by the faster one), or
+    pose_tokens: [B, F' * h/2 * w/2, C] precomputed PoseGuider tokens (a frozen pose branch).
+    """
+
+    context: Context
+    y: torch.Tensor
+    ref_latent: torch.Tensor
+    pose: Optional[torch.Tensor] = None
+    pose_tokens: Optional[torch.Tensor] = None
+
+
+class ChunkLoss(NamedTuple):
+    """per_chunk [B, F'] float32 MSE per latent frame (VAE temporal chunk; graph attached);
+    x0_hat [B, 16, F', h, w] detached one-step estimate ``x_t - sigma * v_pred``; sigma [B];
+    ref_dropped [B] bool (reference replaced by zeros)."""
+
+    per_chunk: torch.Tensor
+    x0_hat: torch.Tensor
+    sigma: torch.Tensor
+    ref_dropped: torch.Tensor
+
+
+@torch.no_grad()
+def encode_conditioning(vae, video: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor,
+                        context: Context, pose: Optional[torch.Tensor] = None) -> TrainingConditioning:
+    """Prepared pixels -> :class:`TrainingConditioning`, with the sampler's conventions.
+
+    video: [B, 3, F, H, W] in [0, 1] (F = 4n+1, H, W multiples of 16); mask: [B, 1 or 3, F, H, W] in [0, 1];
+    reference: [B, 3, H, W] in [0, 1], already letterboxed and resized like the video
+    (:func:`dreamidv_core.video_ops.prepare_reference`); pose: [B, 3, F, H, W] in [0, 1].
+    """
+    if video.dim() != 5 or mask.dim() != 5 or reference.dim() != 4:
+        raise InputError(f"encode_conditioning: expected video [B,3,F,H,W], mask [B,1|3,F,H,W], reference [B,3,H,W]; "
+                         f"got {list(video.shape)}, {list(mask.shape)}, {list(reference.shape)}")
+    if mask.shape[1] == 1:
+        mask = mask.expand(-1, 3, -1, -1, -1)
+    if mask.shape[0] != video.shape[0] or mask.shape[2:] != video.shape[2:]:
+        raise InputError(f"mask {list(mask.shape)} does not match the video {list(video.shape)}")
+    if reference.shape[0] != video.shape[0] or reference.shape[-2:] != video.shape[-2:]:
+        raise InputError(f"reference {list(reference.shape)} must be letterboxed to the video size {list(video.shape)}")
+    y = torch.cat([vae.encode(video.mul(2).sub(1)), vae.encode(mask)], dim=1)
+    ref = vae.encode(reference.mul(2).sub(1)[:, :, None])
+    return TrainingConditioning(context=context, y=y, ref_latent=ref, pose=pose)
+
+
+def embed_contexts(dit: DreamIDVTransformer, context: Context, batch: int) -> torch.Tensor:
+    """Grad-enabled :meth:`DreamIDVTransformer.embed_context` for a batch -> [B or 1, text_len, C]."""
+    cfg = dit.cfg
+    device = dit.patch_embedding.weight.device
+    if torch.is_tensor(context) and context.dim() == 2:
+        items = [context]
+    elif torch.is_tensor(context) and context.dim() == 3:
+        items = list(context)
+    else:
+        items = list(context)
+    if len(items) not in (1, batch):
+        raise InputError(f"{len(items)} text contexts for a batch of {batch}")
+    padded = []
+    for i, c in enumerate(items):
+        if c.dim() != 2 or c.shape[-1] != cfg.text_dim:
+            raise InputError(f"text context {i} must be [tokens, {cfg.text_dim}], got {list(c.shape)}")
+        if c.shape[0] > cfg.text_len:
+            raise InputError(f"text context {i} has {c.shape[0]} tokens; at most {cfg.text_len} allowed")
+        p = c.new_zeros(cfg.text_len, c.shape[1])
+        p[: c.shape[0]] = c
+        padded.append(p)
+    return dit.text_embedding(torch.stack(padded).to(device, dit.compute_dtype))
+
+
+def prepare_conditions(dit: DreamIDVTransformer, context: Context, y: torch.Tensor,
+                       ref_latents: Optional[torch.Tensor], pose_tokens: Optional[torch.Tensor] = None,
+                       cache_pose_kv: bool = False) -> DiTConditions:
+    """Grad-enabled, batched equivalent of :meth:`DreamIDVTransformer.prepare`.
+
+    y: [B, 32, F', h, w] (or [32, F', h, w]); ref_latents: [B, 16, 1, h, w], one row per sample (element b
+    uses row b in ``dit.forward``); pose_tokens: [B, Lv, C] (or [1, Lv, C]) with graph if the pose branch
+    trains; context as in :class:`TrainingConditioning`. ``cache_pose_kv=False`` keeps the pose tokens and
+    lets every block compute its pose K/V inside its own forward (cheaper to checkpoint).
+    With B = 1 the result equals ``dit.prepare(context, y[0], ref_latents, pose_tokens, cache_pose_kv)``.
+    """
+    cfg, cd = dit.cfg, dit.compute_dtype
+    device = dit.patch_embedding.weight.device
+    if y is not None and y.dim() == 4:
+        y = y[None]
+    if y is not None:
+        if y.dim() != 5 or y.shape[1] != cfg.in_dim - cfg.out_dim:
+            raise InputError(f"conditioning latent y must be [B, {cfg.in_dim - cfg.out_dim}, F, h, w], got {list(y.shape)}")
+        batch, latent_grid = y.shape[0], tuple(y.shape[2:])
+    else:
+        raise InputError("prepare_conditions needs the video and mask latents (y)")
+    f, h8, w8 = latent_grid
+    pt, ph, pw = cfg.patch_size
+    if h8 % ph or w8 % pw:
+        raise InputError(f"latent size {h8}x{w8} must be divisible by the patch size {ph}x{pw}")
+    grid = (f // pt, h8 // ph, w8 // pw)
+    ref_tokens = None
+    if cfg.has_ref:
+        if ref_latents is None:
+            raise InputError("this model needs the reference image latent")
+        if ref_latents.dim() == 4:
+            ref_latents = ref_latents[None]
+        if tuple(ref_latents.shape[-2:]) != (h8, w8):
+            raise InputError(f"reference latent is {tuple(ref_latents.shape[-2:])}, the video latent is "
+                             f"{(h8, w8)}: the reference must be letterboxed to the video size")
+        if ref_latents.shape[0] != batch:
+            raise InputError(f"{ref_latents.shape[0]} reference latents for a batch of {batch}")
+        ref_tokens = dit.ref_conv(ref_latents[:, :, 0].to(device, cd)).flatten(2).transpose(1, 2)
+    rope_grid = (grid[0] + 1, grid[1], grid[2]) if cfg.has_ref else grid
+    rope = rope_table(rope_grid, cfg.head_dim, cfg.rope_theta, device)
+    ctx = embed_contexts(dit, context, batch)
+    context_kv = [blk.cross_attn.context_kv(ctx) for _, blk in dit.streamed_blocks()]
+    cond = DiTConditions(grid=grid, y=y.to(device, cd), ref_tokens=ref_tokens, rope=rope, context_kv=context_kv)
+    if pose_tokens is not None:
+        if not cfg.has_pose:
+            raise InputError("pose tokens were given but this checkpoint (faster variant) has no pose branch")
+        lv = grid[0] * grid[1] * grid[2]
+        if pose_tokens.shape[-2] != lv:
+            raise InputError(f"pose video gives {pose_tokens.shape[-2]} tokens, the video latent {lv}: "
+                             "pose frames and size must match the video's")
+        pb = pose_tokens.shape[0] if pose_tokens.dim() == 3 else 1
+        lr = 0 if ref_tokens is None else ref_tokens.shape[1]
+        full = torch.cat([pose_tokens.new_zeros(pb, lr, cfg.dim), pose_tokens.reshape(pb, lv, cfg.dim)], dim=1)
+        full = full.to(device, cd)
+        if cache_pose_kv:
+            cond.pose_kv = [blk.self_attn.pose_kv(full, rope) for _, blk in dit.streamed_blocks()]
+        else:
+            cond.pose_tokens = full
+    return cond
+
+
+class FlowMatchingObjective:
+    """Rectified-flow loss of the released model (see the module docstring).
+
+    shift: the sampler's time shift (5.0 in the released recipe); identity_dropout: probability that a
+    sample's reference latent is replaced by zeros; timestep_sampling: "uniform" or "logit_normal"
+    (u = sigmoid(N(logit_mean, logit_std))), before the shift.
+    """
+
+    def __init__(self, shift: float = 5.0, identity_dropout: float = 0.1, timestep_sampling: str = "uniform",
+                 logit_mean: float = 0.0, logit_std: float = 1.0):
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        if not 0.0 <= identity_dropout <= 1.0:
+            raise ValueError(f"identity_dropout must be in [0, 1], got {identity_dropout}")
+        if timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"timestep_sampling must be 'uniform' or 'logit_normal', got {timestep_sampling!r}")
+        self.shift, self.identity_dropout, self.timestep_sampling = float(shift), float(identity_dropout), timestep_sampling
+        self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
+
+    # ------------------------------------------------------------------ pieces
+    def sample_sigma(self, batch: int, generator: Optional[torch.Generator] = None,
+                     device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+        """-> sigma [batch] float32 in [0, 1): the sampler's shift of u ~ U(0,1) or logit-normal u."""
+        if self.timestep_sampling == "uniform":
+            u = torch.rand(batch, generator=generator, dtype=torch.float64)
+        else:
+            n = torch.randn(batch, generator=generator, dtype=torch.float64)
+            u = torch.sigmoid(self.logit_mean + self.logit_std * n)
+        return shift_sigmas(u, self.shift).float().to(device)
+
+    def sample_ref_dropout(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """-> [batch] bool, True where the reference latent is replaced by zeros."""
+        return torch.rand(batch, generator=generator) < self.identity_dropout
+
+    @staticmethod
+    def noisy(z: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """z, eps [B, ...], sigma [B] -> x_sigma = (1 - sigma) z + sigma eps."""
+        s = sigma.reshape(-1, *([1] * (z.dim() - 1))).to(z)
+        return (1 - s) * z + s * eps
+
+    @staticmethod
+    def target(z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The velocity the model predicts: eps - z."""
+        return eps - z
+
+    @staticmethod
+    def timestep(sigma: torch.Tensor) -> torch.Tensor:
+        """sigma [B] -> model timestep sigma * 1000 (float; the sampler feeds trunc(sigma * 1000))."""
+        return sigma.float() * NUM_TRAIN_TIMESTEPS
+
+    # ------------------------------------------------------------------ the loss
+    def per_chunk_loss(self, dit: DreamIDVTransformer, batch_latents: torch.Tensor,
+                       conditioning: TrainingConditioning, generator: Optional[torch.Generator] = None) -> ChunkLoss:
+        """batch_latents z [B, 16, F', h, w] (normalised latent of the supervision video) -> :class:`ChunkLoss`.
+
+        Noise, sigmas and the identity dropout are drawn from ``generator`` (CPU), in that order
+        (sigma, dropout, noise), so a seeded generator reproduces a step exactly.
+        """
+        z = batch_latents
+        if z.dim() != 5 or z.shape[1] != dit.cfg.out_dim:
+            raise InputError(f"batch latents must be [B, {dit.cfg.out_dim}, F, h, w], got {list(z.shape)}")
+        b = z.shape[0]
+        device = dit.patch_embedding.weight.device
+        z = z.to(device, torch.float32)
+        sigma = self.sample_sigma(b, generator, device)
+        dropped = self.sample_ref_dropout(b, generator)
+        eps = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(device)
+
+        ref = conditioning.ref_latent
+        if ref is not None:
+            ref = ref.to(device, torch.float32)
+            if ref.dim() == 4:
+                ref = ref[None]
+            ref = torch.where(dropped.to(device).reshape(-1, 1, 1, 1, 1), torch.zeros_like(ref), ref)
+        pose_tokens = conditioning.pose_tokens
+        if dit.cfg.has_pose and pose_tokens is None:
+            if conditioning.pose is None:
+                raise InputError("the full DreamID-V model trains with a pose video (conditioning.pose)")
+            # dit.pose_tokens runs under no_grad; the PoseGuider is called directly so it can train
+            pose_tokens = dit.project_pose(conditioning.pose.to(device, dit.compute_dtype)).to(dit.compute_dtype)
+        if not dit.cfg.has_pose:
+            pose_tokens = None
+        cond = prepare_conditions(dit, conditioning.context, conditioning.y, ref, pose_tokens)
+        if tuple(cond.y.shape[2:]) != tuple(z.shape[2:]) or cond.y.shape[0] != b:
+            raise InputError(f"conditioning y {list(cond.y.shape)} does not match the latents {list(z.shape)}")
+
+        x_t = self.noisy(z, eps, sigma)
+        v = dit(x_t, self.timestep(sigma), cond).float()
+        per_chunk = (v - self.target(z, eps)).pow(2).mean(dim=(1, 3, 4))
+        x0_hat = (x_t - sigma.reshape(-1, 1, 1, 1, 1) * v).detach()
+        return ChunkLoss(per_chunk, x0_hat, sigma, dropped)
+
+    def loss(self, dit: DreamIDVTransformer, batch_latents: torch.Tensor, conditioning: TrainingConditioning,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Plain flow-matching loss: the mean of :meth:`per_chunk_loss` (a scalar)."""
+        return self.per_chunk_loss(dit, batch_latents, conditioning, generator).per_chunk.mean()

@@ -1,0 +1,458 @@
+"""The training loop: one code path for a single process (ComfyUI node, ``python -m training``) and
+``torchrun --nproc_per_node=N``.
+
+Protocols (so the loop is independent of the data and the objective):
+
+- ``dataset``: a ``torch.utils.data.Dataset`` of dict samples (tensors are stacked into a batch, other
+  values collected into lists; a ``dataset.collate(samples)`` method overrides that);
+- ``loss_fn(model, batch, generator) -> scalar loss``: all randomness of the objective (noise,
+  timesteps, identity dropout) must come from ``generator``.
+
+Determinism: a step's data and noise depend only on (seed, step). The global batch of step ``s`` is
+``batch_size * grad_accum * world`` samples taken from a per-epoch seeded permutation of the dataset;
+it is cut into micro-batches ("units") of ``batch_size`` samples, unit ``u`` going to rank
+``u // grad_accum``, and unit ``u``'s generator is seeded from (seed, step, u). So an interrupted and
+resumed run repeats an uninterrupted one exactly, and N processes with grad_accum G/N compute the
+same losses as one process with grad_accum G (up to float summation order).
+
+Parallelism: ``parallel="fsdp"`` shards the model with ``torch.distributed.fsdp.fully_shard`` (one
+unit over the whole model, with ``prepare`` / ``pose_tokens`` / ``embed_context`` registered as forward
+methods; needs CUDA + NCCL); ``"ddp"`` keeps a full copy per process and averages gradients with an
+all-reduce after accumulation (CPU/gloo); ``"auto"``: fsdp on CUDA, ddp on CPU.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dreamidv_core.errors import CheckpointError, Cancelled, InputError
+from . import checkpoint as ckpt
+from . import lora as lora_mod
+
+TRAINABLE = ("full", "lora", "pose", "id_projection")
+POSE_ATTN = ("k_pose", "v_pose", "norm_k_pose", "pose_gate")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 1            # samples per forward pass (per process)
+    grad_accum: int = 1            # forward passes per optimizer step (per process)
+    weight_decay: float = 0.0
+    warmup: int = 0                # linear LR warmup steps
+    max_grad_norm: float = 0.0     # 0: no clipping
+    trainable: str = "full"        # full | lora | pose | id_projection
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_targets: str = ",".join(lora_mod.DEFAULT_TARGETS)
+    gradient_checkpointing: bool = False
+    autocast: str = "none"         # bf16 | none
+    checkpoint_dir: Optional[str] = None
+    save_every: int = 0            # 0: save only at the end (and on cancel)
+    save_full_model: Optional[bool] = None  # default: full model when trainable == "full"
+    seed: int = 0
+    resume: bool = False
+    shuffle: bool = True
+    parallel: str = "auto"         # auto | fsdp | ddp
+
+    def validate(self) -> "TrainConfig":
+        if self.trainable not in TRAINABLE:
+            raise InputError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.autocast not in ("bf16", "none"):
+            raise InputError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
+        if self.parallel not in ("auto", "fsdp", "ddp"):
+            raise InputError(f"parallel must be 'auto', 'fsdp' or 'ddp', got {self.parallel!r}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.resume and not self.checkpoint_dir:
+            raise InputError("resume needs a checkpoint_dir")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    losses: List[float] = field(default_factory=list)   # one per optimizer step, from step 1
+    steps: int = 0
+    last_checkpoint: Optional[Path] = None
+
+
+# ---------------------------------------------------------------------------- determinism helpers
+def derive_seed(*parts) -> int:
+    """A 63-bit seed that depends only on ``parts``."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+
+
+def sample_indices(n: int, seed: int, start: int, count: int, shuffle: bool = True) -> List[int]:
+    """Dataset indices of global sample positions ``start .. start+count-1`` (a fresh seeded
+    permutation per epoch of ``n`` samples)."""
+    out, perms = [], {}
+    for pos in range(start, start + count):
+        epoch, i = divmod(pos, n)
+        if epoch not in perms:
+            perms[epoch] = (torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
+                            if shuffle else torch.arange(n))
+        out.append(int(perms[epoch][i]))
+    return out
+
+
+def collate(samples: List[dict]) -> dict:
+    """Stack tensors of the same key into a batch; anything else becomes a list."""
+    out = {}
+    for key in samples[0]:
+        vals = [s[key] for s in samples]
+        out[key] = torch.stack(vals) if all(isinstance(v, torch.Tensor) for v in vals) else vals
+    return out
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [_to_device(v, device) for v in batch]
+    return batch
+
+
+# ---------------------------------------------------------------------------- what trains
+def select_trainable(model: nn.Module, config: TrainConfig) -> Dict[str, nn.Parameter]:
+    """Set ``requires_grad`` for the chosen parameters only (adding LoRA adapters for ``lora``)."""
+    mode = config.trainable
+    if mode == "lora" and not lora_mod.lora_modules(model):
+        lora_mod.add_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets,
+                          seed=derive_seed(config.seed, "lora") % (2 ** 31))
+    chosen = {}
+    for name, p in model.named_parameters():
+        if mode == "full":
+            keep = ".lora_" not in name
+        elif mode == "lora":
+            keep = ".lora_A." in name or ".lora_B." in name
+        elif mode == "pose":
+            parts = name.split(".")
+            keep = name.startswith("project_pose.") or (
+                len(parts) >= 4 and parts[0] == "blocks" and parts[2] == "self_attn" and parts[3] in POSE_ATTN)
+        else:
+            keep = name.startswith("id_projection")
+        p.requires_grad_(keep)
+        if keep:
+            chosen[name] = p
+    if not chosen:
+        what = {"pose": "a pose branch (project_pose / self_attn.k_pose...): this is not the full DreamID-V variant",
+                "id_projection": "an ID-token projection (parameters named 'id_projection...')"}.get(mode, "parameters")
+        raise InputError(f"trainable={mode!r} but the model has no {what}")
+    return chosen
+
+
+# ---------------------------------------------------------------------------- gradient checkpointing
+def enable_gradient_checkpointing(model: nn.Module) -> Callable[[], None]:
+    """Recompute each DiT block's activations in backward. Returns a function that undoes it."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise InputError("gradient checkpointing needs a model with .blocks (a DreamID-V DiT)")
+    originals = []
+    for blk in blocks:
+        orig = blk.forward
+
+        def fwd(*args, _orig=orig, **kwargs):
+            if not torch.is_grad_enabled():
+                return _orig(*args, **kwargs)
+            return checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+
+        blk.forward = fwd
+        originals.append(blk)
+
+    def undo():
+        for blk in originals:
+            blk.__dict__.pop("forward", None)
+    return undo
+
+
+# ---------------------------------------------------------------------------- distributed
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    active: bool = False
+
+    def barrier(self):
+        if self.active:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            import torch.distributed as dist
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value = value / self.world
+        return value
+
+
+def init_distributed() -> _Dist:
+    """Join the process group torchrun describes (WORLD_SIZE/RANK env); single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if world <= 1:
+        return _Dist(device=device)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device, active=True)
+
+
+def _shard_fsdp(model: nn.Module) -> None:
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    fully_shard(model)
+    for name in ("prepare", "pose_tokens", "embed_context"):
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+
+
+# ---------------------------------------------------------------------------- saving
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().to("cpu")
+
+
+def _model_tensors(model: nn.Module, trainable: Dict[str, nn.Parameter], full: bool) -> Dict[str, torch.Tensor]:
+    if full:  # every rank takes part in the gathers of sharded tensors
+        return {n: _full_tensor(t) for n, t in model.state_dict().items() if ".lora_" not in n}
+    return {n: _full_tensor(p) for n, p in trainable.items()}
+
+
+def _expected_shapes(model: nn.Module, trainable: Dict[str, nn.Parameter], full: bool) -> Dict[str, tuple]:
+    if full:
+        return {n: tuple(t.shape) for n, t in model.state_dict().items() if ".lora_" not in n}
+    return {n: tuple(p.shape) for n, p in trainable.items()}
+
+
+def save_training_state(config: TrainConfig, dist_ctx: _Dist, model, trainable, optimizer, scheduler,
+                        step: int, losses: List[float], sharded: bool, n_data: int, write_hook=None) -> Path:
+    """Write ``<checkpoint_dir>/step_NNNNNN`` atomically (every rank must call it)."""
+    full = config.save_full_model if config.save_full_model is not None else config.trainable == "full"
+    writer = ckpt.CheckpointWriter(config.checkpoint_dir, step, dist_ctx.rank, dist_ctx.barrier)
+    writer.begin()
+    try:
+        model_tensors = _model_tensors(model, trainable, full)
+        opt_meta, opt_tensors = ckpt.flatten_optimizer(optimizer.state_dict())
+        if dist_ctx.rank == 0:
+            meta = {"format": "pt", "step": str(step), "trains": config.trainable,
+                    "train_config": json.dumps(asdict(config))}
+            cfg = getattr(model, "cfg", None)
+            if full and cfg is not None and hasattr(cfg, "to_dict"):
+                from dreamidv_core.checkpoints import CONFIG_METADATA_KEY
+                meta[CONFIG_METADATA_KEY] = json.dumps(cfg.to_dict())
+            writer.write_tensors(ckpt.MODEL_FILE, model_tensors, meta)
+            if config.trainable == "lora":
+                lora_mod.save_lora(model, writer.tmp / "lora.safetensors", {"step": str(step)})
+            rng_meta, rng_tensors = ckpt.capture_rng_state()
+            writer.write_tensors(ckpt.RNG_FILE, rng_tensors)
+        if sharded:
+            writer.write_tensors(f"optimizer_rank{dist_ctx.rank}.safetensors", opt_tensors)
+        elif dist_ctx.rank == 0:
+            writer.write_tensors("optimizer.safetensors", opt_tensors)
+        if write_hook:
+            write_hook("tensors")
+        state = None
+        if dist_ctx.rank == 0:
+            state = {"format": ckpt.FORMAT, "step": step, "epoch": (step * config.batch_size * config.grad_accum
+                                                                    * dist_ctx.world) // max(1, n_data),
+                     "losses": losses, "world_size": dist_ctx.world, "optimizer_sharded": sharded,
+                     "optimizer": ckpt.json_safe(opt_meta), "scheduler": ckpt.json_safe(scheduler.state_dict()),
+                     "rng": rng_meta, "full_model": full, "config": asdict(config),
+                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        return writer.commit(state, write_hook)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def load_training_state(folder, config: TrainConfig, dist_ctx: _Dist, model, trainable, optimizer, scheduler,
+                        sharded: bool) -> dict:
+    """Restore model, optimizer, scheduler and RNG from a checkpoint folder; returns its state dict."""
+    folder = Path(folder)
+    state = ckpt.read_state(folder)
+    full = state["full_model"]
+    if state["config"].get("trainable") != config.trainable:
+        raise CheckpointError(folder, f"was trained with trainable={state['config'].get('trainable')!r}; "
+                                      f"this run uses {config.trainable!r}")
+    tensors = ckpt.load_model_tensors(folder, _expected_shapes(model, trainable, full))
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            target = params.get(name, buffers.get(name))
+            if hasattr(target, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+                target.copy_(distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements))
+            else:
+                target.copy_(value.to(target.dtype))
+    if sharded:
+        if state["world_size"] != dist_ctx.world:
+            raise CheckpointError(folder, f"has optimizer state sharded over {state['world_size']} processes; "
+                                          f"this run has {dist_ctx.world}")
+        opt_file = folder / f"optimizer_rank{dist_ctx.rank}.safetensors"
+    else:
+        opt_file = folder / "optimizer.safetensors"
+        if not opt_file.is_file():
+            raise CheckpointError(folder, "holds sharded (FSDP) optimizer state; resume it with FSDP and the same "
+                                          "number of processes")
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    opt_sd = ckpt.unflatten_optimizer(state["optimizer"], ckpt.load_tensor_file(opt_file), order)
+    try:
+        optimizer.load_state_dict(opt_sd)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(opt_file, f"optimizer state does not fit this run ({exc})") from None
+    scheduler.load_state_dict(state["scheduler"])
+    if dist_ctx.rank == 0 or True:
+        ckpt.restore_rng_state(state["rng"], ckpt.load_tensor_file(folder / ckpt.RNG_FILE))
+    return state
+
+
+# ---------------------------------------------------------------------------- the loop
+def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None, cancel=None,
+          _save_hook=None) -> TrainResult:
+    """Train ``model`` in place. ``progress(step, total, loss)`` after every step; ``cancel()`` -> True
+    stops the run before the next step, saves a resumable checkpoint (if ``checkpoint_dir``) and raises
+    :class:`Cancelled`. Returns the losses of every step from step 1 (including resumed ones)."""
+    config.validate()
+    n_data = len(dataset)
+    if n_data == 0:
+        raise InputError("the training dataset is empty")
+    dist_ctx = init_distributed()
+    parallel = config.parallel
+    if parallel == "auto":
+        parallel = "fsdp" if (dist_ctx.active and dist_ctx.device.type == "cuda") else "ddp"
+    sharded = dist_ctx.active and parallel == "fsdp"
+    model.to(dist_ctx.device)
+    trainable = select_trainable(model, config)
+    if sharded:
+        _shard_fsdp(model)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    elif dist_ctx.active:  # same start everywhere
+        import torch.distributed as dist
+        with torch.no_grad():
+            for p in trainable.values():
+                dist.broadcast(p.data, src=0)
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = max(0, int(config.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    result = TrainResult()
+    start = 0
+    if config.resume:
+        folder = ckpt.find_latest(config.checkpoint_dir)
+        if folder is not None:
+            state = load_training_state(folder, config, dist_ctx, model, trainable, optimizer, scheduler, sharded)
+            start, result.losses = int(state["step"]), list(state["losses"])[: int(state["step"])]
+            result.last_checkpoint = folder
+    undo_gc = enable_gradient_checkpointing(model) if config.gradient_checkpointing else (lambda: None)
+    units = config.grad_accum * dist_ctx.world
+    global_batch = config.batch_size * units
+    get = getattr(dataset, "collate", None) or collate
+    amp = (torch.autocast(dist_ctx.device.type, dtype=torch.bfloat16) if config.autocast == "bf16"
+           else torch.autocast(dist_ctx.device.type, enabled=False))
+
+    def save(step):
+        if not config.checkpoint_dir:
+            return None
+        return save_training_state(config, dist_ctx, model, trainable, optimizer, scheduler, step,
+                                   result.losses, sharded, n_data, _save_hook)
+
+    model.train()
+    try:
+        for step in range(start, config.steps):
+            if cancel is not None and _agree(dist_ctx, bool(cancel())):
+                result.last_checkpoint = save(step) or result.last_checkpoint
+                result.steps = step
+                raise Cancelled(f"training cancelled at step {step}; resumable checkpoint: {result.last_checkpoint}")
+            _seed_globals(config.seed, step, dist_ctx.rank)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), device=dist_ctx.device)
+            for k in range(config.grad_accum):
+                unit = dist_ctx.rank * config.grad_accum + k
+                idx = sample_indices(n_data, config.seed, step * global_batch + unit * config.batch_size,
+                                     config.batch_size, config.shuffle)
+                batch = _to_device(get([dataset[i] for i in idx]), dist_ctx.device)
+                gen = torch.Generator(device=dist_ctx.device).manual_seed(derive_seed(config.seed, "unit", step, unit))
+                with amp:
+                    loss = loss_fn(model, batch, gen)
+                if not torch.is_tensor(loss) or loss.dim() != 0:
+                    raise InputError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+                (loss.float() / config.grad_accum).backward()
+                step_loss += loss.detach().float() / config.grad_accum
+            if dist_ctx.active and not sharded:
+                _average_grads(trainable.values(), dist_ctx.world)
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            value = float(dist_ctx.mean(step_loss))
+            result.losses.append(value)
+            result.steps = step + 1
+            if progress is not None:
+                progress(step + 1, config.steps, value)
+            if (config.save_every and (step + 1) % config.save_every == 0) or step + 1 == config.steps:
+                result.last_checkpoint = save(step + 1) or result.last_checkpoint
+    finally:
+        undo_gc()
+    return result
+
+
+def _agree(dist_ctx: _Dist, flag: bool) -> bool:
+    """Cancel when any rank asks (every rank must then save together)."""
+    if not dist_ctx.active:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=dist_ctx.device)
+    import torch.distributed as dist
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _average_grads(params, world: int) -> None:
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
+
+
+def _seed_globals(seed: int, step: int, rank: int) -> None:
+    """Global generators (anything a model draws without the step generator) depend on (seed, step, rank)."""
+    s = derive_seed(seed, "global", step, rank)
+    random.seed(s)
+    np.random.seed(s % (2 ** 32))
+    torch.manual_seed(s)
