@@ -139,7 +139,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         cmd = [sys.executable, "-m", "training", "--config", str(conf)]
         if nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--master_port", "0", "-m", "training", "--config", str(conf)]
+                   "--standalone", "-m", "training", "--config", str(conf)]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
