@@ -37,6 +37,7 @@ from . import common
 log = logging.getLogger(__name__)
 
 DIT_FOLDER = "diffusion_models"
+LORA_FOLDER = "loras"
 TEXT_FOLDER = "text_encoders"
 CONTEXT_FOLDER = "dreamidv"
 DEVICE_CHOICES = ("auto", "auto_offload", "cpu")
@@ -139,13 +140,24 @@ _CACHE: "weakref.WeakValueDictionary[tuple, LoadedDiT]" = weakref.WeakValueDicti
 _CACHE_LOCK = threading.Lock()
 
 
+def lora_key(lora: str, strength: float) -> tuple:
+    """Cache-key part of a LoRA choice: () for none, else (path, size, mtime, strength)."""
+    if not lora or lora == NONE or float(strength) == 0.0:
+        return ()
+    path = common.resolve_model_file(LORA_FOLDER, lora, "a DreamID-V LoRA file (lora.safetensors from DreamIDVIRLFineTune)")
+    st = path.stat()
+    return (str(path), st.st_size, st.st_mtime_ns, float(strength))
+
+
 def load_model(name: str, weight_dtype: str = "bf16", attention: str = "sdpa", device: str = "auto",
-               offload_blocks: int = 0) -> LoadedDiT:
-    """The DiT of ``diffusion_models/<name>``; the same object again while anything (ComfyUI's output
-    cache, another node) still holds it. When nothing does, it is garbage-collected."""
+               offload_blocks: int = 0, lora: str = NONE, lora_strength: float = 1.0) -> LoadedDiT:
+    """The DiT of ``diffusion_models/<name>`` (with ``loras/<lora>`` merged at ``lora_strength``); the
+    same object again while anything (ComfyUI's output cache, another node) still holds it. When nothing
+    does, it is garbage-collected."""
     path = common.resolve_model_file(DIT_FOLDER, name, expected_dit_names())
     st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns, weight_dtype, attention, device, offload_blocks)
+    lkey = lora_key(lora, lora_strength)
+    key = (str(path), st.st_size, st.st_mtime_ns, weight_dtype, attention, device, offload_blocks) + lkey
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
         if cached is not None:
@@ -156,6 +168,11 @@ def load_model(name: str, weight_dtype: str = "bf16", attention: str = "sdpa", d
         except CheckpointError as exc:
             raise CheckpointError(path, f"{exc.problem}. DreamIDVModelLoader needs a DreamID-V checkpoint in "
                                         f"{common.folder_hint(DIT_FOLDER)}: {expected_dit_names()}") from None
+        if lkey:
+            from training.lora import apply_lora_file
+
+            patched = apply_lora_file(dit, lkey[0], strength=lkey[3])
+            log.info("DreamID-V: applied LoRA %s (strength %g) to %d layers", lora, lkey[3], len(patched))
         patcher = comfy.model_patcher.ModelPatcher(dit, load_device=load_device, offload_device=offload_device)
         handle = LoadedDiT(patcher=patcher, name=name, path=str(path), key="|".join(map(str, key)),
                            offload_after=(device == "auto_offload"), offload_blocks=offload_blocks)
@@ -195,6 +212,12 @@ class DreamIDVModelLoader(io.ComfyNode):
                              tooltip="Keep this many of the 30 transformer blocks in CPU RAM and stream each in "
                                      "just before it runs (for 8-12 GB cards: 15-30; saves ~107 MB per block in "
                                      "bf16, nothing below 3). Output is identical; slower by the copy time."),
+                io.Combo.Input("lora", options=[NONE] + common.model_choices(LORA_FOLDER, (".safetensors",)),
+                               default=NONE, optional=True,
+                               tooltip=f"A DreamID-V LoRA in models/{LORA_FOLDER} (lora.safetensors from the "
+                                       "DreamIDVIRLFineTune checkpoint folder), merged into the weights at load."),
+                io.Float.Input("lora_strength", default=1.0, min=-4.0, max=4.0, step=0.05, optional=True,
+                               tooltip="How much of the LoRA to merge (1: as trained; 0: none)."),
             ],
             outputs=[common.DreamIDVModel.Output(display_name="model")],
         )
@@ -206,8 +229,9 @@ class DreamIDVModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, weight_dtype="bf16", attention="sdpa", device="auto",
-                offload_blocks=0) -> io.NodeOutput:
-        return io.NodeOutput(load_model(model_name, weight_dtype, attention, device, offload_blocks))
+                offload_blocks=0, lora=NONE, lora_strength=1.0) -> io.NodeOutput:
+        return io.NodeOutput(load_model(model_name, weight_dtype, attention, device, offload_blocks, lora,
+                                        lora_strength))
 
 
 # ------------------------------------------------------------------------------------------------ text

@@ -1,9 +1,22 @@
 """``python -m training --config cfg.json|cfg.toml [--resume]`` (also under ``torchrun --nproc_per_node=N``).
 
-Config keys: ``model`` (a DiT checkpoint path, or ``"tiny"`` for tests), ``model_seed`` (tiny only),
-``dataset`` (a dataset folder, or ``"toy"``), ``dataset_size`` (toy only), ``loss`` (``"toy"``; the
-real objective plugs in here), ``losses_out`` (optional JSON file the losses are written to, rank 0),
-and every :class:`training.trainer.TrainConfig` field under ``train``.
+Config keys:
+
+- ``model``: a DiT checkpoint path (:func:`dreamidv_core.checkpoints.load_dit`, ``weight_dtype``
+  default fp32), or ``"tiny"`` (``tiny_config('full', text_dim=32)``, ``model_seed``) for tests;
+- ``dataset``: a dataset folder (training/DATASET.md) or ``{"root", "width", "height", "frames", "seed"}``
+  (defaults 832, 480, 81, 0); ``"toy"`` + ``dataset_size`` + ``loss: "toy"`` is the trainer's smoke test;
+- ``vae``: a Wan 2.1 VAE file (:func:`dreamidv_core.vae.load_wan_vae`) or ``"tiny"`` (``vae_seed``);
+- ``context``: a precomputed text-context file (:func:`dreamidv_core.text_context.load_precomputed_context`)
+  or ``"random:<dim>"`` (``context_seed``, 8 tokens) for tests;
+- ``stages``: the curriculum, ``[{"stage": "synthetic"|"real"|"irl", "steps": n}, ...]``; or ``stage``:
+  one stage run for ``train.steps`` steps;
+- ``identity_encoder``: ``"insightface:<pack folder>"`` (ArcFace) or ``"colour"`` (test stand-in); needed
+  by ``irl``;
+- ``objective``: :class:`training.objective.FlowMatchingObjective` settings (shift, identity_dropout,
+  timestep_sampling, logit_mean, logit_std); ``irl``: ``{"delta": 0.1, "frames_per_chunk": 1}``;
+- ``train``: every :class:`training.trainer.TrainConfig` field;
+- ``losses_out``: optional JSON file the losses are written to (rank 0).
 """
 from __future__ import annotations
 
@@ -34,9 +47,105 @@ def build_model(cfg: dict):
     spec = cfg.get("model", "tiny")
     if spec == "tiny":
         from .toy import tiny_model
-        return tiny_model(int(cfg.get("model_seed", 0)))
+        return tiny_model(int(cfg.get("model_seed", 0)), text_dim=32)
+    if not isinstance(spec, str) or not spec:
+        raise InputError(f"model: expected a DiT checkpoint path or 'tiny', got {spec!r}")
     from dreamidv_core.checkpoints import load_dit
     return load_dit(spec, weight_dtype=cfg.get("weight_dtype", "fp32"))
+
+
+def build_vae(cfg: dict):
+    spec = cfg.get("vae")
+    if spec == "tiny":
+        import torch
+        from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
+        torch.manual_seed(int(cfg.get("vae_seed", 0)))
+        return WanVAE(TINY_VAE_CONFIG).eval()
+    if not isinstance(spec, str) or not spec:
+        raise InputError(f"vae: expected a Wan 2.1 VAE file (Wan2.1_VAE.pth / wan_2.1_vae.safetensors) or 'tiny', "
+                         f"got {spec!r}")
+    from dreamidv_core.vae import load_wan_vae
+    return load_wan_vae(spec)
+
+
+def build_context(cfg: dict, text_dim: int):
+    spec = cfg.get("context")
+    if isinstance(spec, str) and spec.startswith("random:"):
+        import torch
+        try:
+            dim = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise InputError(f"context: 'random:<dim>' needs an integer dim, got {spec!r}") from None
+        if dim != text_dim:
+            raise InputError(f"context: {spec!r} has width {dim} but the model's text_dim is {text_dim}")
+        return torch.randn(8, dim, generator=torch.Generator().manual_seed(int(cfg.get("context_seed", 0))))
+    if not isinstance(spec, str) or not spec:
+        raise InputError(f"context: expected a precomputed text-context file or 'random:<dim>', got {spec!r}")
+    from dreamidv_core.text_context import load_precomputed_context
+    return load_precomputed_context(spec, text_dim=text_dim)
+
+
+def build_identity_encoder(cfg: dict):
+    spec = cfg.get("identity_encoder")
+    if spec is None:
+        return None
+    from .stages import colour_identity_encoder, insightface_identity_encoder
+    if spec == "colour":
+        return colour_identity_encoder
+    if isinstance(spec, str) and spec.startswith("insightface:") and spec.split(":", 1)[1]:
+        return insightface_identity_encoder(spec.split(":", 1)[1])
+    raise InputError(f"identity_encoder: expected 'insightface:<pack folder>' or 'colour', got {spec!r}")
+
+
+def build_stages(cfg: dict, steps: int) -> list:
+    if "stages" in cfg and "stage" in cfg:
+        raise InputError("give either 'stages' (a curriculum) or 'stage' (one stage), not both")
+    if "stages" in cfg:
+        return cfg["stages"]
+    return [{"stage": cfg.get("stage", "synthetic"), "steps": steps}]
+
+
+def _section(cfg: dict, key: str, allowed: tuple) -> dict:
+    value = cfg.get(key, {})
+    if not isinstance(value, dict):
+        raise InputError(f"{key}: expected a table of settings, got {value!r}")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise InputError(f"{key}: unknown settings {unknown}; known: {list(allowed)}")
+    return value
+
+
+def run_stages(cfg: dict, tc, progress):
+    """The real objective: the curriculum (or one stage) on a dataset folder."""
+    from .objective import FlowMatchingObjective
+    from .stages import parse_stages, run_curriculum
+
+    if cfg.get("loss", "stages") != "stages":
+        raise InputError(f"loss: {cfg['loss']!r} is unknown; use 'toy' (with dataset 'toy') or leave it out "
+                         "to train the stages")
+    spec = cfg.get("dataset")
+    if isinstance(spec, str) and spec:
+        spec = {"root": spec}
+    if not isinstance(spec, dict) or not spec.get("root"):
+        raise InputError(f"dataset: expected a dataset folder or {{'root', 'width', 'height', 'frames', 'seed'}}, "
+                         f"got {cfg.get('dataset')!r}")
+    data = _section({"dataset": spec}, "dataset", ("root", "width", "height", "frames", "seed"))
+    stages = parse_stages(build_stages(cfg, tc.steps))
+    obj = FlowMatchingObjective(**_section(cfg, "objective", ("shift", "identity_dropout", "timestep_sampling",
+                                                               "logit_mean", "logit_std")))
+    irl = _section(cfg, "irl", ("delta", "frames_per_chunk"))
+    encoder = build_identity_encoder(cfg)
+    if encoder is None and any(s["stage"] == "irl" for s in stages):
+        raise InputError("identity_encoder: stage 'irl' needs 'insightface:<pack folder>' (or 'colour' for tests)")
+    model = build_model(cfg)
+    vae = build_vae(cfg)
+    context = build_context(cfg, model.cfg.text_dim)
+    return run_curriculum(model, data["root"], stages, tc, vae, context, encoder,
+                          width=int(data.get("width", 832)), height=int(data.get("height", 480)),
+                          frames=data.get("frames", 81), progress=progress, objective=obj,
+                          identity_delta=float(irl.get("delta", 0.1)),
+                          frames_per_chunk=int(irl.get("frames_per_chunk", 1)),
+                          dataset_seed=int(data.get("seed", 0)))
 
 
 def build_dataset(cfg: dict):
@@ -73,10 +182,13 @@ def main(argv=None) -> int:
         tc = TrainConfig.from_dict(dict(cfg.get("train", {})))
         if args.resume:
             tc.resume = True
-        model, dataset, loss_fn = build_model(cfg), build_dataset(cfg), build_loss(cfg)
         rank = int(os.environ.get("RANK", "0"))
         progress = (lambda s, n, loss: print(f"step {s}/{n} loss {loss:.6f}", flush=True)) if rank == 0 else None
-        result = train(model, dataset, loss_fn, tc, progress=progress)
+        if cfg.get("loss", "stages") == "toy" or cfg.get("dataset") == "toy":
+            model, dataset, loss_fn = build_model(cfg), build_dataset(cfg), build_loss(cfg)
+            result = train(model, dataset, loss_fn, tc, progress=progress)
+        else:
+            result = run_stages(cfg, tc, progress)
         if rank == 0 and cfg.get("losses_out"):
             Path(cfg["losses_out"]).write_text(json.dumps({"losses": result.losses, "steps": result.steps,
                                                             "last_checkpoint": str(result.last_checkpoint)}))

@@ -1,0 +1,191 @@
+"""Training-step benchmark (prints figures; not a test): seconds per optimizer step and peak memory of
+:func:`training.trainer.train` with the real objective (``training.stages.make_loss_fn("synthetic")``:
+frozen-VAE encoding of the driving video, mask, reference and supervision video, PoseGuider, flow
+matching with identity dropout), random weights and random pixels, full fine-tuning and LoRA.
+
+Each configuration runs in a fresh process; peak memory = the process's max RSS (and on CUDA
+``torch.cuda.max_memory_allocated``). s/step = median of the step times after ``--warmup`` steps.
+
+    python benchmarks/bench_train.py                          # tiny and mid-size configs on this CPU
+    python benchmarks/bench_train.py --released --device cuda # the 1.3B config at 480p (832x480), random weights:
+                                                              # LoRA and full fine-tuning, bf16 autocast,
+                                                              # gradient checkpointing, the full Wan 2.1 VAE
+    python benchmarks/bench_train.py --released --device cuda --frames 81 --steps 4
+
+CPU configs: ``tiny`` = tiny_config('full') with the tiny VAE at 9 frames of 64x48; ``mid`` = dim 512,
+4 blocks, 4 heads of 128, with the tiny VAE at 9 frames of 128x128. The VAE is frozen and runs under
+no_grad in every step (it is part of the step's cost).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+CPU_CONFIGS = {
+    "tiny": {"frames": 9, "width": 64, "height": 48},
+    "mid": {"frames": 9, "width": 128, "height": 128},
+}
+
+
+def build(name: str, device: str):
+    import torch
+
+    from dreamidv_core.configs import DREAMIDV_1_3B, DiTConfig, tiny_config
+    from dreamidv_core.dit import DreamIDVTransformer, init_random_
+    from dreamidv_core.vae import TINY_VAE_CONFIG, WAN21_VAE_CONFIG, WanVAE
+
+    if name == "tiny":
+        cfg, vae_cfg = tiny_config("full", text_dim=32), TINY_VAE_CONFIG
+    elif name == "mid":
+        cfg = DiTConfig(variant="full", dim=512, ffn_dim=2048, num_heads=4, num_layers=4, text_dim=64, text_len=32,
+                        cross_attn_pose=False)
+        vae_cfg = TINY_VAE_CONFIG
+    elif name == "released":
+        cfg, vae_cfg = DREAMIDV_1_3B, WAN21_VAE_CONFIG
+    else:
+        raise ValueError(name)
+    with torch.device(device):
+        model = init_random_(DreamIDVTransformer(cfg), seed=0)
+        vae = WanVAE(vae_cfg).eval().requires_grad_(False)
+    if name == "released":
+        vae = vae.to(torch.bfloat16) if device == "cuda" else vae
+    return cfg, model, vae
+
+
+class RandomSamples:
+    """Dataset items shaped like training.dataset.DreamIDVDataset's, random pixels."""
+
+    def __init__(self, n, frames, height, width):
+        self.n, self.shape = n, (frames, height, width)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        import torch
+
+        g = torch.Generator().manual_seed(i)
+        f, h, w = self.shape
+        return {"video": torch.rand(3, f, h, w, generator=g) * 2 - 1, "mask": (torch.rand(1, f, h, w, generator=g) > 0.5)
+                .float().expand(3, -1, -1, -1).contiguous(), "pose": torch.rand(3, f, h, w, generator=g),
+                "identity": torch.rand(3, 1, h, w, generator=g) * 2 - 1,
+                "target": torch.rand(3, f, h, w, generator=g) * 2 - 1, "index": i}
+
+
+def child(args) -> dict:
+    import torch
+
+    from training.trainer import TrainConfig, train
+
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    cfg, model, vae = build(args.config, args.device)
+    frames, width, height = args.frames, args.width, args.height
+    context = torch.randn(8, cfg.text_dim, generator=torch.Generator().manual_seed(0)).to(args.device)
+    try:
+        from training.stages import make_loss_fn
+        loss_fn = make_loss_fn("synthetic", vae, context)
+        objective_name = "training.stages.make_loss_fn('synthetic')"
+    except ImportError:  # the stages module is not there: the same objective, built directly
+        from training.objective import FlowMatchingObjective, encode_conditioning
+        objective = FlowMatchingObjective()
+
+        def loss_fn(m, batch, generator):
+            with torch.no_grad():
+                cond = encode_conditioning(vae, batch["video"].add(1).div(2), batch["mask"],
+                                           batch["identity"][:, :, 0].add(1).div(2), context, pose=batch["pose"])
+                z = vae.encode(batch["target"])
+            return objective.loss(m, z, cond, generator)
+        objective_name = "training.objective.FlowMatchingObjective"
+    steps = args.warmup + args.steps
+    config = TrainConfig(steps=steps, lr=1e-5, batch_size=1, trainable=args.trainable, lora_rank=args.lora_rank,
+                         lora_alpha=float(args.lora_rank), gradient_checkpointing=args.gradient_checkpointing,
+                         autocast=args.autocast, parallel="ddp" if args.device == "cpu" else "auto")
+    stamps = []
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def progress(step, total, loss):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    result = train(model, RandomSamples(steps, frames, height, width), loss_fn, config, progress=progress)
+    times = [b - a for a, b in zip([t0] + stamps[:-1], stamps)][args.warmup:]
+    times.sort()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out = {"s_per_step": times[len(times) // 2], "first_step_s": stamps[0] - t0,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "trainable_m": n_train / 1e6,
+           "tokens": ((frames - 1) // 4 + 1) * (height // 16) * (width // 16), "last_loss": result.losses[-1],
+           "objective": objective_name}
+    if args.device == "cuda":
+        out["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--released", action="store_true", help="the released 1.3B config (random weights) at 480p")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--configs", nargs="+", default=list(CPU_CONFIGS), choices=list(CPU_CONFIGS))
+    ap.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--frames", type=int, default=None, help="frames per sample (released default 33)")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--trainable", help=argparse.SUPPRESS)
+    ap.add_argument("--width", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--height", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--autocast", default="none", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    if args.released:
+        runs = [("released", {"frames": args.frames or 33, "width": 832, "height": 480})]
+        extra = ["--gradient-checkpointing", "--autocast", "bf16"] if args.device == "cuda" else ["--gradient-checkpointing"]
+    else:
+        runs = [(c, dict(CPU_CONFIGS[c], **({"frames": args.frames} if args.frames else {}))) for c in args.configs]
+        extra = []
+    print(f"training-step benchmark on {args.device}, {args.threads if args.device == 'cpu' else 'all'} threads, "
+          f"batch 1, AdamW, {args.steps} timed steps after {args.warmup} warm-up; each row a fresh process")
+    print(f"{'config':>9} {'mode':>5} {'clip':>12} {'tokens':>7} {'params M':>9} {'trained M':>10} {'s/step':>8} "
+          f"{'1st step s':>10} {'peak RSS MB':>12}" + (f" {'CUDA peak GB':>13}" if args.device == "cuda" else ""))
+    objective = "?"
+    for name, size in runs:
+        for mode in args.modes:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", "--config", name, "--trainable", mode,
+                   "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--frames", str(size["frames"]), "--width", str(size["width"]), "--height", str(size["height"]),
+                   "--lora-rank", str(args.lora_rank), "--threads", str(args.threads)] + extra
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{name:>9} {mode:>5} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            objective = r["objective"]
+            clip = f"{size['frames']}x{size['width']}x{size['height']}"
+            print(f"{name:>9} {mode:>5} {clip:>12} {r['tokens']:>7} {r['params_m']:>9.2f} {r['trainable_m']:>10.3f} "
+                  f"{r['s_per_step']:>8.3f} {r['first_step_s']:>10.2f} {r['peak_rss_mb']:>12.0f}"
+                  + (f" {r['cuda_peak_gb']:>13.2f}" if args.device == "cuda" else ""))
+    print(f"objective: {objective}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

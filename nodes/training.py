@@ -1,0 +1,260 @@
+"""DreamID-V node: fine-tuning (synthetic, real-augmentation, Identity-Coherence RL, or the curriculum).
+
+``DreamIDVIRLFineTune``: model + VAE + text context + a dataset folder (training/DATASET.md) -> the tuned
+model (a new DREAMIDV_MODEL; the input model is never modified: its weights are copied first), a
+loss-curve image and the path of the last checkpoint (safetensors; for LoRA it holds ``lora.safetensors``,
+which DreamIDVModelLoader's ``lora`` option applies).
+
+The training itself is :func:`training.stages.run_curriculum` (one checkpoint folder per stage under the
+checkpoint folder; ``resume`` continues the last run there). ComfyUI's Cancel stops training before the
+next step: the trainer saves a resumable checkpoint, then the node raises ComfyUI's interruption.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from dreamidv_core.adapters import PixelSpaceVAE
+from dreamidv_core.errors import Cancelled, InputError
+
+from . import common
+from .loaders import LoadedDiT
+from .sampler import conditioning_context
+
+log = logging.getLogger(__name__)
+
+STAGE_CHOICES = ("synthetic", "real", "irl", "curriculum")
+CURRICULUM = ("synthetic", "real", "irl")
+TRAINS = ("lora", "pose", "full")
+DEFAULT_CHECKPOINT_DIR = "dreamidv_training"
+
+
+def _stages():
+    """training.stages, imported when a run starts (the pack loads without the training extras)."""
+    from training import stages
+    return stages
+
+
+def resolve_checkpoint_folder(value: str) -> Path:
+    """An absolute path as given; a relative one under ComfyUI's output folder."""
+    value = (value or "").strip() or DEFAULT_CHECKPOINT_DIR
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else Path(folder_paths.get_output_directory()) / path
+
+
+def resolve_dataset_folder(value: str) -> Path:
+    """The dataset folder, or an InputError naming it and what was expected."""
+    raw = (value or "").strip()
+    if not raw:
+        raise InputError("dataset_folder: empty; give the folder of training samples (format: training/DATASET.md)")
+    path = Path(os.path.expanduser(raw))
+    if not path.is_dir():
+        raise InputError(f"dataset_folder '{raw}' is not a folder; give a folder of sample folders "
+                         "(identity.png, driving.mp4, mask.mp4, target.mp4, record.json: training/DATASET.md)")
+    return path
+
+
+def stage_plan(stage: str, steps: int) -> List[dict]:
+    """``[{"stage", "steps"}]``: one stage, or synthetic -> real -> irl with ``steps`` each."""
+    if stage == "curriculum":
+        return [{"stage": s, "steps": int(steps)} for s in CURRICULUM]
+    if stage not in STAGE_CHOICES:
+        raise InputError(f"stage must be one of {', '.join(STAGE_CHOICES)}, got '{stage}'")
+    return [{"stage": stage, "steps": int(steps)}]
+
+
+def trainable_copy(model) -> torch.nn.Module:
+    """A deep copy of ``model.dit`` with ordinary (grad-capable) tensors, even when the input was loaded
+    under ComfyUI's ``torch.inference_mode`` (inference tensors cannot take part in autograd)."""
+    with torch.inference_mode(False):
+        dit = copy.deepcopy(model.dit)
+        with torch.no_grad():
+            for mod in dit.modules():
+                for name, p in list(mod._parameters.items()):
+                    if p is not None:
+                        mod._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                for name, b in list(mod._buffers.items()):
+                    if b is not None:
+                        mod._buffers[name] = b.detach().clone()
+    return dit
+
+
+def plot_losses(losses: Sequence[float], boundaries: Sequence[int] = (), width: int = 640,
+                height: int = 320) -> np.ndarray:
+    """Loss per step as a line plot -> uint8 [height, width, 3] (stage boundaries as vertical lines)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, width - 15, 25, height - 35
+    d.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+    vals = np.asarray([v for v in losses], np.float64)
+    finite = vals[np.isfinite(vals)]
+    d.text((left, 5), f"training loss ({len(vals)} steps)", fill=(0, 0, 0))
+    if finite.size:
+        lo, hi = float(finite.min()), float(finite.max())
+        if hi - lo < 1e-12:
+            lo, hi = lo - 0.5, hi + 0.5
+        n = max(1, len(vals) - 1)
+
+        def xy(i, v):
+            return (left + (right - left) * i / n, bottom - (bottom - top) * (v - lo) / (hi - lo))
+        for b in boundaries:
+            x = left + (right - left) * b / n
+            d.line([x, top, x, bottom], fill=(190, 190, 190))
+        pts = [xy(i, v) for i, v in enumerate(vals) if np.isfinite(v)]
+        if len(pts) > 1:
+            d.line(pts, fill=(30, 90, 200), width=2)
+        for p in pts if len(pts) <= 60 else []:
+            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=(30, 90, 200))
+        d.text((5, top), f"{hi:.4g}", fill=(0, 0, 0))
+        d.text((5, bottom - 10), f"{lo:.4g}", fill=(0, 0, 0))
+        d.text((left, bottom + 8), "step 1", fill=(0, 0, 0))
+        d.text((right - 60, bottom + 8), f"step {len(vals)}", fill=(0, 0, 0))
+    return np.array(img, np.uint8)
+
+
+class DreamIDVIRLFineTune(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from dreamidv_core import identity as face_core
+
+        return io.Schema(
+            node_id="DreamIDVIRLFineTune",
+            display_name="DreamID-V Fine-Tune (IRL)",
+            category=common.CATEGORY,
+            description="Fine-tunes a DreamID-V model on a dataset folder: synthetic pairs, real augmentation, "
+                        "Identity-Coherence RL, or all three in order. Returns a tuned copy (the input model is "
+                        "unchanged), the loss curve and the checkpoint folder.",
+            is_output_node=True,
+            inputs=[
+                common.DreamIDVModel.Input("model", tooltip="From DreamIDVModelLoader (weight_dtype fp32 or bf16 to "
+                                                            "train the full model; any for LoRA)."),
+                io.Vae.Input("vae", tooltip="The Wan 2.1 VAE (frozen; encodes the videos, decodes frames for IRL)."),
+                io.Conditioning.Input("positive", tooltip="The text context of \"chang face\" (DreamIDVTextContext)."),
+                io.Combo.Input("stage", options=list(STAGE_CHOICES), default="curriculum",
+                               tooltip="synthetic: forward samples, supervised by the generated video; real: backward "
+                                       "samples, supervised by the real video; irl: Identity-Coherence RL (chunks "
+                                       "with a weaker ArcFace identity weigh more); curriculum: the three in order, "
+                                       "'steps' each."),
+                io.String.Input("dataset_folder", default="",
+                                tooltip="Folder of sample folders (identity.png, driving.mp4, mask.mp4, target.mp4, "
+                                        "pose.mp4 or keypoints.json, record.json: see training/DATASET.md)."),
+                io.Int.Input("steps", default=200, min=1, max=1000000,
+                             tooltip="Optimizer steps (per stage for the curriculum)."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-6,
+                               tooltip="AdamW learning rate (LoRA: 1e-4; full or pose: 1e-5 or less)."),
+                io.Combo.Input("trains", options=list(TRAINS), default="lora",
+                               tooltip="lora: low-rank adapters on attention and FFN (small file, saved as "
+                                       "lora.safetensors for the loader's lora option); pose: the pose branch only "
+                                       "(full model); full: every weight (needs the most memory)."),
+                io.Int.Input("lora_rank", default=16, min=1, max=512, tooltip="LoRA rank (alpha = rank)."),
+                io.Int.Input("width", default=832, min=16, max=4096, step=16,
+                             tooltip="Training area width: samples are resized (down only) into width x height, "
+                                     "as the sampler does."),
+                io.Int.Input("height", default=480, min=16, max=4096, step=16, tooltip="Training area height."),
+                io.Int.Input("frames", default=81, min=5, max=1001, step=4,
+                             tooltip="Frames per training clip (4n+1); longer samples give a random window."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
+                             tooltip="Seed of data order, noise and timesteps (same seed: same run)."),
+                io.String.Input("checkpoint_folder", default=DEFAULT_CHECKPOINT_DIR,
+                                tooltip="Where checkpoints go: a relative path is under ComfyUI's output folder. One "
+                                        "sub-folder per stage."),
+                io.Boolean.Input("resume", default=True,
+                                 tooltip="Continue the run saved in checkpoint_folder (after an interrupt) instead of "
+                                         "starting over."),
+                io.Combo.Input("insightface_pack", options=list(face_core.PACK_NAMES), default="antelopev2",
+                               optional=True,
+                               tooltip="ArcFace for the irl stage: insightface pack in models/insightface/models/<pack>/."),
+                io.Combo.Input("provider", options=list(face_core.PROVIDERS), default="CPU", optional=True,
+                               tooltip="onnxruntime device for insightface (irl stage)."),
+            ],
+            outputs=[common.DreamIDVModel.Output(display_name="model"),
+                     io.Image.Output("loss_curve", display_name="loss_curve", tooltip="Loss per step."),
+                     io.String.Output("checkpoint", display_name="checkpoint",
+                                      tooltip="The last checkpoint folder (model.safetensors / lora.safetensors).")],
+        )
+
+    @classmethod
+    def identity_encoder(cls, pack: str, provider: str):
+        from dreamidv_core import identity as face_core
+
+        pack_dir = face_core.find_pack(folder_paths.get_folder_paths("insightface"), pack)
+        return _stages().insightface_identity_encoder(pack_dir, provider)
+
+    @classmethod
+    def execute(cls, model, vae, positive, stage, dataset_folder, steps, learning_rate, trains, lora_rank,
+                width, height, frames, seed, checkpoint_folder, resume, insightface_pack="antelopev2",
+                provider="CPU") -> io.NodeOutput:
+        if not isinstance(model, LoadedDiT):
+            raise InputError(f"model: expected the output of DreamIDVModelLoader, got {type(model).__name__}")
+        if trains not in TRAINS:
+            raise InputError(f"trains must be one of {', '.join(TRAINS)}, got '{trains}'")
+        if trains == "pose" and not model.dit.cfg.has_pose:
+            raise InputError("trains=pose needs the full DreamID-V model (the faster one has no pose branch)")
+        root = resolve_dataset_folder(dataset_folder)
+        plan = stage_plan(stage, steps)
+        stages = _stages()
+        from training.trainer import TrainConfig
+
+        context = conditioning_context(positive, model.dit.cfg.text_dim)
+        encoder = cls.identity_encoder(insightface_pack, provider) if any(p["stage"] == "irl" for p in plan) else None
+        out_dir = resolve_checkpoint_folder(checkpoint_folder)
+        config = TrainConfig(steps=int(steps), lr=float(learning_rate), trainable=trains, lora_rank=int(lora_rank),
+                             lora_alpha=float(lora_rank), checkpoint_dir=str(out_dir), seed=int(seed),
+                             resume=bool(resume), autocast="none")
+        total = sum(p["steps"] for p in plan)
+        bar = comfy.utils.ProgressBar(total)
+        seen: List[float] = []
+
+        def progress(step, n, loss):  # step counts over the whole curriculum
+            seen.append(float(loss))
+            bar.update_absolute(min(int(step), total), total)
+
+        def cancel() -> bool:
+            return mm.processing_interrupted()
+
+        with torch.inference_mode(False), torch.enable_grad():
+            dit = trainable_copy(model)
+            try:
+                result = stages.run_curriculum(dit, root, plan, config, PixelSpaceVAE(vae), context,
+                                               identity_encoder=encoder, width=int(width), height=int(height),
+                                               frames=int(frames), progress=progress, cancel=cancel)
+            except Cancelled as exc:
+                log.info("DreamID-V: %s", exc)
+                mm.throw_exception_if_processing_interrupted()
+                raise mm.InterruptProcessingException() from None
+            if trains == "lora":
+                from training.lora import remove_lora
+                remove_lora(dit, merge=True)
+            for p in dit.parameters():
+                p.requires_grad_(False)
+            dit.eval()
+        dit.to(model.patcher.offload_device)
+        losses = list(getattr(result, "losses", None) or seen)
+        bounds, acc = [], 0
+        for p in plan[:-1]:
+            acc += p["steps"]
+            bounds.append(acc)
+        curve = torch.from_numpy(plot_losses(losses, bounds)).float().div(255)[None]
+        ckpt = getattr(result, "last_checkpoint", None)
+        patcher = comfy.model_patcher.ModelPatcher(dit, load_device=model.patcher.load_device,
+                                                   offload_device=model.patcher.offload_device)
+        tuned = LoadedDiT(patcher=patcher, name=f"{model.name} (tuned {stage}/{trains})", path=str(ckpt or ""),
+                          key=f"{model.key}|tuned|{ckpt}|{len(losses)}", offload_after=model.offload_after)
+        return io.NodeOutput(tuned, curve, str(ckpt or ""))
+
+
+NODES = [DreamIDVIRLFineTune]

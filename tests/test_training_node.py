@@ -1,0 +1,289 @@
+"""The fine-tune node (DreamIDVIRLFineTune) and the loader's LoRA option, on tiny models in-process:
+training returns a changed copy and leaves the input model alone, Cancel saves a checkpoint that resume
+continues, a saved LoRA applied by the loader equals the tuned model, bad folders fail clearly, and
+``workflows/dreamidv_irl_finetune.json`` matches the node schemas.
+
+Regenerate the workflow (no server needed; schemas come from the classes):
+    COMFYUI_DIR=.cache/ComfyUI .venv/bin/python -m tests.test_training_node
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreamidv_core.checkpoints import save_dit
+from dreamidv_core.configs import tiny_config
+from dreamidv_core.dit import DreamIDVTransformer, init_random_
+from dreamidv_core.errors import InputError
+from dreamidv_core.vae import WanVAE, WanVAEConfig
+from tests.synthetic_data import write_synthetic_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOW = REPO / "workflows" / "dreamidv_irl_finetune.json"
+AREA = dict(width=48, height=32, frames=5)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(autouse=True)
+def _training_nodes(pack):
+    """``pack.nodes.training`` (imported here too, in case nodes/__init__ does not list it)."""
+    import importlib
+
+    importlib.import_module(pack.__name__ + ".nodes.training")
+@pytest.fixture(scope="module")
+def comfy_vae(comfy):
+    """ComfyUI's VAE around a tiny random Wan 2.1 VAE (what VAELoader would give)."""
+    import comfy.sd
+
+    torch.manual_seed(0)
+    ours = WanVAE(WanVAEConfig(dim=8, num_res_blocks=2)).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return comfy.sd.VAE(sd={k: v.clone() for k, v in ours.state_dict().items()})
+
+
+@pytest.fixture
+def dirs(comfy, tmp_path):
+    """diffusion_models / loras / output folders registered in folder_paths, plus a small dataset."""
+    import folder_paths
+
+    keys = ("diffusion_models", "loras")
+    saved = {k: folder_paths.folder_names_and_paths.get(k) for k in keys}
+    saved_out = folder_paths.get_output_directory()
+    out = {}
+    for k in keys:
+        out[k] = tmp_path / k
+        out[k].mkdir()
+        folder_paths.folder_names_and_paths[k] = ([str(out[k])], {".safetensors"})
+    out["output"] = tmp_path / "output"
+    folder_paths.set_output_directory(str(out["output"]))
+    folder_paths.filename_list_cache.clear()
+    out["data"] = tmp_path / "data"
+    write_synthetic_dataset(out["data"], 2, frames=5, size=(32, 48), seed=1, direction="mixed")
+    model = DreamIDVTransformer(tiny_config("full", text_dim=4096))
+    init_random_(model, seed=0)
+    save_dit(model, out["diffusion_models"] / "dreamidv.safetensors")
+    yield out
+    for k, v in saved.items():
+        if v is None:
+            folder_paths.folder_names_and_paths.pop(k, None)
+        else:
+            folder_paths.folder_names_and_paths[k] = v
+    folder_paths.set_output_directory(saved_out)
+    folder_paths.filename_list_cache.clear()
+
+
+def load(pack, **kw):
+    with torch.inference_mode():  # as ComfyUI runs every node
+        return pack.nodes.loaders.DreamIDVModelLoader.execute("dreamidv.safetensors", "fp32", "sdpa", "cpu",
+                                                              **kw).result[0]
+
+
+def positive():
+    return [[torch.randn(3, 4096, generator=torch.Generator().manual_seed(5))[None], {"pooled_output": None}]]
+
+
+def finetune(pack, model, vae, data, **kw):
+    args = dict(stage="synthetic", dataset_folder=str(data), steps=2, learning_rate=1e-3, trains="full",
+                lora_rank=4, seed=0, checkpoint_folder="ft", resume=False, **AREA)
+    args.update(kw)
+    with torch.inference_mode():
+        return pack.nodes.training.DreamIDVIRLFineTune.execute(model, vae, positive(), **args).result
+
+
+def snapshot(dit):
+    return {k: v.detach().clone() for k, v in dit.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_finetune_returns_a_trained_copy_and_keeps_the_input(pack, dirs, comfy_vae):
+    import comfy.utils
+
+    model = load(pack)
+    before = snapshot(model.dit)
+    seen = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview=None, node_id=None: seen.append((value, total)))
+    try:
+        tuned, curve, ckpt = finetune(pack, model, comfy_vae, dirs["data"])
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert seen[-2:] == [(1, 2), (2, 2)]
+    after = snapshot(model.dit)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # input untouched
+    trained = tuned.dit.state_dict()
+    assert tuned is not model and tuned.dit is not model.dit
+    assert any(not torch.equal(before[k], trained[k]) for k in before)
+    assert not any(p.requires_grad for p in tuned.dit.parameters())
+    assert curve.shape == (1, 320, 640, 3) and 0 <= curve.min() and curve.max() <= 1
+    assert Path(ckpt).is_dir() and Path(ckpt).is_relative_to(dirs["output"] / "ft")
+    # the tuned model runs in the sampler's way (no grad) and differs from the input's output
+    x = torch.randn(1, 16, 2, 4, 6)
+    y = torch.randn(32, 2, 4, 6)
+    ctx = pack.nodes.sampler.conditioning_context(positive(), 4096)
+    outs = []
+    for dit in (model.dit, tuned.dit):
+        cond = dit.prepare(ctx, y, torch.zeros(1, 16, 1, 4, 6), None)
+        with torch.no_grad():
+            outs.append(dit(x, torch.tensor([500.0]), cond, None))
+    assert not torch.allclose(outs[0], outs[1])
+
+
+def test_interrupt_saves_and_resume_continues(pack, dirs, comfy_vae):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    model = load(pack)
+
+    def cancel_after_first(value, total, preview=None, node_id=None):
+        if value == 1:
+            mm.interrupt_current_processing(True)  # the user presses Cancel during step 2
+
+    comfy.utils.set_progress_bar_global_hook(cancel_after_first)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            finetune(pack, model, comfy_vae, dirs["data"], steps=3, checkpoint_folder=str(dirs["output"] / "run"))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    saved = sorted(p.name for p in (dirs["output"] / "run").rglob("step_*") if p.is_dir())
+    assert saved == ["step_000001"]
+    tuned, _, ckpt = finetune(pack, model, comfy_vae, dirs["data"], steps=3, resume=True,
+                              checkpoint_folder=str(dirs["output"] / "run"))
+    assert Path(ckpt).name == "step_000003"
+    straight, _, _ = finetune(pack, model, comfy_vae, dirs["data"], steps=3, checkpoint_folder=str(dirs["output"] / "b"))
+    a, b = tuned.dit.state_dict(), straight.dit.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # resumed run == uninterrupted run
+
+
+def test_loader_applies_a_trained_lora(pack, dirs, comfy_vae):
+    base = load(pack)
+    tuned, _, ckpt = finetune(pack, base, comfy_vae, dirs["data"], trains="lora", learning_rate=1e-2)
+    lora_file = Path(ckpt) / "lora.safetensors"
+    assert lora_file.is_file()
+    shutil.copy(lora_file, dirs["loras"] / "mine.safetensors")
+    import folder_paths
+    folder_paths.filename_list_cache.clear()
+    with_lora = load(pack, lora="mine.safetensors", lora_strength=1.0)
+    assert with_lora is not base and load(pack, lora="mine.safetensors", lora_strength=1.0) is with_lora  # cached
+    b, t, l = base.dit.state_dict(), tuned.dit.state_dict(), with_lora.dit.state_dict()
+    changed = [k for k in b if not torch.equal(b[k], l[k])]
+    assert changed and all(k.endswith(".weight") for k in changed)
+    assert all(torch.allclose(l[k], t[k], atol=1e-6) for k in b)  # loader + LoRA == the tuned model
+    half = load(pack, lora="mine.safetensors", lora_strength=0.5).dit.state_dict()
+    k = changed[0]
+    assert torch.allclose(half[k] - b[k], (l[k] - b[k]) / 2, atol=1e-6)
+    from dreamidv_core.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="missing.safetensors"):
+        load(pack, lora="missing.safetensors")
+
+
+def test_bad_dataset_folders_are_named(pack, dirs, comfy_vae, tmp_path):
+    model = load(pack)
+    missing = tmp_path / "no_such_folder"
+    with pytest.raises(InputError, match="no_such_folder"):
+        finetune(pack, model, comfy_vae, missing)
+    empty = tmp_path / "empty_dataset"
+    empty.mkdir()
+    with pytest.raises(InputError, match="empty_dataset"):
+        finetune(pack, model, comfy_vae, empty)
+    with pytest.raises(InputError, match="dataset_folder"):
+        finetune(pack, model, comfy_vae, "")
+    before = snapshot(model.dit)
+    assert all(torch.equal(v, model.dit.state_dict()[k]) for k, v in before.items())
+
+
+def test_schema_tooltips_and_workflow_matches(pack):
+    schema = pack.nodes.training.DreamIDVIRLFineTune.define_schema()
+    assert schema.node_id == "DreamIDVIRLFineTune" and schema.category == "DreamID-V"
+    assert all(inp.tooltip for inp in schema.inputs)
+    info = object_info(pack)
+    wf = json.loads(WORKFLOW.read_text())
+    assert wf == build_workflow(info), "workflow out of date: python -m tests.test_training_node"
+    from tests.comfy_harness import ui_to_api
+    api = ui_to_api(wf, info)
+    assert {n["class_type"] for n in api.values()} == {t for t, *_ in WF_NODES.values()}
+    ft = next(n for n in api.values() if n["class_type"] == "DreamIDVIRLFineTune")["inputs"]
+    assert ft["stage"] == "curriculum" and ft["trains"] == "lora"
+
+
+# ------------------------------------------------------------------------------------------ workflow
+# id: (type, [x, y], [w, h], title, {widget: value})
+WF_NODES = {
+    1: ("DreamIDVModelLoader", [0, 0], [330, 200], None, {"model_name": "dreamidv.safetensors"}),
+    2: ("VAELoader", [0, 250], [330, 60], None, {"vae_name": "wan_2.1_vae.safetensors"}),
+    3: ("DreamIDVTextContext", [0, 350], [330, 110], None,
+        {"text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "precomputed_context": "none"}),
+    4: ("DreamIDVIRLFineTune", [380, 0], [360, 560], None,
+        {"stage": "curriculum", "dataset_folder": "dreamidv_dataset", "trains": "lora"}),
+    5: ("PreviewImage", [790, 0], [500, 340], "Loss curve", {}),
+}
+WF_LINKS = [(1, "model", 4, "model"), (2, "VAE", 4, "vae"), (3, "positive", 4, "positive"), (4, "loss_curve", 5, "images")]
+WF_GROUPS = [("Models", [-20, -90, 370, 570], "#88A"), ("Fine-tune", [360, -90, 950, 670], "#b06634")]
+
+
+def object_info(pack) -> dict:
+    """/object_info entries for the workflow's node types, built in-process like ComfyUI's server does."""
+    import importlib
+
+    core = sys.modules.get("nodes")
+    if core is None or not hasattr(core, "NODE_CLASS_MAPPINGS"):
+        core = importlib.import_module("nodes")
+    info = {}
+    pack_nodes = {c.define_schema().node_id: c for c in
+                  [*pack.nodes.loaders.NODES, *pack.nodes.training.NODES]}
+    for type_, *_ in WF_NODES.values():
+        if type_ in pack_nodes:
+            info[type_] = pack_nodes[type_].GET_NODE_INFO_V1()
+            continue
+        cls = core.NODE_CLASS_MAPPINGS[type_]
+        inputs = cls.INPUT_TYPES()
+        info[type_] = {"input": inputs, "input_order": {k: list(v) for k, v in inputs.items()},
+                       "output": list(cls.RETURN_TYPES),
+                       "output_name": list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)}
+    return json.loads(json.dumps(info))
+
+
+def build_workflow(info: dict) -> dict:
+    """The UI-format workflow, through tests/build_workflow.py's builder with this layout."""
+    from tests import build_workflow as bw
+
+    saved = bw.NODES, bw.LINKS, bw.GROUPS, bw.CONTROL
+    bw.NODES, bw.LINKS, bw.GROUPS, bw.CONTROL = WF_NODES, WF_LINKS, WF_GROUPS, {4: "fixed"}
+    try:
+        wf = bw.build(info)
+    finally:
+        bw.NODES, bw.LINKS, bw.GROUPS, bw.CONTROL = saved
+    wf["id"] = "8c1f3b52-2e4a-4d0b-9a7e-3f1e6c5b9d20"
+    return json.loads(json.dumps(wf))
+
+
+def main() -> int:
+    """Regenerate workflows/dreamidv_irl_finetune.json."""
+    import importlib.util
+    import os
+
+    comfy_dir = Path(os.environ.get("COMFYUI_DIR", REPO / ".cache" / "ComfyUI")).resolve()
+    sys.path.insert(0, str(comfy_dir))
+    sys.modules.pop("nodes", None)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    spec = importlib.util.spec_from_file_location("comfyui_dreamidv_wf", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    import comfyui_dreamidv_wf.nodes.training  # noqa: F401  (not in nodes/__init__ until the lead adds it)
+    wf = build_workflow(object_info(mod))
+    WORKFLOW.write_text(json.dumps(wf, indent=2) + "\n")
+    print(f"wrote {WORKFLOW}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
