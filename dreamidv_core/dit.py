@@ -191,35 +191,44 @@ class DreamIDVTransformer(nn.Module):
             raise InputError("this DreamID-V checkpoint (faster variant) has no pose branch")
         return self.project_pose(pose_video.to(self.compute_dtype)).to(self.compute_dtype)
 
-    @torch.no_grad()
-    def embed_context(self, context: torch.Tensor) -> torch.Tensor:
-        """text context [L, text_dim] (L <= text_len) -> [1, text_len, C]: zero-padded, then embedded."""
-        if context.dim() == 3:
-            context = context[0]
-        if context.dim() != 2 or context.shape[-1] != self.cfg.text_dim:
-            raise InputError(f"text context must be [tokens, {self.cfg.text_dim}], got {list(context.shape)}")
-        if context.shape[0] > self.cfg.text_len:
-            raise InputError(f"text context has {context.shape[0]} tokens; at most {self.cfg.text_len} allowed")
-        padded = context.new_zeros(self.cfg.text_len, context.shape[1])
-        padded[: context.shape[0]] = context
-        return self.text_embedding(padded[None].to(self.compute_dtype))
+    def embed_context(self, context) -> torch.Tensor:
+        """Text context -> embedded, zero-padded to text_len: [L, text_dim] -> [1, text_len, C]; a batch
+        ([B, L, text_dim] or a list of [L_b, text_dim]) -> [B, text_len, C]. L <= text_len.
 
-    @torch.no_grad()
-    def prepare(self, context: torch.Tensor, y: Optional[torch.Tensor] = None,
+        Grad-agnostic (inference calls it under ``no_grad``; training with autograd)."""
+        items = [context] if torch.is_tensor(context) and context.dim() == 2 else list(context)
+        padded = []
+        for i, c in enumerate(items):
+            what = "text context" if len(items) == 1 else f"text context {i}"
+            if c.dim() != 2 or c.shape[-1] != self.cfg.text_dim:
+                raise InputError(f"{what} must be [tokens, {self.cfg.text_dim}], got {list(c.shape)}")
+            if c.shape[0] > self.cfg.text_len:
+                raise InputError(f"{what} has {c.shape[0]} tokens; at most {self.cfg.text_len} allowed")
+            p = c.new_zeros(self.cfg.text_len, c.shape[1])
+            p[: c.shape[0]] = c
+            padded.append(p)
+        device = self.patch_embedding.weight.device
+        return self.text_embedding(torch.stack(padded).to(device, self.compute_dtype))
+
+    def prepare(self, context, y: Optional[torch.Tensor] = None,
                 ref_latents: Optional[torch.Tensor] = None, pose_tokens: Optional[torch.Tensor] = None,
                 latent_grid: Optional[Tuple[int, int, int]] = None, cache_pose_kv: bool = True) -> DiTConditions:
         """Compute once what every step reuses.
 
-        context [L, text_dim]; y [32, F, h8, w8] (VAE video latent then VAE mask latent; ``None`` for
-        ``wan_t2v``); ref_latents [R, 16, 1, h8, w8] (reference latent variants, e.g. the reference and
-        zeros); pose_tokens [1, Lv, C] from :meth:`pose_tokens` (``None``: no pose attention).
+        context [L, text_dim] (or one per sample, see :meth:`embed_context`); y [32, F, h8, w8] or
+        [B, 32, F, h8, w8] (VAE video latent then VAE mask latent; ``None`` for ``wan_t2v``);
+        ref_latents [R, 16, 1, h8, w8] (reference latent rows: at inference the reference and zeros,
+        in training one per sample); pose_tokens [1 or B, Lv, C] from :meth:`pose_tokens` (``None``: no
+        pose attention). Grad-agnostic: inference calls it under ``no_grad``, training with autograd.
         """
         cfg, cd = self.cfg, self.compute_dtype
         device = self.patch_embedding.weight.device
         if y is not None:
-            if y.dim() != 4 or y.shape[0] != cfg.in_dim - cfg.out_dim:
-                raise InputError(f"conditioning latent y must be [{cfg.in_dim - cfg.out_dim}, F, h, w], got {list(y.shape)}")
-            latent_grid = tuple(y.shape[1:])
+            y = y[None] if y.dim() == 4 else y
+            if y.dim() != 5 or y.shape[1] != cfg.in_dim - cfg.out_dim:
+                raise InputError(f"conditioning latent y must be [{cfg.in_dim - cfg.out_dim}, F, h, w] or "
+                                 f"[B, {cfg.in_dim - cfg.out_dim}, F, h, w], got {list(y.shape)}")
+            latent_grid = tuple(y.shape[2:])
         elif cfg.in_dim != cfg.out_dim:
             raise InputError("this model needs the video and mask latents (y)")
         if latent_grid is None:
@@ -242,9 +251,9 @@ class DreamIDVTransformer(nn.Module):
             ref_tokens = self.ref_conv(ref).flatten(2).transpose(1, 2)
         rope_grid = (grid[0] + 1, grid[1], grid[2]) if cfg.has_ref else grid
         rope = rope_table(rope_grid, cfg.head_dim, cfg.rope_theta, device)
-        ctx = self.embed_context(context.to(device))
+        ctx = self.embed_context(context)
         context_kv = [blk.cross_attn.context_kv(ctx) for _, blk in self.streamed_blocks()]
-        cond = DiTConditions(grid=grid, y=None if y is None else y.to(device, cd)[None], ref_tokens=ref_tokens,
+        cond = DiTConditions(grid=grid, y=None if y is None else y.to(device, cd), ref_tokens=ref_tokens,
                              rope=rope, context_kv=context_kv)
         if pose_tokens is not None:
             if not cfg.has_pose:
@@ -254,7 +263,8 @@ class DreamIDVTransformer(nn.Module):
                 raise InputError(f"pose video gives {pose_tokens.shape[-2]} tokens, the video latent {lv}: "
                                  "pose frames and size must match the video's")
             lr = 0 if ref_tokens is None else ref_tokens.shape[1]
-            full = torch.cat([pose_tokens.new_zeros(1, lr, cfg.dim), pose_tokens.reshape(1, lv, cfg.dim)], dim=1)
+            pb = pose_tokens.shape[0] if pose_tokens.dim() == 3 else 1
+            full = torch.cat([pose_tokens.new_zeros(pb, lr, cfg.dim), pose_tokens.reshape(pb, lv, cfg.dim)], dim=1)
             full = full.to(device, cd)
             if cache_pose_kv:
                 cond.pose_kv = [blk.self_attn.pose_kv(full, rope) for _, blk in self.streamed_blocks()]

@@ -26,11 +26,10 @@ import torch
 
 from dreamidv_core.dit import DiTConditions, DreamIDVTransformer
 from dreamidv_core.errors import InputError
-from dreamidv_core.layers import rope_table
 from dreamidv_core.samplers import NUM_TRAIN_TIMESTEPS, shift_sigmas
 
 __all__ = ["FlowMatchingObjective", "TrainingConditioning", "ChunkLoss", "prepare_conditions",
-           "encode_conditioning", "embed_contexts"]
+           "encode_conditioning"]
 
 Context = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -87,89 +86,28 @@ def encode_conditioning(vae, video: torch.Tensor, mask: torch.Tensor, reference:
     return TrainingConditioning(context=context, y=y, ref_latent=ref, pose=pose)
 
 
-def embed_contexts(dit: DreamIDVTransformer, context: Context, batch: int) -> torch.Tensor:
-    """Grad-enabled :meth:`DreamIDVTransformer.embed_context` for a batch -> [B or 1, text_len, C]."""
-    cfg = dit.cfg
-    device = dit.patch_embedding.weight.device
-    if torch.is_tensor(context) and context.dim() == 2:
-        items = [context]
-    elif torch.is_tensor(context) and context.dim() == 3:
-        items = list(context)
-    else:
-        items = list(context)
-    if len(items) not in (1, batch):
-        raise InputError(f"{len(items)} text contexts for a batch of {batch}")
-    padded = []
-    for i, c in enumerate(items):
-        if c.dim() != 2 or c.shape[-1] != cfg.text_dim:
-            raise InputError(f"text context {i} must be [tokens, {cfg.text_dim}], got {list(c.shape)}")
-        if c.shape[0] > cfg.text_len:
-            raise InputError(f"text context {i} has {c.shape[0]} tokens; at most {cfg.text_len} allowed")
-        p = c.new_zeros(cfg.text_len, c.shape[1])
-        p[: c.shape[0]] = c
-        padded.append(p)
-    return dit.text_embedding(torch.stack(padded).to(device, dit.compute_dtype))
-
-
 def prepare_conditions(dit: DreamIDVTransformer, context: Context, y: torch.Tensor,
                        ref_latents: Optional[torch.Tensor], pose_tokens: Optional[torch.Tensor] = None,
                        cache_pose_kv: bool = False) -> DiTConditions:
-    """Grad-enabled, batched equivalent of :meth:`DreamIDVTransformer.prepare`.
+    """:meth:`DreamIDVTransformer.prepare` for a training batch, with autograd (the same code the sampler uses).
 
     y: [B, 32, F', h, w] (or [32, F', h, w]); ref_latents: [B, 16, 1, h, w], one row per sample (element b
     uses row b in ``dit.forward``); pose_tokens: [B, Lv, C] (or [1, Lv, C]) with graph if the pose branch
     trains; context as in :class:`TrainingConditioning`. ``cache_pose_kv=False`` keeps the pose tokens and
     lets every block compute its pose K/V inside its own forward (cheaper to checkpoint).
-    With B = 1 the result equals ``dit.prepare(context, y[0], ref_latents, pose_tokens, cache_pose_kv)``.
     """
-    cfg, cd = dit.cfg, dit.compute_dtype
-    device = dit.patch_embedding.weight.device
-    if y is not None and y.dim() == 4:
-        y = y[None]
-    if y is not None:
-        if y.dim() != 5 or y.shape[1] != cfg.in_dim - cfg.out_dim:
-            raise InputError(f"conditioning latent y must be [B, {cfg.in_dim - cfg.out_dim}, F, h, w], got {list(y.shape)}")
-        batch, latent_grid = y.shape[0], tuple(y.shape[2:])
-    else:
+    if y is None:
         raise InputError("prepare_conditions needs the video and mask latents (y)")
-    f, h8, w8 = latent_grid
-    pt, ph, pw = cfg.patch_size
-    if h8 % ph or w8 % pw:
-        raise InputError(f"latent size {h8}x{w8} must be divisible by the patch size {ph}x{pw}")
-    grid = (f // pt, h8 // ph, w8 // pw)
-    ref_tokens = None
-    if cfg.has_ref:
-        if ref_latents is None:
-            raise InputError("this model needs the reference image latent")
-        if ref_latents.dim() == 4:
-            ref_latents = ref_latents[None]
-        if tuple(ref_latents.shape[-2:]) != (h8, w8):
-            raise InputError(f"reference latent is {tuple(ref_latents.shape[-2:])}, the video latent is "
-                             f"{(h8, w8)}: the reference must be letterboxed to the video size")
-        if ref_latents.shape[0] != batch:
-            raise InputError(f"{ref_latents.shape[0]} reference latents for a batch of {batch}")
-        ref_tokens = dit.ref_conv(ref_latents[:, :, 0].to(device, cd)).flatten(2).transpose(1, 2)
-    rope_grid = (grid[0] + 1, grid[1], grid[2]) if cfg.has_ref else grid
-    rope = rope_table(rope_grid, cfg.head_dim, cfg.rope_theta, device)
-    ctx = embed_contexts(dit, context, batch)
-    context_kv = [blk.cross_attn.context_kv(ctx) for _, blk in dit.streamed_blocks()]
-    cond = DiTConditions(grid=grid, y=y.to(device, cd), ref_tokens=ref_tokens, rope=rope, context_kv=context_kv)
-    if pose_tokens is not None:
-        if not cfg.has_pose:
-            raise InputError("pose tokens were given but this checkpoint (faster variant) has no pose branch")
-        lv = grid[0] * grid[1] * grid[2]
-        if pose_tokens.shape[-2] != lv:
-            raise InputError(f"pose video gives {pose_tokens.shape[-2]} tokens, the video latent {lv}: "
-                             "pose frames and size must match the video's")
-        pb = pose_tokens.shape[0] if pose_tokens.dim() == 3 else 1
-        lr = 0 if ref_tokens is None else ref_tokens.shape[1]
-        full = torch.cat([pose_tokens.new_zeros(pb, lr, cfg.dim), pose_tokens.reshape(pb, lv, cfg.dim)], dim=1)
-        full = full.to(device, cd)
-        if cache_pose_kv:
-            cond.pose_kv = [blk.self_attn.pose_kv(full, rope) for _, blk in dit.streamed_blocks()]
-        else:
-            cond.pose_tokens = full
-    return cond
+    batch = 1 if y.dim() == 4 else y.shape[0]
+    if ref_latents is not None and dit.cfg.has_ref:
+        rows = 1 if ref_latents.dim() == 4 else ref_latents.shape[0]
+        if rows != batch:
+            raise InputError(f"{rows} reference latents for a batch of {batch}")
+    contexts = [context] if torch.is_tensor(context) and context.dim() == 2 else list(context)
+    if len(contexts) not in (1, batch):
+        raise InputError(f"{len(contexts)} text contexts for a batch of {batch}")
+    return dit.prepare(contexts[0] if len(contexts) == 1 else contexts, y, ref_latents, pose_tokens,
+                       cache_pose_kv=cache_pose_kv)
 
 
 class FlowMatchingObjective:

@@ -38,7 +38,6 @@ def tiny_model(seed: int = 0, variant: str = "full", **overrides) -> DreamIDVTra
 def toy_flow_loss(model, batch: dict, generator: torch.Generator) -> torch.Tensor:
     """Mean over the batch of || model(x_t, t) - (eps - x0) ||^2 with x_t = (1 - t) x0 + t eps."""
     dit = getattr(model, "module", model)
-    prepare = type(dit).prepare.__wrapped__  # the same computation with gradients (prepare is no_grad)
     losses = []
     for b in range(batch["x0"].shape[0]):
         x0 = batch["x0"][b:b + 1]
@@ -47,7 +46,7 @@ def toy_flow_loss(model, batch: dict, generator: torch.Generator) -> torch.Tenso
         pose = None
         if dit.cfg.has_pose:
             pose = dit.project_pose(batch["pose"][b:b + 1].to(dit.compute_dtype))
-        cond = prepare(dit, batch["context"][b], batch["y"][b], batch["ref"][b:b + 1], pose, cache_pose_kv=True)
+        cond = dit.prepare(batch["context"][b], batch["y"][b], batch["ref"][b:b + 1], pose, cache_pose_kv=True)
         xt = (1 - t) * x0 + t * eps
         pred = model(xt, (t * 1000).reshape(1), cond)
         losses.append(((pred.float() - (eps - x0)) ** 2).mean())
