@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -141,8 +142,16 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                    "--standalone", "-m", "training", "--config", str(conf)]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        # own process group: a timeout stops the launcher *and* its workers (no orphans left running)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"{name}: training did not finish in 120 s\n{stderr[-4000:]}")
+        assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
         return json.loads(out.read_text())["losses"]
 
     one, two = run(1, 2, "single"), run(2, 1, "dist")
