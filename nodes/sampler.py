@@ -61,7 +61,8 @@ def memory_estimate(dit, frames: int, height: int, width: int, batch: int = 1, c
     per_frame = (height // 16) * (width // 16)
     tokens = ((frames - 1) // 4 + 2) * per_frame  # video latent frames + the reference frame
     act = batch * tokens * (cfg.ffn_dim + 8 * cfg.dim) * size
-    pose_kv = 2 * cfg.num_layers * tokens * cfg.dim * size if (cfg.has_pose and cache_pose_kv) else 0
+    grid = ((frames - 1) // 4 + 1, height // 8, width // 8)
+    pose_kv = dit.pose_kv_cache_bytes(grid) if (cfg.has_pose and cache_pose_kv) else 0
     return int(act + pose_kv)
 
 

@@ -4,11 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamidv_core.configs import tiny_config
-from dreamidv_core.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import Cancelled, InputError
 from dreamidv_core.swap import SwapSettings, swap_face
-from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
 from dreamidv_core.video_ops import (letterbox_reference, output_size, prepare_frames, prepare_reference,
                                      resized_size)
 from dreamidv_core.windows import clip_frame_count, padded_frame_count
@@ -69,11 +66,8 @@ def test_alpha_and_greyscale_inputs_are_handled():
 # --------------------------------------------------------------------------- full tiny swap
 
 @pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    dit = init_random_(DreamIDVTransformer(tiny_config("full", text_dim=48)), seed=11).eval()
-    vae = WanVAE(TINY_VAE_CONFIG).eval()
-    return dit, vae
+def models(tiny_swap_models):
+    return tiny_swap_models
 
 
 def clip(frames=11, h=40, w=56, seed=0):

@@ -13,7 +13,6 @@ from dreamidv_core.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import Cancelled, InputError
 from dreamidv_core.samplers import SAMPLERS, flow_sigmas
 from dreamidv_core.swap import SwapSettings, encode_reference, make_guided_model, pose_tokens_for, swap_face
-from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
 from dreamidv_core.video_ops import prepare_frames
 from dreamidv_core.windows import (FrameSource, WindowedModel, blend_weights, clip_face_mask, clip_frame_count,
                                    padded_frame_count, plan_windows)
@@ -80,11 +79,8 @@ def test_frame_counts_and_bad_windows_are_clear_errors():
 # --------------------------------------------------------------------------------------------- swaps
 
 @pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    dit = init_random_(DreamIDVTransformer(tiny_config("full", text_dim=48)), seed=11).eval()
-    vae = WanVAE(TINY_VAE_CONFIG).eval()
-    return dit, vae
+def models(tiny_swap_models):
+    return tiny_swap_models
 
 
 def clip(frames, size=S, seed=0, smooth=False):
