@@ -50,22 +50,23 @@ def resolve_swap_files(args):
 
 
 def cmd_swap(args) -> int:
-    import numpy as np
     import torch
 
     from .checkpoints import load_dit
     from .swap import SwapSettings, swap_face
     from .text_context import get_text_context, load_precomputed_context
     from .vae import load_wan_vae
-    from .video_io import read_image, read_video, write_video
+    from .video_io import VideoReader, VideoWriter, read_image
 
     dit_path, vae_path, encoder, tokenizer = resolve_swap_files(args)
     device = _device(args.device)
-    video, fps = read_video(args.video, max_frames=args.frame_num)
+    # the videos are read lazily and the output written as it is decoded: memory does not grow with the clip
+    video = VideoReader(args.video, max_frames=args.frame_num)
+    fps = video.fps
     reference = read_image(args.reference)
     if args.mask:
-        mask, _ = read_video(args.mask, max_frames=args.frame_num)
-        pose = read_video(args.pose, max_frames=args.frame_num)[0] if args.pose else None
+        mask = VideoReader(args.mask, max_frames=args.frame_num)
+        pose = VideoReader(args.pose, max_frames=args.frame_num) if args.pose else None
     else:
         mask, pose = extract_pose_and_mask(args, video, reference)
     if args.context:
@@ -92,11 +93,16 @@ def cmd_swap(args) -> int:
     def progress(stage, i, n):
         print(f"\r{stage} {i}/{n}  {time.time() - start:6.1f}s", end="\n" if i == n else "", flush=True)
 
-    result = swap_face(dit, vae, video, mask, reference, context.to(device), pose=pose, settings=settings,
-                       progress=progress)
-    frames = (result.frames.cpu().numpy() * 255).round().astype(np.uint8)
-    write_video(args.out, frames, args.fps or fps)
-    print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {args.fps or fps:g} fps")
+    with VideoWriter(args.out, args.fps or fps) as writer:
+
+        def sink(frames, start):
+            if start != writer.frames_written:
+                raise RuntimeError(f"decoded frames arrive out of order ({start} after {writer.frames_written})")
+            writer.write(frames.numpy())
+
+        result = swap_face(dit, vae, video, mask, reference, context.to(device), pose=pose, settings=settings,
+                           progress=progress, sink=sink)
+    print(f"wrote {args.out}: {result.frames_used} frames at {args.fps or fps:g} fps")
     return 0
 
 

@@ -20,6 +20,7 @@ OUT = REPO_ROOT / "workflows" / "dreamidv_swap.json"
 W, H, STEPS, SHIFT, GUIDANCE = 832, 480, 20, 5.0, 4.0
 
 # id: (type, [x, y], [w, h], title, {widget: value})
+WORKFLOW_ID = "5f0d9e2c-6d1b-4f7e-9a51-d7e1d2a0c0a1"
 NODES = {
     1: ("LoadVideo", [0, 0], [300, 360], "Source video", {"file": "source.mp4"}),
     2: ("GetVideoComponents", [340, 0], [240, 70], None, {}),
@@ -76,6 +77,8 @@ GROUPS = [
     ("Output: source fps and audio", [2080, -90, 460, 710], "#a1309b"),
 ]
 
+NODES_DEFAULT, LINKS_DEFAULT, GROUPS_DEFAULT, CONTROL_DEFAULT = NODES, LINKS, GROUPS, CONTROL
+
 
 def _output_names(info: dict) -> list:
     return list(info.get("output_name") or info["output"])
@@ -94,9 +97,14 @@ def _default(spec):
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind, "")
 
 
-def build(object_info: dict, allow_missing: bool = False) -> dict:
-    """The UI-format workflow; ``allow_missing`` drops node types /object_info lacks (drafts only)."""
-    global NODES, LINKS
+def build(object_info: dict, allow_missing: bool = False, nodes_layout: dict = None, links_layout: list = None,
+          groups_layout: list = None, control: dict = None, workflow_id: str = WORKFLOW_ID) -> dict:
+    """The UI-format workflow of a layout (default: the swap workflow's NODES/LINKS/GROUPS);
+    ``allow_missing`` drops node types /object_info lacks (drafts only)."""
+    NODES = NODES_DEFAULT if nodes_layout is None else nodes_layout
+    LINKS = LINKS_DEFAULT if links_layout is None else links_layout
+    GROUPS = GROUPS_DEFAULT if groups_layout is None else groups_layout
+    CONTROL = CONTROL_DEFAULT if control is None else control
     if allow_missing:
         NODES = {k: v for k, v in NODES.items() if v[0] in object_info}
         LINKS = [l for l in LINKS if l[0] in NODES and l[2] in NODES]
@@ -148,19 +156,24 @@ def build(object_info: dict, allow_missing: bool = False) -> dict:
         row[4] = next(k for k, inp in enumerate(dst_inputs) if inp["name"] == row[4])
     groups = [{"id": i, "title": t, "bounding": b, "color": c, "font_size": 24, "flags": {}}
               for i, (t, b, c) in enumerate(GROUPS, start=1)]
-    return {"id": "5f0d9e2c-6d1b-4f7e-9a51-d7e1d2a0c0a1", "revision": 0, "last_node_id": max(NODES),
+    return {"id": workflow_id, "revision": 0, "last_node_id": max(NODES),
             "last_link_id": len(links), "nodes": nodes, "links": links, "groups": groups, "config": {},
             "extra": {"ds": {"scale": 0.62, "offset": [140, 260]}}, "version": 0.4}
 
 
-def main() -> int:
+def write_workflow(out: Path, **layout) -> int:
+    """Start a throw-away ComfyUI ($COMFYUI_DIR), build the layout against its /object_info, write ``out``."""
     comfy = Path(os.environ.get("COMFYUI_DIR", REPO_ROOT / ".cache" / "ComfyUI"))
     tmp = Path(tempfile.mkdtemp(prefix="dreamidv-wf-"))
     with ComfyServer(comfy, tmp / "base", tmp / "models") as s:
-        wf = build(s.object_info(), allow_missing="--draft" in sys.argv)
-    OUT.write_text(json.dumps(wf, indent=2) + "\n")
-    print(f"wrote {OUT} ({len(wf['nodes'])} nodes, {len(wf['links'])} links)", file=sys.stderr)
+        wf = build(s.object_info(), allow_missing="--draft" in sys.argv, **layout)
+    out.write_text(json.dumps(wf, indent=2) + "\n")
+    print(f"wrote {out} ({len(wf['nodes'])} nodes, {len(wf['links'])} links)", file=sys.stderr)
     return 0
+
+
+def main() -> int:
+    return write_workflow(OUT)
 
 
 if __name__ == "__main__":

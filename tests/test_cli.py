@@ -103,3 +103,60 @@ def test_cli_swap_makes_pose_and_mask_with_mediapipe(tmp_path, models_dir, share
     assert rc == 0, captured.err
     assert "pose and mask from the video" in captured.out
     assert read_video(out)[0].shape[0] == 9
+
+
+# ---------------------------------------------------------------------------- streaming video files
+def test_video_reader_is_lazy_and_random_access(tmp_path):
+    from dreamidv_core.video_io import VideoReader
+
+    frames = np.repeat(np.arange(0, 240, 8, dtype=np.uint8)[:, None, None, None], 3, axis=-1)
+    frames = np.broadcast_to(frames, (30, 32, 48, 3)).copy()
+    write_video(tmp_path / "ramp.mp4", frames, fps=10)
+    reader = VideoReader(tmp_path / "ramp.mp4", cache=4)
+    assert len(reader) == 30 and reader.shape == (30, 32, 48, 3) and reader.fps == pytest.approx(10)
+    means = [float(reader[i].mean()) for i in range(30)]
+    assert np.allclose(means, np.arange(0, 240, 8), atol=2)  # every frame is the right one, in order
+    assert len(reader._cache) <= 4  # only the last few decoded frames are held
+    assert abs(float(reader[3].mean()) - 24) <= 2  # going back restarts decoding
+    assert reader[5:9].shape == (4, 32, 48, 3) and abs(float(reader[-1].mean()) - 232) <= 2
+    assert len(VideoReader(tmp_path / "ramp.mp4", max_frames=7)) == 7
+    with pytest.raises(IndexError):
+        reader[30]
+
+
+def test_video_writer_leaves_nothing_on_failure(tmp_path):
+    from dreamidv_core.video_io import VideoWriter
+
+    good = np.zeros((3, 16, 16, 3), np.uint8)
+    write_video(tmp_path / "out.mp4", good, fps=8)
+    before = (tmp_path / "out.mp4").read_bytes()
+    with pytest.raises(RuntimeError):
+        with VideoWriter(tmp_path / "out.mp4", fps=8) as writer:
+            writer.write(np.full((2, 16, 16, 3), 200, np.uint8))
+            raise RuntimeError("crash mid-write")
+    assert (tmp_path / "out.mp4").read_bytes() == before  # the previous file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]  # no temporary left behind
+    with pytest.raises(Exception, match="differs"):
+        with VideoWriter(tmp_path / "new.mp4", fps=8) as writer:
+            writer.write(good)
+            writer.write(np.zeros((1, 32, 16, 3), np.uint8))
+    assert not (tmp_path / "new.mp4").exists()
+
+
+def test_swap_from_lazy_reader_equals_in_memory_frames(tmp_path, tiny_swap_models):
+    """The CLI's lazy reader gives the swap exactly the frames an in-memory array does."""
+    from dreamidv_core.swap import SwapSettings, swap_face
+    from dreamidv_core.video_io import VideoReader
+
+    write_inputs(tmp_path, frames=13)
+    dit, vae = tiny_swap_models
+    ref = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(tmp_path / "face.png").convert("RGB"))
+    context = torch.randn(3, 48, generator=torch.Generator().manual_seed(0))
+    settings = SwapSettings(width=64, height=48, steps=2, window=9, overlap=4)
+    lazy = [VideoReader(tmp_path / f"{n}.mp4", cache=6) for n in ("video", "mask", "pose")]
+    eager = [read_video(tmp_path / f"{n}.mp4")[0] for n in ("video", "mask", "pose")]
+    with torch.no_grad():
+        a = swap_face(dit, vae, lazy[0], lazy[1], ref, context, pose=lazy[2], settings=settings).frames
+        b = swap_face(dit, vae, eager[0], eager[1], ref, context, pose=eager[2], settings=settings).frames
+    assert a.shape == (13, 48, 64, 3)
+    assert torch.equal(a, b)

@@ -253,13 +253,8 @@ def build_workflow(info: dict) -> dict:
     """The UI-format workflow, through tests/build_workflow.py's builder with this layout."""
     from tests import build_workflow as bw
 
-    saved = bw.NODES, bw.LINKS, bw.GROUPS, bw.CONTROL
-    bw.NODES, bw.LINKS, bw.GROUPS, bw.CONTROL = WF_NODES, WF_LINKS, WF_GROUPS, {4: "fixed"}
-    try:
-        wf = bw.build(info)
-    finally:
-        bw.NODES, bw.LINKS, bw.GROUPS, bw.CONTROL = saved
-    wf["id"] = "8c1f3b52-2e4a-4d0b-9a7e-3f1e6c5b9d20"
+    wf = bw.build(info, nodes_layout=WF_NODES, links_layout=WF_LINKS, groups_layout=WF_GROUPS, control={4: "fixed"},
+                  workflow_id="8c1f3b52-2e4a-4d0b-9a7e-3f1e6c5b9d20")
     return json.loads(json.dumps(wf))
 
 
