@@ -11,6 +11,10 @@ Each configuration runs in a fresh process; peak memory = the process's max RSS 
                                                               # LoRA and full fine-tuning, bf16 autocast,
                                                               # gradient checkpointing, the full Wan 2.1 VAE
     python benchmarks/bench_train.py --released --device cuda --frames 81 --steps 4
+    python benchmarks/bench_train.py --released --check       # build the 1.3B model on the meta device only
+                                                              # (sizes; no memory, no GPU needed)
+
+Without a CUDA device ``--device cuda`` exits with status 2 and says so.
 
 CPU configs: ``tiny`` = tiny_config('full') with the tiny VAE at 9 frames of 64x48; ``mid`` = dim 512,
 4 blocks, 4 heads of 128, with the tiny VAE at 9 frames of 128x128. The VAE is frozen and runs under
@@ -134,6 +138,29 @@ def child(args) -> dict:
     return out
 
 
+def check(names, modes, lora_rank: int) -> int:
+    """Build the DiT of each configuration on the meta device, select what trains, print the sizes."""
+    import torch
+
+    from dreamidv_core.configs import DREAMIDV_1_3B, DiTConfig, tiny_config
+    from dreamidv_core.dit import DreamIDVTransformer
+    from training.trainer import TrainConfig, select_trainable
+
+    cfgs = {"tiny": tiny_config("full", text_dim=32), "released": DREAMIDV_1_3B,
+            "mid": DiTConfig(variant="full", dim=512, ffn_dim=2048, num_heads=4, num_layers=4, text_dim=64,
+                             text_len=32, cross_attn_pose=False)}
+    for name in names:
+        for mode in modes:
+            with torch.device("meta"):
+                model = DreamIDVTransformer(cfgs[name])
+                chosen = select_trainable(model, TrainConfig(trainable=mode, lora_rank=lora_rank,
+                                                             lora_alpha=float(lora_rank)))
+            total = sum(p.numel() for p in model.parameters()) / 1e6
+            print(f"{name:>9} {mode:>5} builds: {total:.1f} M parameters, {sum(p.numel() for p in chosen.values()) / 1e6:.3f} "
+                  f"M trained ({len(chosen)} tensors)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--released", action="store_true", help="the released 1.3B config (random weights) at 480p")
@@ -145,6 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=None, help="frames per sample (released default 33)")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--check", action="store_true",
+                    help="build each configuration on the meta device (no memory, no run) and print its size")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--trainable", help=argparse.SUPPRESS)
@@ -156,6 +185,15 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            print(f"error: --device cuda, but this torch {torch.__version__} sees no CUDA device "
+                  f"(CUDA build: {torch.version.cuda or 'none'}); run it on a GPU machine, or use "
+                  "--check to build the configuration without running it", file=sys.stderr)
+            return 2
+    if args.check:
+        return check(["released"] if args.released else args.configs, args.modes, args.lora_rank)
     if args.released:
         runs = [("released", {"frames": args.frames or 33, "width": 832, "height": 480})]
         extra = ["--gradient-checkpointing", "--autocast", "bf16"] if args.device == "cuda" else ["--gradient-checkpointing"]

@@ -51,9 +51,12 @@ def detect_dit_config(reader: StateDictReader, prefix: str = "") -> DiTConfig:
     has_pose = any(n.startswith("project_pose.") for n in names) or "blocks.0.self_attn.k_pose.weight" in names
     has_ref = "ref_conv.weight" in names
     variant = "full" if has_pose else ("faster" if has_ref else "wan_t2v")
-    if has_pose and not has_ref:
-        raise CheckpointError(reader.path, "has pose-attention tensors but no 'ref_conv': not a known DreamID-V layout")
     pe = shape("patch_embedding.weight")
+    if has_pose and not has_ref:  # the IVS (dreamidv_core.ivs): 16 noise + 4 mask + 16 latent input channels
+        if pe[1] != 36:
+            raise CheckpointError(reader.path, f"has pose-attention tensors, no 'ref_conv' and {pe[1]} input "
+                                               "channels: not a known DreamID-V layout (an IVS has 36)")
+        variant = "ivs"
     dim = pe[0]
     widths = tuple(shape(f"project_pose.convs.{i}.weight")[0] for i in (0, 3, 6, 9)) if has_pose else (128, 256, 512, 512)
     return DiTConfig(
@@ -63,7 +66,25 @@ def detect_dit_config(reader: StateDictReader, prefix: str = "") -> DiTConfig:
         in_dim=pe[1], out_dim=shape("head.head.weight")[0] // (pe[2] * pe[3] * pe[4]),
         patch_size=tuple(pe[2:]), ref_dim=shape("ref_conv.weight")[1] if has_ref else 16,
         pose_widths=widths, cross_attn_pose="blocks.0.cross_attn.k_pose.weight" in names,
+        **_id_projection_fields(reader, prefix, names),
     )
+
+
+def _id_projection_fields(reader: StateDictReader, prefix: str, names) -> Dict[str, int]:
+    """id_tokens / id_embed_dim of the ArcFace ID-token projection (``id_projection.*``), {} without one."""
+    from .id_projection import PREFIX, id_projection_shape
+
+    shapes = {n[len(PREFIX):]: tuple(reader.shape(prefix + n)) for n in names if n.startswith(PREFIX)}
+    if not shapes:
+        return {}
+    try:
+        tokens, embed = id_projection_shape(shapes)
+    except ValueError as exc:
+        raise CheckpointError(reader.path, str(exc)) from None
+    if not tokens:
+        raise CheckpointError(reader.path, "has 'id_projection.*' tensors but not the ID projection's MLP "
+                                           "(id_projection.mlp.0.weight / mlp.2.weight)")
+    return {"id_tokens": tokens, "id_embed_dim": embed}
 
 
 def storage_dtype(name: str, tensor_shape: Tuple[int, ...], weight_dtype: torch.dtype) -> torch.dtype:
@@ -149,7 +170,11 @@ def save_dit(model: DreamIDVTransformer, path, dtype: Optional[torch.dtype] = No
 
 
 def _config_metadata(cfg: DiTConfig) -> Dict[str, str]:
-    return {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt"}
+    fields = cfg.to_dict()
+    if not fields.get("id_tokens"):  # no ID projection: the metadata stays what it was before it existed
+        fields.pop("id_tokens", None)
+        fields.pop("id_embed_dim", None)
+    return {CONFIG_METADATA_KEY: json.dumps(fields), "format": "pt"}
 
 
 def convert_to_safetensors(src, dst, dtype: Optional[str] = None) -> Dict[str, str]:

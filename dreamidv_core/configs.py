@@ -10,9 +10,12 @@ class DiTConfig:
     """Shape of a Wan2.1 / DreamID-V diffusion transformer.
 
     ``variant``: ``"full"`` (pose attention + PoseGuider), ``"faster"`` (reference tokens, no pose
-    branch) or ``"wan_t2v"`` (plain Wan2.1 text-to-video: no reference tokens, 16 input channels).
+    branch), ``"wan_t2v"`` (plain Wan2.1 text-to-video: no reference tokens, 16 input channels) or
+    ``"ivs"`` (the IVS of :mod:`dreamidv_core.ivs`: pose attention + PoseGuider, no reference tokens,
+    36 input channels = 16 noise + 4 frame mask + 16 first/last-frame latent).
     ``cross_attn_pose``: the reference declares pose layers inside every cross-attention too (class
     inheritance) although it never uses them; a checkpoint may carry them, so the model can hold them.
+    ``id_tokens``: not in the released models; > 0 adds the trainable ArcFace ID-token projection.
     """
 
     variant: str = "full"
@@ -32,6 +35,8 @@ class DiTConfig:
     pose_channels: int = 3
     pose_widths: Tuple[int, ...] = (128, 256, 512, 512)
     cross_attn_pose: bool = True
+    id_tokens: int = 0  # > 0: an ArcFace ID-token projection of this many tokens (dreamidv_core.id_projection)
+    id_embed_dim: int = 512  # width of the identity embedding it projects (ArcFace: 512)
 
     @property
     def head_dim(self) -> int:
@@ -39,7 +44,7 @@ class DiTConfig:
 
     @property
     def has_pose(self) -> bool:
-        return self.variant == "full"
+        return self.variant in ("full", "ivs")
 
     @property
     def has_ref(self) -> bool:
@@ -55,6 +60,8 @@ class DiTConfig:
 DREAMIDV_1_3B = DiTConfig(variant="full")
 DREAMIDV_FASTER_1_3B = DiTConfig(variant="faster", cross_attn_pose=False)
 WAN21_T2V_1_3B = DiTConfig(variant="wan_t2v", in_dim=16, cross_attn_pose=False)
+# IVS (dreamidv_core.ivs): pose attention, no reference tokens, FLF2V input 16 noise + 4 mask + 16 latent.
+IVS_1_3B = DiTConfig(variant="ivs", in_dim=36, cross_attn_pose=False)
 
 RELEASED_CONFIGS = {
     "dreamidv": DREAMIDV_1_3B,
@@ -72,5 +79,7 @@ def tiny_config(variant: str = "full", **overrides) -> DiTConfig:
                 pose_widths=(8, 8, 16, 16), cross_attn_pose=(variant == "full"))
     if variant == "wan_t2v":
         base["in_dim"] = 16
+    elif variant == "ivs":
+        base["in_dim"] = 36
     base.update(overrides)
     return DiTConfig(variant=variant, **base)

@@ -12,6 +12,11 @@ the PoseGuider tokens behind zero vectors at the reference positions.
 What does not change between sampling steps is computed once by :meth:`DreamIDVTransformer.prepare`:
 the text embedding and every block's cross-attention K/V, the reference tokens (with and without the
 reference), the RoPE table, the PoseGuider tokens and (optionally) every block's pose K/V.
+
+Models built with ``cfg.id_tokens > 0`` (or :meth:`DreamIDVTransformer.attach_id_projection`) also hold
+the ArcFace ID-token projection (:mod:`dreamidv_core.id_projection`): ``prepare(..., id_embedding=[R, E])``
+computes every block's ID K/V once, and each self-attention adds ``gate_i * Attn(q, K_id, V_id)`` (query
+before RoPE). With every gate 0 this is exactly the model without it.
 """
 from __future__ import annotations
 
@@ -24,11 +29,13 @@ import torch.nn as nn
 from .attention import attention, check_backend
 from .configs import DiTConfig
 from .errors import InputError
+from .id_projection import IDProjection
 from .layers import (CastConv2d, CastConv3d, CastLinear, LayerNorm, RMSNorm, apply_rope, rope_table,
                      sinusoidal_embedding)
 from .pose_guider import PoseGuider
 
 KV = Tuple[torch.Tensor, torch.Tensor]
+IDAttn = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ID K [B, T, N, D], ID V [B, T, N, D], gate [1]
 
 
 class _AttentionLayers(nn.Module):
@@ -56,13 +63,19 @@ class SelfAttention(_AttentionLayers):
         k = apply_rope(self._heads(self.norm_k_pose(self.k_pose(pose_tokens))), *rope)
         return k.to(pose_tokens.dtype), self._heads(self.v_pose(pose_tokens))
 
-    def forward(self, x: torch.Tensor, rope, pose_kv: Optional[KV], backend: str) -> torch.Tensor:
-        """x [B, L, C] (compute dtype) -> [B, L, C]."""
-        q = apply_rope(self._heads(self.norm_q(self.q(x))), *rope).to(x.dtype)
+    def forward(self, x: torch.Tensor, rope, pose_kv: Optional[KV], backend: str,
+                id_attn: Optional[IDAttn] = None) -> torch.Tensor:
+        """x [B, L, C] (compute dtype) -> [B, L, C]. ``id_attn``: this block's ID K/V and gate (ID tokens have
+        no position, so they are attended with the query before RoPE)."""
+        q0 = self._heads(self.norm_q(self.q(x)))
+        q = apply_rope(q0, *rope).to(x.dtype)
         k = apply_rope(self._heads(self.norm_k(self.k(x))), *rope).to(x.dtype)
         out = attention(q, k, self._heads(self.v(x)), backend)
         if pose_kv is not None:
             out = out.float() + self.pose_gate.float() * attention(q, *pose_kv, backend).float()
+        if id_attn is not None:
+            id_k, id_v, gate = id_attn
+            out = out.float() + gate.float() * attention(q0.to(x.dtype), id_k, id_v, backend).float()
         return self.o(out.to(x.dtype))
 
 
@@ -96,11 +109,12 @@ class DiTBlock(nn.Module):
                                  CastLinear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
-    def forward(self, x, e0, rope, context_kv: KV, pose_kv: Optional[KV], cdtype, backend):
+    def forward(self, x, e0, rope, context_kv: KV, pose_kv: Optional[KV], cdtype, backend,
+                id_attn: Optional[IDAttn] = None):
         """x [B, L, C] (compute dtype, then float32), e0 [B, 6, C] float32 -> [B, L, C] float32."""
         e = (self.modulation.float() + e0).chunk(6, dim=1)
         h = self.norm1(x).float() * (1 + e[1]) + e[0]
-        x = x + self.self_attn(h.to(cdtype), rope, pose_kv, backend).float() * e[2]
+        x = x + self.self_attn(h.to(cdtype), rope, pose_kv, backend, id_attn).float() * e[2]
         x = x + self.cross_attn(self.norm3(x).to(cdtype), context_kv, backend).float()
         h = self.norm2(x).float() * (1 + e[4]) + e[3]
         return x + self.ffn(h.to(cdtype)).float() * e[5]
@@ -128,7 +142,8 @@ class DiTConditions:
 
     ``ref_tokens`` [R, Lr, C]: one row per reference variant (for identity guidance: the reference,
     then the zeroed reference). ``pose_kv`` holds each block's pose K/V when cached, otherwise
-    ``pose_tokens`` [1, Lr + Lv, C] is kept and K/V are recomputed per call.
+    ``pose_tokens`` [1, Lr + Lv, C] is kept and K/V are recomputed per call. ``id_kv``: each block's ArcFace
+    ID K/V [R, T, N, D] (one row per reference row) when the model has an active ID projection.
     """
 
     grid: Tuple[int, int, int]
@@ -139,6 +154,7 @@ class DiTConditions:
     pose_tokens: Optional[torch.Tensor] = None
     pose_kv: Optional[List[KV]] = None
     extra: dict = field(default_factory=dict)
+    id_kv: Optional[List[KV]] = None
 
     @property
     def num_refs(self) -> int:
@@ -166,7 +182,27 @@ class DreamIDVTransformer(nn.Module):
             self.ref_conv = CastConv2d(cfg.ref_dim, dim, kernel_size=cfg.patch_size[1:], stride=cfg.patch_size[1:])
         if cfg.has_pose:
             self.project_pose = PoseGuider(dim, cfg.pose_channels, cfg.pose_widths, cfg.patch_size)
+        if cfg.id_tokens > 0:  # registered last: the released parameters keep their order
+            self.id_projection = IDProjection(dim, cfg.num_heads, cfg.num_layers, cfg.id_tokens, cfg.id_embed_dim,
+                                              cfg.eps)
         self.block_offload = None  # speed.BlockOffload when some blocks live off the device
+
+    def attach_id_projection(self, num_tokens: int = 4, embed_dim: int = 512) -> IDProjection:
+        """Add a fresh (gates 0: a no-op until trained) ID-token projection to a model without one, on the
+        model's device, float32; ``cfg`` gains ``id_tokens`` / ``id_embed_dim``."""
+        if getattr(self, "id_projection", None) is not None:
+            raise InputError("this model already has an ID-token projection")
+        cfg = self.cfg
+        proj = IDProjection(cfg.dim, cfg.num_heads, cfg.num_layers, num_tokens, embed_dim, cfg.eps)
+        self.id_projection = proj.to(self.patch_embedding.weight.device)
+        self.cfg = cfg.with_(id_tokens=num_tokens, id_embed_dim=embed_dim)
+        return self.id_projection
+
+    @property
+    def id_projection_active(self) -> bool:
+        """True when the model has an ID projection that can change its output (a gate != 0 or training)."""
+        proj = getattr(self, "id_projection", None)
+        return proj is not None and not proj.is_noop()
 
     def streamed_blocks(self) -> Iterator[Tuple[int, DiTBlock]]:
         """Yield (index, block) with the block's weights on the compute device: with block offload
@@ -212,14 +248,17 @@ class DreamIDVTransformer(nn.Module):
 
     def prepare(self, context, y: Optional[torch.Tensor] = None,
                 ref_latents: Optional[torch.Tensor] = None, pose_tokens: Optional[torch.Tensor] = None,
-                latent_grid: Optional[Tuple[int, int, int]] = None, cache_pose_kv: bool = True) -> DiTConditions:
+                latent_grid: Optional[Tuple[int, int, int]] = None, cache_pose_kv: bool = True,
+                id_embedding: Optional[torch.Tensor] = None) -> DiTConditions:
         """Compute once what every step reuses.
 
         context [L, text_dim] (or one per sample, see :meth:`embed_context`); y [32, F, h8, w8] or
         [B, 32, F, h8, w8] (VAE video latent then VAE mask latent; ``None`` for ``wan_t2v``);
         ref_latents [R, 16, 1, h8, w8] (reference latent rows: at inference the reference and zeros,
         in training one per sample); pose_tokens [1 or B, Lv, C] from :meth:`pose_tokens` (``None``: no
-        pose attention). Grad-agnostic: inference calls it under ``no_grad``, training with autograd.
+        pose attention); id_embedding [R, id_embed_dim] (ArcFace; one row per reference row: at inference
+        the embedding and zeros) for a model with an active ID projection (:attr:`id_projection_active`),
+        ignored otherwise. Grad-agnostic: inference calls it under ``no_grad``, training with autograd.
         """
         cfg, cd = self.cfg, self.compute_dtype
         device = self.patch_embedding.weight.device
@@ -255,6 +294,16 @@ class DreamIDVTransformer(nn.Module):
         context_kv = [blk.cross_attn.context_kv(ctx) for _, blk in self.streamed_blocks()]
         cond = DiTConditions(grid=grid, y=None if y is None else y.to(device, cd), ref_tokens=ref_tokens,
                              rope=rope, context_kv=context_kv)
+        if self.id_projection_active:
+            if id_embedding is None:
+                raise InputError("this model has a trained ArcFace ID-token projection: give the identity's ArcFace "
+                                 f"embedding (id_embedding [rows, {cfg.id_embed_dim}]; the identity node must "
+                                 "detect a face)")
+            emb = id_embedding[None] if id_embedding.dim() == 1 else id_embedding
+            if ref_tokens is not None and emb.shape[0] != ref_tokens.shape[0]:
+                raise InputError(f"{emb.shape[0]} ID embedding rows for {ref_tokens.shape[0]} reference rows; give "
+                                 "one per reference row (inference: the embedding, then zeros)")
+            cond.id_kv = self.id_projection.all_kv(emb, cd)
         if pose_tokens is not None:
             if not cfg.has_pose:
                 raise InputError("pose tokens were given but this checkpoint (faster variant) has no pose branch")
@@ -298,8 +347,8 @@ class DreamIDVTransformer(nn.Module):
                 refs: Optional[Sequence[int]] = None) -> torch.Tensor:
         """x [B, 16, F, h8, w8] noisy latent, t [B] or scalar timestep (0..1000) -> velocity [B, 16, F, h8, w8] float32.
 
-        ``refs`` picks a row of ``cond.ref_tokens`` per batch element (default: row b for element b
-        when B == R, else row 0).
+        ``refs`` picks a row of ``cond.ref_tokens`` (and of ``cond.id_kv``) per batch element (default: row b
+        for element b when B == R, else row 0).
         """
         cfg, cd, backend = self.cfg, self.compute_dtype, self.attention_backend
         b = x.shape[0]
@@ -314,19 +363,26 @@ class DreamIDVTransformer(nn.Module):
             ref = cond.ref_tokens[list(refs)]
             lr = ref.shape[1]
             tokens = torch.cat([ref, tokens], dim=1)
+        id_kv = None
+        if cond.id_kv is not None:
+            rows = cond.id_kv[0][0].shape[0]
+            pick = list(refs) if refs is not None else (list(range(b)) if rows == b else [0] * b)
+            id_kv = [(k[pick], v[pick]) for k, v in cond.id_kv]
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
         e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
         cache = cond.extra.get("step_cache")  # speed.StepCache: may skip the blocks
         if cache is None:
-            h = self.run_blocks(tokens, e0, cond)
+            h = self.run_blocks(tokens, e0, cond, id_kv)
         else:
-            h = cache.run(self, tokens, e0, lr, cache.key(cond, refs), lambda x: self.run_blocks(x, e0, cond))
+            h = cache.run(self, tokens, e0, lr, cache.key(cond, refs), lambda x: self.run_blocks(x, e0, cond, id_kv))
         out = self.head(h[:, lr:], e)
         return self.unpatchify(out, cond.grid)
 
-    def run_blocks(self, h: torch.Tensor, e0: torch.Tensor, cond: DiTConditions) -> torch.Tensor:
-        """tokens [B, L, C] (compute dtype), e0 [B, 6, C] float32 -> output of the last block [B, L, C] float32."""
+    def run_blocks(self, h: torch.Tensor, e0: torch.Tensor, cond: DiTConditions,
+                   id_kv: Optional[List[KV]] = None) -> torch.Tensor:
+        """tokens [B, L, C] (compute dtype), e0 [B, 6, C] float32 -> output of the last block [B, L, C] float32.
+        ``id_kv``: each block's ID K/V with one row per batch element (see :meth:`forward`)."""
         cd, backend = self.compute_dtype, self.attention_backend
         for i, blk in self.streamed_blocks():
             pose_kv = None
@@ -334,7 +390,11 @@ class DreamIDVTransformer(nn.Module):
                 pose_kv = cond.pose_kv[i]
             elif cond.pose_tokens is not None:
                 pose_kv = blk.self_attn.pose_kv(cond.pose_tokens, cond.rope)
-            h = blk(h, e0, cond.rope, cond.context_kv[i], pose_kv, cd, backend)
+            if id_kv is None:
+                h = blk(h, e0, cond.rope, cond.context_kv[i], pose_kv, cd, backend)
+            else:
+                id_attn = (*id_kv[i], self.id_projection.blocks[i].gate)
+                h = blk(h, e0, cond.rope, cond.context_kv[i], pose_kv, cd, backend, id_attn)
         return h
 
     def unpatchify(self, x: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:
@@ -351,7 +411,8 @@ def init_random_(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Modul
     """Fill every parameter with seeded noise (tests and benchmarks; the released init zeroes the head).
 
     Matrices get variance-preserving noise (std 1/sqrt(fan_in)) so signals neither vanish nor explode
-    through the tiny models; vectors and modulation get ``std``; norm weights 1 + noise; gates 0.5.
+    through the tiny models; vectors and modulation get ``std``; norm weights 1 + noise; pose gates 0.5;
+    ID-projection gates stay 0 (a no-op until a test or training sets them).
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -359,6 +420,8 @@ def init_random_(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Modul
             noise = torch.randn(p.shape, generator=gen)
             if name.endswith("pose_gate"):
                 p.fill_(0.5)
+            elif name.startswith("id_projection.") and name.endswith(".gate"):
+                p.zero_()
             elif "norm" in name and name.endswith("weight"):
                 p.copy_(1 + std * noise)
             elif p.dim() >= 2 and not name.endswith("modulation"):

@@ -11,7 +11,9 @@ video + mask + pose frames + reference photo + text context -> swapped frames.
 4. Seeded float32 noise [16, (Np-1)/4+1, H/8, W/8] for the whole clip; flow-matching UniPC with shift; per
    step the model runs on every window of ``window`` frames (with the reference and with a zeroed
    reference: ``pred = c + g * (c - u)``) and the windows' predictions are blended where they overlap.
-   A clip of at most one window is exactly the released single pass.
+   A clip of at most one window is exactly the released single pass. A model with a trained ArcFace
+   ID-token projection (:mod:`dreamidv_core.id_projection`) also gets the identity's ArcFace embedding,
+   and zeros for the pass without the reference (as in training's identity dropout).
 5. VAE-decode, streaming, into N frames in [0, 1] (or a ``sink``).
 """
 from __future__ import annotations
@@ -91,6 +93,24 @@ def make_guided_model(dit: DreamIDVTransformer, cond, guidance: float, batch: bo
     return model
 
 
+def id_embedding_rows(dit: DreamIDVTransformer, embedding, rows: int) -> Optional[torch.Tensor]:
+    """The ID-projection rows matching the reference rows: [embedding] or [embedding, zeros] -> [rows, E]
+    float32; ``None`` when the model has no active ID projection (the embedding is then not needed)."""
+    if not getattr(dit, "id_projection_active", False):
+        return None
+    dim = dit.cfg.id_embed_dim
+    if embedding is None:
+        raise InputError("this model has a trained ArcFace ID-token projection and needs the reference's ArcFace "
+                         "embedding: connect the DreamID-V identity node with face detection on (a face must be "
+                         "found in the reference photo)")
+    emb = torch.as_tensor(embedding, dtype=torch.float32).reshape(-1)
+    if emb.numel() != dim:
+        raise InputError(f"the identity embedding has {emb.numel()} values; this model's ID projection takes {dim} "
+                         "(an ArcFace embedding)")
+    emb = emb[None]
+    return torch.cat([emb, torch.zeros_like(emb)]) if rows == 2 else emb
+
+
 def encode_reference(vae, reference, source_width: int, source_height: int, settings: SwapSettings) -> torch.Tensor:
     """Reference photo -> its VAE latent [1, 16, 1, h, w]: letterboxed in white onto the original
     frame size, then resized and cropped like the video (the released model's identity tokens)."""
@@ -110,7 +130,8 @@ def pose_tokens_for(dit: DreamIDVTransformer, pose, count: int, settings: SwapSe
 def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: torch.Tensor, pose=None,
               settings: SwapSettings = SwapSettings(), progress: Progress = None, cancel: Cancel = None,
               pose_tokens: Optional[torch.Tensor] = None, ref_latent: Optional[torch.Tensor] = None,
-              sink: Optional[Callable[[torch.Tensor, int], None]] = None) -> SwapResult:
+              sink: Optional[Callable[[torch.Tensor, int], None]] = None,
+              id_embedding=None) -> SwapResult:
     """Swap the face in ``video`` for the identity in ``reference``; returns exactly N frames.
 
     video, mask, pose: frames [F, H, W, C] (uint8 or float in [0, 1]; mask may be [F, H, W]; anything with
@@ -123,6 +144,8 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
     ``progress(stage, i, n)``: stages "encode", "sample" (per step), "window" (per window evaluation),
     "decode". ``cancel()`` returning True stops before the next window evaluation (within one step).
     ``sink(frames [k, H, W, 3] float32 CPU, start)`` receives the decoded frames instead of a returned tensor.
+    ``id_embedding``: the reference's ArcFace embedding [512] (array or tensor), required by a model with a
+    trained ID-token projection (``dit.id_projection_active``) and ignored by every other model.
     """
     s = settings
     if s.sampler not in SAMPLERS:
@@ -142,6 +165,7 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
         _check_stream(pose, "pose", count, (src_h, src_w))
     if ref_latent is None and reference is None:
         raise InputError("a reference image (or its latent) is required")
+    id_rows = id_embedding_rows(dit, id_embedding, 2 if s.guidance != 0 else 1)
     device = dit.patch_embedding.weight.device
 
     report("encode", 0, 3)
@@ -170,7 +194,7 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
     refs = torch.cat([ref_latent, torch.zeros_like(ref_latent)]) if s.guidance != 0 else ref_latent
     if layout.count == 1:  # the released single pass
         cache_kv = s.cache_pose_kv if s.cache_pose_kv is not None else dit.should_cache_pose_kv(tuple(y.shape[1:]))
-        shared = dit.prepare(context, y, refs, pose_tokens, cache_pose_kv=cache_kv)
+        shared = dit.prepare(context, y, refs, pose_tokens, cache_pose_kv=cache_kv, id_embedding=id_rows)
         model = WindowedModel(dit, shared, layout, y, None, s.guidance, s.batch_guidance,
                               progress=report, cancel=cancel)
         model._cache[0] = shared
@@ -178,7 +202,7 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
         # several windows: caching every window's pose K/V would make memory grow with the clip for ~2%
         # of compute, so "auto" recomputes them per evaluation (True caches them all anyway)
         cache_kv = bool(s.cache_pose_kv)
-        shared = dit.prepare(context, y[:, :layout.latent_window], refs, None)
+        shared = dit.prepare(context, y[:, :layout.latent_window], refs, None, id_embedding=id_rows)
         model = WindowedModel(dit, shared, layout, y, pose_tokens, s.guidance, s.batch_guidance,
                               cache_pose_kv=cache_kv, progress=report, cancel=cancel)
 

@@ -19,7 +19,8 @@ weights at every sampler step, so the sampler steps one coherent latent: no seam
 
 Per-window conditions
 ---------------------
-Every window shares the text K/V and the reference tokens (one ``DreamIDVTransformer.prepare`` call).
+Every window shares the text K/V, the reference tokens and (for a model with a trained ArcFace ID-token
+projection) every block's ID K/V (one ``DreamIDVTransformer.prepare`` call; copies keep ``id_kv``).
 A window's own conditions are its slice of the conditioning latent y and its slice of the clip's pose
 tokens (kept on the CPU); they are built when the window is evaluated (a ``DiTConditions`` copy with the
 y / pose fields replaced). Per-block pose K/V are cached across steps only when all windows' caches fit

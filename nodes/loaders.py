@@ -4,7 +4,9 @@
   :class:`LoadedDiT` wrapping the :class:`~dreamidv_core.dit.DreamIDVTransformer` in ComfyUI's
   ``ModelPatcher`` so that ComfyUI's memory manager moves it to the GPU for a run and frees it when
   another model needs the memory. Loaded models are shared while anything holds them (same file and
-  options -> same object).
+  options -> same object). Optional add-ons from ``loras``: a LoRA merged into the weights, and an
+  ArcFace ID-token projection (``id_projection.*`` tensors: the ``model.safetensors`` of an
+  ``id_projection`` training run) added on top of the released weights.
 * ``DreamIDVTextContext``: the umT5 context of the fixed prompt "chang face" as CONDITIONING, computed
   once per encoder file and cached on disk, or read from a precomputed context file.
 """
@@ -29,6 +31,7 @@ from dreamidv_core.attention import BACKENDS
 from dreamidv_core.checkpoints import WEIGHT_DTYPES, load_dit
 from dreamidv_core.speed import disable_block_offload, enable_block_offload, offload_memory
 from dreamidv_core.errors import CheckpointError, InputError
+from dreamidv_core.id_projection import apply_id_projection_file, is_id_projection_file
 from dreamidv_core.model_files import get_entry
 from dreamidv_core.text_context import DEFAULT_PROMPT, TEXT_DIM, get_text_context, load_precomputed_context
 
@@ -149,15 +152,29 @@ def lora_key(lora: str, strength: float) -> tuple:
     return (str(path), st.st_size, st.st_mtime_ns, float(strength))
 
 
+ID_PROJECTION_EXPECTED = "an ArcFace ID-projection file (model.safetensors of an id_projection training run)"
+
+
+def id_projection_key(id_projection: str) -> tuple:
+    """Cache-key part of an ID-projection choice: () for none, else (path, size, mtime)."""
+    if not id_projection or id_projection == NONE:
+        return ()
+    path = common.resolve_model_file(LORA_FOLDER, id_projection, ID_PROJECTION_EXPECTED)
+    st = path.stat()
+    return ("id", str(path), st.st_size, st.st_mtime_ns)
+
+
 def load_model(name: str, weight_dtype: str = "bf16", attention: str = "sdpa", device: str = "auto",
-               offload_blocks: int = 0, lora: str = NONE, lora_strength: float = 1.0) -> LoadedDiT:
-    """The DiT of ``diffusion_models/<name>`` (with ``loras/<lora>`` merged at ``lora_strength``); the
-    same object again while anything (ComfyUI's output cache, another node) still holds it. When nothing
-    does, it is garbage-collected."""
+               offload_blocks: int = 0, lora: str = NONE, lora_strength: float = 1.0,
+               id_projection: str = NONE) -> LoadedDiT:
+    """The DiT of ``diffusion_models/<name>`` (with ``loras/<lora>`` merged at ``lora_strength`` and the
+    ID projection ``loras/<id_projection>`` added); the same object again while anything (ComfyUI's output
+    cache, another node) still holds it. When nothing does, it is garbage-collected."""
     path = common.resolve_model_file(DIT_FOLDER, name, expected_dit_names())
     st = path.stat()
     lkey = lora_key(lora, lora_strength)
-    key = (str(path), st.st_size, st.st_mtime_ns, weight_dtype, attention, device, offload_blocks) + lkey
+    ikey = id_projection_key(id_projection)
+    key = (str(path), st.st_size, st.st_mtime_ns, weight_dtype, attention, device, offload_blocks) + lkey + ikey
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
         if cached is not None:
@@ -171,8 +188,15 @@ def load_model(name: str, weight_dtype: str = "bf16", attention: str = "sdpa", d
         if lkey:
             from training.lora import apply_lora_file
 
+            if is_id_projection_file(lkey[0]):
+                raise CheckpointError(lkey[0], "is an ArcFace ID-projection file, not a LoRA: choose it in the "
+                                               "loader's id_projection input instead of lora")
             patched = apply_lora_file(dit, lkey[0], strength=lkey[3])
             log.info("DreamID-V: applied LoRA %s (strength %g) to %d layers", lora, lkey[3], len(patched))
+        if ikey:
+            proj = apply_id_projection_file(dit, ikey[1])
+            log.info("DreamID-V: added the ID-token projection %s (%d tokens, gates %s)", id_projection,
+                     proj.num_tokens, "all 0: a no-op" if proj.is_noop() else "trained")
         patcher = comfy.model_patcher.ModelPatcher(dit, load_device=load_device, offload_device=offload_device)
         handle = LoadedDiT(patcher=patcher, name=name, path=str(path), key="|".join(map(str, key)),
                            offload_after=(device == "auto_offload"), offload_blocks=offload_blocks)
@@ -218,6 +242,12 @@ class DreamIDVModelLoader(io.ComfyNode):
                                        "DreamIDVIRLFineTune checkpoint folder), merged into the weights at load."),
                 io.Float.Input("lora_strength", default=1.0, min=-4.0, max=4.0, step=0.05, optional=True,
                                tooltip="How much of the LoRA to merge (1: as trained; 0: none)."),
+                io.Combo.Input("id_projection", options=[NONE] + common.model_choices(LORA_FOLDER, (".safetensors",)),
+                               default=NONE, optional=True,
+                               tooltip=f"An ArcFace ID-token projection in models/{LORA_FOLDER} (the "
+                                       "model.safetensors of a DreamIDVIRLFineTune run that trained "
+                                       "'id_projection'), added to the model. The sampler then also uses the "
+                                       "identity's ArcFace embedding."),
             ],
             outputs=[common.DreamIDVModel.Output(display_name="model")],
         )
@@ -229,9 +259,9 @@ class DreamIDVModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, weight_dtype="bf16", attention="sdpa", device="auto",
-                offload_blocks=0, lora=NONE, lora_strength=1.0) -> io.NodeOutput:
+                offload_blocks=0, lora=NONE, lora_strength=1.0, id_projection=NONE) -> io.NodeOutput:
         return io.NodeOutput(load_model(model_name, weight_dtype, attention, device, offload_blocks, lora,
-                                        lora_strength))
+                                        lora_strength, id_projection))
 
 
 # ------------------------------------------------------------------------------------------------ text

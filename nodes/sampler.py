@@ -5,6 +5,9 @@
   geometry they belong to).
 * ``DreamIDVSampler``: model + VAE + text context + identity + pose tokens + video + mask -> the swapped
   frames at model resolution, the same frames pasted back into the source frames, and the frame count.
+  A model with a trained ArcFace ID-token projection also gets the identity's ArcFace embedding; if the
+  identity has none (face detection off or no face found) the sampler stops with an error rather than
+  silently sampling without the identity signal the projection was trained to use.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from dreamidv_core.adapters import PixelSpaceVAE, PoseTokenSet, context_from_con
 from dreamidv_core.errors import InputError
 from dreamidv_core.geometry import paste_back, source_crop_box
 from dreamidv_core.samplers import SAMPLERS
-from dreamidv_core.swap import SwapSettings, encode_reference, pose_tokens_for, swap_face
+from dreamidv_core.swap import SwapSettings, encode_reference, id_embedding_rows, pose_tokens_for, swap_face
 from dreamidv_core.video_ops import output_size
 from dreamidv_core.windows import check_window, clip_frame_count
 
@@ -197,6 +200,7 @@ class DreamIDVSampler(io.ComfyNode):
         if not hasattr(identity, "latent_for") or not hasattr(identity, "image"):
             raise InputError(f"identity: expected the output of the DreamID-V identity node, got {type(identity).__name__}")
         check_window(window, overlap)
+        id_embedding = identity_embedding(dit, identity, model.name)
         count = clip_frame_count(video.shape[0], frame_num or None)
         src_h, src_w = video.shape[1:3]
         settings = SwapSettings(width=width, height=height, frame_num=frame_num or None, steps=steps, shift=shift,
@@ -223,7 +227,7 @@ class DreamIDVSampler(io.ComfyNode):
         try:
             result = swap_face(dit, adapter, video, mask, None, context, settings=settings,
                                progress=common.progress_hook(steps), cancel=common.cancel_hook(),
-                               pose_tokens=tokens, ref_latent=ref_latent)
+                               pose_tokens=tokens, ref_latent=ref_latent, id_embedding=id_embedding)
         finally:
             model.release()
         if step_cache > 0:
@@ -232,6 +236,19 @@ class DreamIDVSampler(io.ComfyNode):
         box = source_crop_box(src_h, src_w, width, height)
         in_source = paste_back(video[:result.frames_used].to(frames.device), frames, box)
         return io.NodeOutput(frames, in_source, result.frames_used)
+
+
+def identity_embedding(dit, identity, model_name: str):
+    """The identity bundle's ArcFace embedding when ``dit`` has a trained ID-token projection, else None."""
+    if not getattr(dit, "id_projection_active", False):
+        return None
+    emb = getattr(identity, "embedding", None)
+    if emb is None:
+        raise InputError(f"identity: {model_name} has a trained ArcFace ID-token projection and needs the reference "
+                         "face's ArcFace embedding, but this identity has none; turn face detection on in the "
+                         "DreamID-V identity node (with the insightface models) and use a photo with a visible face")
+    id_embedding_rows(dit, emb, 1)  # checks the width now, before any encoding
+    return emb
 
 
 def _mask_frames(mask) -> torch.Tensor:

@@ -8,6 +8,8 @@ which DreamIDVModelLoader's ``lora`` option applies).
 The training itself is :func:`training.stages.run_curriculum` (one checkpoint folder per stage under the
 checkpoint folder; ``resume`` continues the last run there). ComfyUI's Cancel stops training before the
 next step: the trainer saves a resumable checkpoint, then the node raises ComfyUI's interruption.
+``validate_every`` > 0 adds the identity-report validation (:mod:`training.validation`): its mean
+similarity is drawn on the loss curve, every number goes to ``metrics.jsonl`` in each stage's folder.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ STAGE_CHOICES = ("synthetic", "real", "irl", "curriculum")
 CURRICULUM = ("synthetic", "real", "irl")
 TRAINS = ("lora", "pose", "full")
 DEFAULT_CHECKPOINT_DIR = "dreamidv_training"
+VALIDATION_SAMPLES = 2
+VALIDATION_STEPS = 4
 
 
 def _stages():
@@ -91,9 +95,15 @@ def trainable_copy(model) -> torch.nn.Module:
     return dit
 
 
+VALIDATION_COLOUR = (40, 160, 60)
+
+
 def plot_losses(losses: Sequence[float], boundaries: Sequence[int] = (), width: int = 640,
-                height: int = 320) -> np.ndarray:
-    """Loss per step as a line plot -> uint8 [height, width, 3] (stage boundaries as vertical lines)."""
+                height: int = 320, validation: Sequence[tuple] = ()) -> np.ndarray:
+    """Loss per step as a line plot -> uint8 [height, width, 3] (stage boundaries as vertical lines).
+
+    validation: (step, mean identity similarity) pairs (step 0 = before training), drawn in green on
+    a 0..1 scale (right axis)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height), (255, 255, 255))
@@ -123,6 +133,15 @@ def plot_losses(losses: Sequence[float], boundaries: Sequence[int] = (), width: 
         d.text((5, bottom - 10), f"{lo:.4g}", fill=(0, 0, 0))
         d.text((left, bottom + 8), "step 1", fill=(0, 0, 0))
         d.text((right - 60, bottom + 8), f"step {len(vals)}", fill=(0, 0, 0))
+    val = [(float(st), float(v)) for st, v in validation if v is not None and np.isfinite(v)]
+    if val:
+        span = max(1.0, float(len(vals)))
+        pts = [(left + (right - left) * st / span, bottom - (bottom - top) * min(max(v, 0.0), 1.0)) for st, v in val]
+        if len(pts) > 1:
+            d.line(pts, fill=VALIDATION_COLOUR, width=2)
+        for p in pts:
+            d.rectangle([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=VALIDATION_COLOUR)
+        d.text((width - 250, 5), f"identity sim (validation): {val[-1][1]:.3f}", fill=VALIDATION_COLOUR)
     return np.array(img, np.uint8)
 
 
@@ -180,6 +199,11 @@ class DreamIDVIRLFineTune(io.ComfyNode):
                                tooltip="ArcFace for the irl stage: insightface pack in models/insightface/models/<pack>/."),
                 io.Combo.Input("provider", options=list(face_core.PROVIDERS), default="CPU", optional=True,
                                tooltip="onnxruntime device for insightface (irl stage)."),
+                io.Int.Input("validate_every", default=0, min=0, max=1000000, optional=True,
+                             tooltip="0: off. N: before training, every N steps and at the end, swap the first "
+                                     f"{VALIDATION_SAMPLES} dataset samples ({VALIDATION_STEPS} sampler steps) and "
+                                     "score them with the identity report (ArcFace, insightface_pack); the mean "
+                                     "similarity is drawn on the loss curve, all numbers go to metrics.jsonl."),
             ],
             outputs=[common.DreamIDVModel.Output(display_name="model"),
                      io.Image.Output("loss_curve", display_name="loss_curve", tooltip="Loss per step."),
@@ -197,7 +221,7 @@ class DreamIDVIRLFineTune(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, positive, stage, dataset_folder, steps, learning_rate, trains, lora_rank,
                 width, height, frames, seed, checkpoint_folder, resume, insightface_pack="antelopev2",
-                provider="CPU") -> io.NodeOutput:
+                provider="CPU", validate_every=0) -> io.NodeOutput:
         if not isinstance(model, LoadedDiT):
             raise InputError(f"model: expected the output of DreamIDVModelLoader, got {type(model).__name__}")
         if trains not in TRAINS:
@@ -210,11 +234,22 @@ class DreamIDVIRLFineTune(io.ComfyNode):
         from training.trainer import TrainConfig
 
         context = conditioning_context(positive, model.dit.cfg.text_dim)
-        encoder = cls.identity_encoder(insightface_pack, provider) if any(p["stage"] == "irl" for p in plan) else None
+        validate_every = int(validate_every or 0)
+        need_encoder = validate_every > 0 or any(p["stage"] == "irl" for p in plan)
+        encoder = cls.identity_encoder(insightface_pack, provider) if need_encoder else None
         out_dir = resolve_checkpoint_folder(checkpoint_folder)
         config = TrainConfig(steps=int(steps), lr=float(learning_rate), trainable=trains, lora_rank=int(lora_rank),
                              lora_alpha=float(lora_rank), checkpoint_dir=str(out_dir), seed=int(seed),
-                             resume=bool(resume), autocast="none")
+                             resume=bool(resume), autocast="none", validate_every=validate_every,
+                             validation_samples=VALIDATION_SAMPLES, validation_steps=VALIDATION_STEPS)
+        train_vae = PixelSpaceVAE(vae)
+        validator = None
+        if validate_every:
+            from training.dataset import DreamIDVDataset
+            from training.validation import make_identity_validator, validation_items
+            items = validation_items(DreamIDVDataset(root, int(width), int(height), int(frames)), VALIDATION_SAMPLES)
+            validator = make_identity_validator(items, train_vae, context, encoder, steps=VALIDATION_STEPS,
+                                                seed=int(seed))
         total = sum(p["steps"] for p in plan)
         bar = comfy.utils.ProgressBar(total)
         seen: List[float] = []
@@ -229,9 +264,11 @@ class DreamIDVIRLFineTune(io.ComfyNode):
         with torch.inference_mode(False), torch.enable_grad():
             dit = trainable_copy(model)
             try:
-                result = stages.run_curriculum(dit, root, plan, config, PixelSpaceVAE(vae), context,
-                                               identity_encoder=encoder, width=int(width), height=int(height),
-                                               frames=int(frames), progress=progress, cancel=cancel)
+                from training.trainer import use_validator
+                with use_validator(validator):
+                    result = stages.run_curriculum(dit, root, plan, config, train_vae, context,
+                                                   identity_encoder=encoder, width=int(width), height=int(height),
+                                                   frames=int(frames), progress=progress, cancel=cancel)
             except Cancelled as exc:
                 log.info("DreamID-V: %s", exc)
                 mm.throw_exception_if_processing_interrupted()
@@ -248,7 +285,11 @@ class DreamIDVIRLFineTune(io.ComfyNode):
         for p in plan[:-1]:
             acc += p["steps"]
             bounds.append(acc)
-        curve = torch.from_numpy(plot_losses(losses, bounds)).float().div(255)[None]
+        validation, offset = [], 0
+        for (_name, stage_res), p in zip(getattr(result, "stages", []), plan):
+            validation += [(offset + v["step"], v.get("val_mean_similarity")) for v in stage_res.validation]
+            offset += p["steps"]
+        curve = torch.from_numpy(plot_losses(losses, bounds, validation=validation)).float().div(255)[None]
         ckpt = getattr(result, "last_checkpoint", None)
         patcher = comfy.model_patcher.ModelPatcher(dit, load_device=model.patcher.load_device,
                                                    offload_device=model.patcher.offload_device)

@@ -452,3 +452,47 @@ def test_loader_block_offload_option(model_dirs, loader):
     assert again is not handle  # a different option is a different cached model
     with pytest.raises(InputError, match="has 2 blocks"):
         loader.DreamIDVModelLoader.execute("dreamidv.safetensors", "fp32", "sdpa", "cpu", 5)
+
+
+def test_loader_applies_an_id_projection_and_the_sampler_needs_the_embedding(model_dirs, loader, pack, tiny_vaes,
+                                                                            tmp_path):
+    import folder_paths
+
+    from dreamidv_core.identity_bundle import FaceBox
+
+    saved = folder_paths.folder_names_and_paths.get("loras")
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    folder_paths.folder_names_and_paths["loras"] = ([str(loras)], {".safetensors"})
+    folder_paths.filename_list_cache.clear()
+    try:
+        write_dit(model_dirs["diffusion_models"], "dreamidv_faster.safetensors", "faster", seed=1)
+        trained = init_random_(DreamIDVTransformer(tiny_config("faster", text_dim=4096, id_tokens=2, id_embed_dim=8)))
+        with torch.no_grad():
+            for blk in trained.id_projection.blocks:
+                blk.gate.fill_(0.5)
+        save_safetensors({n: p.detach() for n, p in trained.named_parameters() if n.startswith("id_projection.")},
+                         loras / "id.safetensors")
+        save_safetensors({"blocks.0.ffn.0.lora_A.weight": torch.zeros(2, 64)}, loras / "lora.safetensors")
+        node = loader.DreamIDVModelLoader
+        plain = node.execute("dreamidv_faster.safetensors", "fp32", "sdpa", "cpu").result[0]
+        model = node.execute("dreamidv_faster.safetensors", "fp32", "sdpa", "cpu", id_projection="id.safetensors").result[0]
+        assert model is not plain and model.dit.id_projection_active and not plain.dit.cfg.id_tokens
+        with pytest.raises(CheckpointError, match="not an ArcFace ID-projection file"):
+            node.execute("dreamidv_faster.safetensors", "fp32", "sdpa", "cpu", id_projection="lora.safetensors")
+        with pytest.raises(CheckpointError, match="id_projection input"):
+            node.execute("dreamidv_faster.safetensors", "fp32", "sdpa", "cpu", lora="id.safetensors")
+        vae = tiny_vaes[1]
+        with pytest.raises(InputError, match="face detection"):
+            run(pack, model, vae)  # identity without an ArcFace embedding
+        ident = identity()
+        ident.face = FaceBox(bbox=(0, 0, 20, 30), score=1.0, embedding=np.ones(8, np.float32) / 8 ** 0.5)
+        frames = run(pack, model, vae, ident=ident)[0]
+        base = run(pack, plain, vae, ident=ident)[0]
+        assert frames.shape == base.shape and not torch.equal(frames, base)
+    finally:
+        if saved is None:
+            folder_paths.folder_names_and_paths.pop("loras", None)
+        else:
+            folder_paths.folder_names_and_paths["loras"] = saved
+        folder_paths.filename_list_cache.clear()

@@ -155,3 +155,36 @@ def test_precomputed_pose_tokens_and_reference_latent_give_the_same_swap(models)
     latent = encode_reference(vae, ref, video.shape[2], video.shape[1], s)
     staged = swap_face(dit, vae, video, mask, None, context, settings=s, pose_tokens=tokens, ref_latent=latent)
     assert torch.equal(direct.latent, staged.latent)
+
+
+def test_id_projection_in_the_sampler(models):
+    """A no-op projection leaves the swap bit-identical; a trained one needs the embedding and uses it,
+    in one window and in several."""
+    from dreamidv_core.configs import tiny_config
+    from dreamidv_core.dit import DreamIDVTransformer
+
+    dit, vae = models
+    withp = DreamIDVTransformer(tiny_config("full", text_dim=48, id_tokens=2, id_embed_dim=8))
+    withp.load_state_dict(dit.state_dict(), strict=False)
+    withp.eval().requires_grad_(False)
+    video, mask, pose, ref = clip()
+    context = torch.randn(4, 48, generator=torch.Generator().manual_seed(1))
+    emb = torch.randn(8, generator=torch.Generator().manual_seed(2))
+
+    def run(model, embedding, **kw):
+        s = SwapSettings(width=48, height=32, steps=2, **kw)
+        return swap_face(model, vae, video, mask, ref, context, pose=pose, settings=s, id_embedding=embedding).latent
+
+    plain = run(dit, None)
+    assert torch.equal(run(withp, emb), plain) and torch.equal(run(withp, None), plain)
+    with torch.no_grad():
+        for blk in withp.id_projection.blocks:
+            blk.gate.fill_(0.5)
+    with pytest.raises(InputError, match="ArcFace"):
+        run(withp, None)
+    with pytest.raises(InputError, match="takes 8"):
+        run(withp, torch.zeros(5))
+    used = run(withp, emb)
+    assert (used - plain).abs().max() > 1e-4 and not torch.equal(used, run(withp, -emb))
+    windowed = run(withp, emb, window=9, overlap=4)
+    assert (windowed - run(dit, None, window=9, overlap=4)).abs().max() > 1e-4

@@ -183,6 +183,24 @@ def test_loader_applies_a_trained_lora(pack, dirs, comfy_vae):
         load(pack, lora="missing.safetensors")
 
 
+def test_validation_draws_identity_similarity_on_the_curve(pack, dirs, comfy_vae, monkeypatch):
+    from training.stages import colour_identity_encoder
+
+    node = pack.nodes.training.DreamIDVIRLFineTune
+    monkeypatch.setattr(node, "identity_encoder", classmethod(lambda cls, pack_name, provider: colour_identity_encoder))
+    model = load(pack)
+    _, curve, ckpt = finetune(pack, model, comfy_vae, dirs["data"], steps=1, validate_every=1,
+                              checkpoint_folder=str(dirs["output"] / "val"))
+    log = [json.loads(x) for x in (Path(ckpt).parent / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in log if "val_mean_similarity" in r]
+    assert [r["step"] for r in val] == [0, 1] and len(val[0]["val_samples"]) == 2
+    assert all(0 < r["val_min_similarity"] <= r["val_mean_similarity"] <= 1 for r in val)
+    green = torch.tensor(pack.nodes.training.VALIDATION_COLOUR).float() / 255
+    assert ((curve[0] - green).abs().sum(-1) < 0.02).sum() > 20  # the validation line is drawn
+    plain = torch.from_numpy(pack.nodes.training.plot_losses([1.0, 0.5])).float() / 255
+    assert ((plain - green).abs().sum(-1) < 0.02).sum() == 0
+
+
 def test_bad_dataset_folders_are_named(pack, dirs, comfy_vae, tmp_path):
     model = load(pack)
     missing = tmp_path / "no_such_folder"

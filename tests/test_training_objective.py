@@ -243,3 +243,32 @@ def test_irl_with_tiny_wan_vae_and_frame_choice():
     assert calls == [2, 4, 4]  # chunk 0 has one frame, the others two of four, for both samples
     assert w.shape == cos.shape == (2, 3) and torch.isfinite(w).all()
     torch.testing.assert_close(w.mean(dim=1), torch.ones(2))
+
+
+def test_id_embedding_reaches_prepare_and_is_zeroed_with_the_reference(monkeypatch):
+    from dreamidv_core.errors import InputError
+
+    dit = init_random_(DreamIDVTransformer(tiny_config("full", text_dim=32, id_tokens=2, id_embed_dim=4)), seed=0)
+    z, c = make_batch(dit, b=3)
+    seen = {}
+    original = dit.prepare
+
+    def spy(*args, **kw):
+        seen["id"], seen["ref"] = kw.get("id_embedding"), args[2]
+        return original(*args, **kw)
+
+    monkeypatch.setattr(dit, "prepare", spy)
+    with pytest.raises(InputError, match="identity embedding"):  # the projection trains: it needs them
+        FlowMatchingObjective().loss(dit, z, c)
+    c.id_embedding = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(0)
+    out = FlowMatchingObjective(identity_dropout=0.5).per_chunk_loss(dit, z, c, g)
+    dropped = out.ref_dropped
+    assert 0 < int(dropped.sum()) < 3  # this seed drops some samples, not all
+    for b in range(3):
+        if dropped[b]:
+            assert not seen["id"][b].any() and not seen["ref"][b].any()
+        else:
+            assert torch.equal(seen["id"][b], c.id_embedding[b]) and seen["ref"][b].any()
+    out.per_chunk.mean().backward()  # the gates get a gradient from the first step on
+    assert all(blk.gate.grad is not None and blk.gate.grad.abs().sum() > 0 for blk in dit.id_projection.blocks)

@@ -177,3 +177,16 @@ def test_bad_input_errors(root, tmp_path):
         run_curriculum(tiny_model(0), bad, [{"stage": "synthetic", "steps": 1}], cfg(), make_vae(), context(),
                        width=W, height=H, frames=F)
     assert "sample_a" in str(err.value)
+
+
+def test_id_projection_needs_an_identity_encoder_of_its_width(root):
+    model = tiny_model(0, text_dim=32, id_tokens=2, id_embed_dim=5)  # gates train: the ID path is used
+    with pytest.raises(InputError, match="trainable='id_projection'.*identity encoder"):
+        run_curriculum(model, root, [{"stage": "synthetic", "steps": 1}], cfg(trainable="id_projection"),
+                       make_vae(), context(), None, width=W, height=H, frames=F)
+    batch = collate([stage_dataset(root, "synthetic", W, H, F)[0]])
+    with pytest.raises(InputError, match="identity encoder"):
+        make_loss_fn("synthetic", make_vae(), context())(model, batch, torch.Generator().manual_seed(0))
+    wrong = make_loss_fn("synthetic", make_vae(), context(), identity_encoder=colour_identity_encoder)  # 3-d
+    with pytest.raises(InputError, match=r"gave \[1, 3\].*\[1, 5\]"):
+        wrong(model, batch, torch.Generator().manual_seed(0))

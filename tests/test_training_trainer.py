@@ -65,7 +65,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, stage):
         train(tiny_model(), ToyDataset(4), toy_flow_loss, cfg(steps=2, save_every=1, checkpoint_dir=str(tmp_path)),
               _save_hook=hook)
     assert ckpt.find_latest(tmp_path) == tmp_path / "step_000001"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]  # no partial folder left
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_000001"]  # no partial folder left
     state = ckpt.read_state(tmp_path / "step_000001")
     assert state["step"] == 1 and len(state["losses"]) == 1
     # a half-written folder without state.json is never taken for a checkpoint
@@ -135,7 +135,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         out = tmp_path / f"{name}.json"
         conf = tmp_path / f"{name}_cfg.json"
         conf.write_text(json.dumps({"model": "tiny", "dataset": "toy", "dataset_size": 4, "loss": "toy",
-                                    "losses_out": str(out), "train": {"steps": 3, "lr": 1e-3, "grad_accum": accum,
+                                    "losses_out": str(out), "train": {"steps": 3, "lr": 1e-3, "grad_accum": accum, "parallel": "ddp",
                                                                       "checkpoint_dir": str(tmp_path / name)}}))
         cmd = [sys.executable, "-m", "training", "--config", str(conf)]
         if nproc > 1:
@@ -163,3 +163,82 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     b = load_dit(tmp_path / "dist" / "step_000003" / "model.safetensors", weight_dtype="fp32")
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), n
+
+
+# ---------------------------------------------------------------------------- identity-report validation
+def _validation_setup(tmp_path):
+    from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
+    from tests.synthetic_data import write_synthetic_dataset
+    from training.dataset import DreamIDVDataset
+
+    write_synthetic_dataset(tmp_path / "val", 2, frames=5, size=(32, 32), direction="forward", seed=7)
+    torch.manual_seed(0)
+    vae = WanVAE(TINY_VAE_CONFIG).eval()
+    items = [DreamIDVDataset(tmp_path / "val", 32, 32, 5)[i] for i in range(2)]
+    context = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    return vae, items, context
+
+
+def test_identity_report_validation_uses_the_report_code_and_logs_metrics(tmp_path, uninterrupted):
+    from dreamidv_core.identity_report import identity_report
+    from dreamidv_core.swap import SwapSettings, swap_face
+    from training.stages import colour_identity_encoder
+    from training.validation import embedder_from_encoder, make_identity_validator
+
+    vae, items, context = _validation_setup(tmp_path)
+    validator = make_identity_validator(items, vae, context, colour_identity_encoder, steps=2, seed=5)
+    calls = []
+
+    def spy(model):
+        calls.append(model.training)
+        return validator(model)
+
+    model = tiny_model()
+    conf = cfg(steps=4, validate_every=2, checkpoint_dir=str(tmp_path / "ck"))
+    res = train(model, ToyDataset(4), toy_flow_loss, conf, validator=spy)
+    assert [v["step"] for v in res.validation] == [0, 2, 4] and calls == [False] * 3 and model.training
+    # validation draws no randomness the training uses: the losses are those of a run without it
+    assert res.losses == uninterrupted
+    # the numbers are the identity report of swap_face with the trained weights, recomputed here
+    embed = embedder_from_encoder(colour_identity_encoder)
+    reports = []
+    for k, it in enumerate(items):
+        f01 = lambda t, signed: (t.float().add(1).div(2) if signed else t.float()).permute(1, 2, 3, 0)  # noqa: E731
+        ref = f01(it["identity"], True)[0]
+        out = swap_face(model.eval(), vae, f01(it["video"], True), f01(it["mask"], False), ref, context,
+                        pose=f01(it["pose"], False), settings=SwapSettings(width=32, height=32, steps=2, seed=5 + k,
+                                                                          cache_pose_kv=True))
+        reports.append(identity_report(out.frames, ref, embed))
+    last = res.validation[-1]
+    assert last["val_mean_similarity"] == pytest.approx(sum(r.mean for r in reports) / 2, abs=1e-6)
+    assert last["val_min_similarity"] == pytest.approx(min(r.min for r in reports), abs=1e-6)
+    assert last["val_mean_abs_change"] == pytest.approx(sum(r.mean_abs_change for r in reports) / 2, abs=1e-6)
+    assert 0 < last["val_min_similarity"] <= last["val_mean_similarity"] <= 1
+    assert res.validation[0]["val_mean_similarity"] != last["val_mean_similarity"]  # training changed the swap
+    log = [json.loads(x) for x in (tmp_path / "ck" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in log if "val_mean_similarity" in r] == [0, 2, 4]
+    assert [r["loss"] for r in log if "loss" in r] == res.losses
+    # resumed runs keep the earlier validations (state.json) and rewrite the log from there
+    state = ckpt.read_state(res.last_checkpoint)
+    assert [v["step"] for v in state["validation"]] == [0, 2, 4]
+
+
+def test_validation_with_a_controllable_encoder_gives_known_numbers(tmp_path):
+    from training.validation import make_identity_validator
+
+    vae, items, context = _validation_setup(tmp_path)
+    same = lambda x: torch.ones(x.shape[0], 4)  # noqa: E731  every face is the reference: cosine 1, no change
+    metrics = make_identity_validator(items[:1], vae, context, same, steps=1)(tiny_model())
+    assert metrics["val_mean_similarity"] == pytest.approx(1.0) and metrics["val_min_similarity"] == pytest.approx(1.0)
+    assert metrics["val_mean_abs_change"] == pytest.approx(0.0) and metrics["val_no_face_frames"] == 0
+    # an encoder that sees no face in the swapped frames (its embedding is all zeros) -> nothing measured
+    calls = []
+
+    def blind(x):
+        calls.append(1)
+        return torch.ones(x.shape[0], 4) if len(calls) == 1 else torch.zeros(x.shape[0], 4)  # reference first
+    metrics = make_identity_validator(items[:1], vae, context, blind, steps=1)(tiny_model())
+    assert metrics["val_mean_similarity"] is None and metrics["val_no_face_frames"] == 5
+    with pytest.raises(InputError, match="validator"):
+        train(tiny_model(), ToyDataset(2), toy_flow_loss, cfg(steps=1, validate_every=1))

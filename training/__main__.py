@@ -15,12 +15,20 @@ Config keys:
   by ``irl``;
 - ``objective``: :class:`training.objective.FlowMatchingObjective` settings (shift, identity_dropout,
   timestep_sampling, logit_mean, logit_std); ``irl``: ``{"delta": 0.1, "frames_per_chunk": 1}``;
-- ``train``: every :class:`training.trainer.TrainConfig` field;
-- ``losses_out``: optional JSON file the losses are written to (rank 0).
+- ``train``: every :class:`training.trainer.TrainConfig` field (``validate_every`` > 0 runs the
+  identity-report validation, :mod:`training.validation`, on ``validation_samples`` samples of
+  ``validation_root`` (default: the dataset folder) with ``identity_encoder``);
+- ``id_tokens`` / ``id_embed_dim``: attach a fresh ArcFace ID-token projection (zero-gated) of that many
+  tokens to a model without one (``trainable = "id_projection"`` trains it; ArcFace: 512);
+- ``losses_out``: optional JSON file the losses (and validation numbers) are written to (rank 0).
+
+Every key is checked (:func:`check_config`): a misspelt one is an error naming it and the file.
+Example configs: ``training/configs/*.toml``.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -43,15 +51,63 @@ def load_config(path) -> dict:
         raise InputError(f"{path}: not a valid {path.suffix.lstrip('.').upper() or 'JSON'} config ({exc})") from None
 
 
+TOP_KEYS = ("model", "model_seed", "weight_dtype", "id_tokens", "id_embed_dim", "dataset", "dataset_size", "loss",
+            "vae", "vae_seed", "context", "context_seed", "stages", "stage", "identity_encoder", "objective", "irl",
+            "train", "losses_out")
+SECTION_KEYS = {"objective": ("shift", "identity_dropout", "timestep_sampling", "logit_mean", "logit_std"),
+                "irl": ("delta", "frames_per_chunk"),
+                "dataset": ("root", "width", "height", "frames", "seed")}
+STAGE_ENTRY_KEYS = ("stage", "steps")  # a [[stages]] entry; extend with a new stage's per-stage settings
+
+
+def _unknown(keys, known, where: str, path) -> None:
+    for key in keys:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise InputError(f"{path}: unknown setting '{where}{key}'{hint}; known: {', '.join(known)}")
+
+
+def check_config(cfg: dict, path="config") -> dict:
+    """Reject unknown keys (top level, ``train``, ``objective``, ``irl``, a ``dataset`` table, ``stages``
+    entries) with an error naming the key and the file; returns ``cfg``."""
+    from dataclasses import fields
+
+    from .trainer import TrainConfig
+
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path}: expected a table of settings at the top level")
+    _unknown(cfg, TOP_KEYS, "", path)
+    for name, known in SECTION_KEYS.items():
+        value = cfg.get(name)
+        if isinstance(value, dict):
+            _unknown(value, known, f"{name}.", path)
+        elif value is not None and name != "dataset":
+            raise InputError(f"{path}: '{name}' must be a table of settings, got {value!r}")
+    train = cfg.get("train", {})
+    if not isinstance(train, dict):
+        raise InputError(f"{path}: 'train' must be a table of settings, got {train!r}")
+    _unknown(train, tuple(f.name for f in fields(TrainConfig)), "train.", path)
+    for i, st in enumerate(cfg.get("stages") or []):
+        if isinstance(st, dict):
+            _unknown(st, STAGE_ENTRY_KEYS, f"stages[{i}].", path)
+    return cfg
+
+
 def build_model(cfg: dict):
     spec = cfg.get("model", "tiny")
     if spec == "tiny":
         from .toy import tiny_model
-        return tiny_model(int(cfg.get("model_seed", 0)), text_dim=32)
-    if not isinstance(spec, str) or not spec:
+        model = tiny_model(int(cfg.get("model_seed", 0)), text_dim=32)
+    elif not isinstance(spec, str) or not spec:
         raise InputError(f"model: expected a DiT checkpoint path or 'tiny', got {spec!r}")
-    from dreamidv_core.checkpoints import load_dit
-    return load_dit(spec, weight_dtype=cfg.get("weight_dtype", "fp32"))
+    else:
+        from dreamidv_core.checkpoints import load_dit
+        model = load_dit(spec, weight_dtype=cfg.get("weight_dtype", "fp32"))
+    tokens = int(cfg.get("id_tokens", 0))
+    if tokens > 0 and getattr(model, "id_projection", None) is None:
+        model.attach_id_projection(tokens, int(cfg.get("id_embed_dim", 512)))
+    return model
 
 
 def build_vae(cfg: dict):
@@ -140,12 +196,24 @@ def run_stages(cfg: dict, tc, progress):
     model = build_model(cfg)
     vae = build_vae(cfg)
     context = build_context(cfg, model.cfg.text_dim)
-    return run_curriculum(model, data["root"], stages, tc, vae, context, encoder,
-                          width=int(data.get("width", 832)), height=int(data.get("height", 480)),
-                          frames=data.get("frames", 81), progress=progress, objective=obj,
-                          identity_delta=float(irl.get("delta", 0.1)),
-                          frames_per_chunk=int(irl.get("frames_per_chunk", 1)),
-                          dataset_seed=int(data.get("seed", 0)))
+    width, height, frames = int(data.get("width", 832)), int(data.get("height", 480)), data.get("frames", 81)
+    validator = None
+    if tc.validate_every:
+        if encoder is None:
+            raise InputError("train.validate_every: the identity-report validation needs identity_encoder "
+                             "('insightface:<pack folder>')")
+        from .dataset import DreamIDVDataset
+        from .validation import make_identity_validator, validation_items
+        held_out = DreamIDVDataset(tc.validation_root or data["root"], width, height, frames, int(data.get("seed", 0)))
+        validator = make_identity_validator(validation_items(held_out, tc.validation_samples), vae, context,
+                                            encoder, steps=tc.validation_steps, seed=tc.seed)
+    from .trainer import use_validator
+    with use_validator(validator):
+        return run_curriculum(model, data["root"], stages, tc, vae, context, encoder, width=width, height=height,
+                              frames=frames, progress=progress, objective=obj,
+                              identity_delta=float(irl.get("delta", 0.1)),
+                              frames_per_chunk=int(irl.get("frames_per_chunk", 1)),
+                              dataset_seed=int(data.get("seed", 0)))
 
 
 def build_dataset(cfg: dict):
@@ -178,22 +246,30 @@ def main(argv=None) -> int:
     from .trainer import TrainConfig, train
 
     try:
-        cfg = load_config(args.config)
+        cfg = check_config(load_config(args.config), args.config)
         tc = TrainConfig.from_dict(dict(cfg.get("train", {})))
         if args.resume:
             tc.resume = True
         rank = int(os.environ.get("RANK", "0"))
         progress = (lambda s, n, loss: print(f"step {s}/{n} loss {loss:.6f}", flush=True)) if rank == 0 else None
         if cfg.get("loss", "stages") == "toy" or cfg.get("dataset") == "toy":
+            if tc.validate_every:
+                raise InputError(f"{args.config}: train.validate_every needs a dataset folder and a VAE, not the toy "
+                                 "loss")
             model, dataset, loss_fn = build_model(cfg), build_dataset(cfg), build_loss(cfg)
             result = train(model, dataset, loss_fn, tc, progress=progress)
         else:
             result = run_stages(cfg, tc, progress)
         if rank == 0 and cfg.get("losses_out"):
+            validation = list(getattr(result, "validation", []))
+            for _name, stage_res in getattr(result, "stages", []):
+                validation += list(getattr(stage_res, "validation", []))
             Path(cfg["losses_out"]).write_text(json.dumps({"losses": result.losses, "steps": result.steps,
-                                                            "last_checkpoint": str(result.last_checkpoint)}))
+                                                            "last_checkpoint": str(result.last_checkpoint),
+                                                            "validation": validation}))
     except DreamIDVError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        where = "" if str(args.config) in str(exc) else f"{args.config}: "
+        print(f"error: {where}{exc}", file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist

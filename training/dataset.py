@@ -119,7 +119,7 @@ def _read_record(folder: Path) -> Dict:
     sims = record.get("identity_similarity", {})
     if not isinstance(sims, dict) or not all(
             isinstance(k, str) and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
-                                    or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)))
+                                    or (isinstance(v, list) and all(x is None or isinstance(x, (int, float)) for x in v)))
             for k, v in sims.items()):
         raise _fail(folder, f"{RECORD_FILE}: 'identity_similarity' must map names to numbers (or lists of "
                             f"per-frame numbers), got {sims!r}")

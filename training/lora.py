@@ -109,13 +109,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32).clone()
 
 
-def save_lora(model: nn.Module, path, extra_metadata: Dict[str, str] = None) -> Path:
-    """Write the adapters as safetensors (atomic)."""
+def save_lora(model: nn.Module, path, extra_metadata: Dict[str, str] = None,
+              tensors: Dict[str, torch.Tensor] = None) -> Path:
+    """Write the adapters as safetensors (atomic). ``tensors``: a :func:`lora_state_dict` gathered
+    beforehand (under FSDP every rank must take part in that gather; one rank then writes)."""
     cfg = getattr(model, "lora_config", {})
     meta = {"format": "pt", "lora_rank": str(cfg.get("rank", "")), "lora_alpha": str(cfg.get("alpha", "")),
             "lora_targets": json.dumps(cfg.get("targets", [])), "kind": "dreamidv_lora"}
     meta.update(extra_metadata or {})
-    save_safetensors(lora_state_dict(model), path, metadata=meta)
+    save_safetensors(tensors if tensors is not None else lora_state_dict(model), path, metadata=meta)
     return Path(path)
 
 

@@ -16,6 +16,9 @@ The conditioning is built exactly as :func:`dreamidv_core.swap.swap_face` builds
 sampler's unconditional identity-guidance row - for a fraction ``identity_dropout`` of the samples), the
 PoseGuider tokens of the pose video and the text context. :func:`prepare_conditions` is the
 grad-enabled twin of :meth:`DreamIDVTransformer.prepare` (which runs under ``no_grad``), batched.
+A model with an active ArcFace ID-token projection (``dit.id_projection_active``: trained gates, or gates
+that train) also gets each sample's identity embedding (``TrainingConditioning.id_embedding``), zeroed
+together with the reference for the dropped samples: the sampler's unconditional row has zeros too.
 """
 from __future__ import annotations
 
@@ -42,7 +45,9 @@ class TrainingConditioning:
     y: [B, 32, F', h, w] (normalised video latent, then the latent of the mask video in [0, 1]);
     ref_latent: [B, 16, 1, h, w] (latent of the letterboxed reference image in [-1, 1]);
     pose: [B, 3, F, H, W] pose video in [0, 1] (full model; ignored by the faster one), or
-    pose_tokens: [B, F' * h/2 * w/2, C] precomputed PoseGuider tokens (a frozen pose branch).
+    pose_tokens: [B, F' * h/2 * w/2, C] precomputed PoseGuider tokens (a frozen pose branch);
+    id_embedding: [B, E] identity (ArcFace) embedding of each sample's reference, for a model with an
+    ID-token projection (:mod:`dreamidv_core.id_projection`).
     """
 
     context: Context
@@ -50,6 +55,7 @@ class TrainingConditioning:
     ref_latent: torch.Tensor
     pose: Optional[torch.Tensor] = None
     pose_tokens: Optional[torch.Tensor] = None
+    id_embedding: Optional[torch.Tensor] = None
 
 
 class ChunkLoss(NamedTuple):
@@ -88,13 +94,14 @@ def encode_conditioning(vae, video: torch.Tensor, mask: torch.Tensor, reference:
 
 def prepare_conditions(dit: DreamIDVTransformer, context: Context, y: torch.Tensor,
                        ref_latents: Optional[torch.Tensor], pose_tokens: Optional[torch.Tensor] = None,
-                       cache_pose_kv: bool = False) -> DiTConditions:
+                       cache_pose_kv: bool = False, id_embedding: Optional[torch.Tensor] = None) -> DiTConditions:
     """:meth:`DreamIDVTransformer.prepare` for a training batch, with autograd (the same code the sampler uses).
 
     y: [B, 32, F', h, w] (or [32, F', h, w]); ref_latents: [B, 16, 1, h, w], one row per sample (element b
     uses row b in ``dit.forward``); pose_tokens: [B, Lv, C] (or [1, Lv, C]) with graph if the pose branch
     trains; context as in :class:`TrainingConditioning`. ``cache_pose_kv=False`` keeps the pose tokens and
-    lets every block compute its pose K/V inside its own forward (cheaper to checkpoint).
+    lets every block compute its pose K/V inside its own forward (cheaper to checkpoint). id_embedding:
+    [B, E] one row per sample (used by a model with an active ID projection).
     """
     if y is None:
         raise InputError("prepare_conditions needs the video and mask latents (y)")
@@ -106,8 +113,11 @@ def prepare_conditions(dit: DreamIDVTransformer, context: Context, y: torch.Tens
     contexts = [context] if torch.is_tensor(context) and context.dim() == 2 else list(context)
     if len(contexts) not in (1, batch):
         raise InputError(f"{len(contexts)} text contexts for a batch of {batch}")
+    if id_embedding is not None and getattr(dit, "id_projection_active", False):
+        if id_embedding.dim() != 2 or id_embedding.shape[0] != batch:
+            raise InputError(f"identity embeddings must be [{batch}, E] (one per sample), got {list(id_embedding.shape)}")
     return dit.prepare(contexts[0] if len(contexts) == 1 else contexts, y, ref_latents, pose_tokens,
-                       cache_pose_kv=cache_pose_kv)
+                       cache_pose_kv=cache_pose_kv, id_embedding=id_embedding)
 
 
 class FlowMatchingObjective:
@@ -192,7 +202,16 @@ class FlowMatchingObjective:
             pose_tokens = dit.project_pose(conditioning.pose.to(device, dit.compute_dtype)).to(dit.compute_dtype)
         if not dit.cfg.has_pose:
             pose_tokens = None
-        cond = prepare_conditions(dit, conditioning.context, conditioning.y, ref, pose_tokens)
+        id_emb = None
+        if getattr(dit, "id_projection_active", False):
+            if conditioning.id_embedding is None:
+                raise InputError("this model has an ArcFace ID-token projection that is used or trained: the "
+                                 "conditioning needs each sample's identity embedding (give the stage an identity "
+                                 "encoder, e.g. 'insightface:<pack folder>')")
+            id_emb = conditioning.id_embedding.to(device, torch.float32)
+            id_emb = torch.where(dropped.to(device).reshape(-1, 1), torch.zeros_like(id_emb), id_emb)
+        extra = {} if id_emb is None else {"id_embedding": id_emb}
+        cond = prepare_conditions(dit, conditioning.context, conditioning.y, ref, pose_tokens, **extra)
         if tuple(cond.y.shape[2:]) != tuple(z.shape[2:]) or cond.y.shape[0] != b:
             raise InputError(f"conditioning y {list(cond.y.shape)} does not match the latents {list(z.shape)}")
 

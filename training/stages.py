@@ -94,7 +94,10 @@ def make_loss_fn(stage: str, vae, context: torch.Tensor, objective: Optional[Flo
     ``encode``/``decode`` on normalised latents (moved to the batch's device on first use);
     context: [L, text_dim] text context shared by the batch. For ``"irl"``, ``identity_encoder``
     (frames [n, 3, H, W] in [0, 1] -> [n, D]) scores the decoded one-step estimate against the
-    encoder's embedding of ``batch["identity"]``.
+    encoder's embedding of ``batch["identity"]``. A model with an active ArcFace ID-token projection
+    (training it: ``trainable="id_projection"``, or a trained one) gets the same embedding of
+    ``batch["identity"]`` as its ``id_embedding`` (D must be the projection's ``id_embed_dim``; zeroed
+    with the reference under identity dropout), so it needs ``identity_encoder`` in every stage.
     """
     _check_stage(stage)
     if stage == "irl" and identity_encoder is None:
@@ -121,16 +124,32 @@ def make_loss_fn(stage: str, vae, context: torch.Tensor, objective: Optional[Flo
             cond = encode_conditioning(vae, video01, batch["mask"].float(), ref01, context.to(device),
                                        batch.get("pose"))
             z = vae.encode(batch["target"].float())
+            ident = None
+            if getattr(dit, "id_projection_active", False):
+                cond.id_embedding = ident = _id_embedding(dit, identity_encoder, ref01)
         if stage != "irl":
             return objective.loss(dit, z, cond, generator)
         chunks = objective.per_chunk_loss(dit, z, cond, generator)
         with torch.no_grad(), amp_off:
-            ident = identity_encoder(ref01)
+            ident = identity_encoder(ref01) if ident is None else ident
             weights, _ = identity_coherence_weights(chunks.x0_hat, vae, identity_encoder, ident,
                                                     frames_per_chunk, identity_delta)
         return irl_loss(chunks.per_chunk, weights)
 
     return loss_fn
+
+
+def _id_embedding(dit, identity_encoder: Optional[IdentityEncoder], ref01: torch.Tensor) -> torch.Tensor:
+    """references [B, 3, H, W] in [0, 1] -> [B, id_embed_dim] embeddings for the ID-token projection."""
+    dim = dit.cfg.id_embed_dim
+    if identity_encoder is None:
+        raise InputError("this model's ArcFace ID-token projection trains or is used: give an identity encoder "
+                         "(identity_encoder: 'insightface:<pack folder>') to embed each sample's reference")
+    emb = identity_encoder(ref01).float()
+    if emb.dim() != 2 or emb.shape != (ref01.shape[0], dim):
+        raise InputError(f"the identity encoder gave {list(emb.shape)} for {ref01.shape[0]} references; the ID "
+                         f"projection takes [{ref01.shape[0]}, {dim}] (ArcFace: 512)")
+    return emb.to(ref01.device)
 
 
 # ---------------------------------------------------------------------------- data
@@ -205,6 +224,9 @@ def run_curriculum(model: nn.Module, root, stages: Sequence[Dict], config: Train
     if any(s["stage"] == "irl" for s in plan) and identity_encoder is None:
         raise InputError("the curriculum has an 'irl' stage: give an identity encoder "
                          "(identity_encoder: 'insightface:<pack folder>')")
+    if config.trainable == "id_projection" and identity_encoder is None:
+        raise InputError("trainable='id_projection' trains the ArcFace ID-token projection: give an identity "
+                         "encoder (identity_encoder: 'insightface:<pack folder>')")
     datasets = [stage_dataset(root, s["stage"], width, height, frames, dataset_seed) for s in plan]
     total = sum(s["steps"] for s in plan)
     result = CurriculumResult()

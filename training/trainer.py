@@ -15,17 +15,22 @@ it is cut into micro-batches ("units") of ``batch_size`` samples, unit ``u`` goi
 resumed run repeats an uninterrupted one exactly, and N processes with grad_accum G/N compute the
 same losses as one process with grad_accum G (up to float summation order).
 
-Parallelism: ``parallel="fsdp"`` shards the model with ``torch.distributed.fsdp.fully_shard`` (one
-unit over the whole model, with ``prepare`` / ``pose_tokens`` / ``embed_context`` registered as forward
-methods; needs CUDA + NCCL); ``"ddp"`` keeps a full copy per process and averages gradients with an
-all-reduce after accumulation (CPU/gloo); ``"auto"``: fsdp on CUDA, ddp on CPU.
+Validation: ``validate_every`` > 0 runs a ``validator(model) -> metrics`` (the identity report of a few
+swaps, :mod:`training.validation`) before step 1, every N steps and at the end; ``metrics.jsonl`` in the
+checkpoint folder logs every step's loss and every validation.
+
+Parallelism: ``parallel="fsdp"`` shards the model with ``torch.distributed.fsdp.fully_shard``
+(FSDP2), one unit per attention layer, per block, for the PoseGuider and the root
+(:func:`training.distributed.shard_fsdp`); it runs on CUDA/NCCL and on CPU/gloo. Checkpoints gather the full model, the
+optimizer state stays sharded (one file per rank). ``"ddp"`` keeps a full copy per process and
+averages gradients with an all-reduce after accumulation. ``"auto"`` (default): fsdp under torchrun.
 """
 from __future__ import annotations
 
-import functools
+import contextlib
+import contextvars
 import hashlib
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -39,6 +44,7 @@ import torch.nn as nn
 from dreamidv_core.errors import CheckpointError, Cancelled, InputError
 from . import checkpoint as ckpt
 from . import lora as lora_mod
+from .distributed import Dist as _Dist, agree as _agree, average_grads as _average_grads, init_distributed, shard_fsdp
 
 TRAINABLE = ("full", "lora", "pose", "id_projection")
 POSE_ATTN = ("k_pose", "v_pose", "norm_k_pose", "pose_gate")
@@ -66,6 +72,10 @@ class TrainConfig:
     resume: bool = False
     shuffle: bool = True
     parallel: str = "auto"         # auto | fsdp | ddp
+    validate_every: int = 0        # > 0: identity-report validation before step 1, every N steps and at the end
+    validation_samples: int = 2    # held-out samples swapped per validation
+    validation_steps: int = 4      # sampler steps per validation swap
+    validation_root: Optional[str] = None  # held-out dataset folder (default: the training folder's first samples)
 
     def validate(self) -> "TrainConfig":
         if self.trainable not in TRAINABLE:
@@ -74,7 +84,10 @@ class TrainConfig:
             raise InputError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
         if self.parallel not in ("auto", "fsdp", "ddp"):
             raise InputError(f"parallel must be 'auto', 'fsdp' or 'ddp', got {self.parallel!r}")
-        for name in ("steps", "batch_size", "grad_accum"):
+        for name in ("validate_every",):
+            if int(getattr(self, name)) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "grad_accum", "validation_samples", "validation_steps"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.resume and not self.checkpoint_dir:
@@ -95,6 +108,7 @@ class TrainResult:
     losses: List[float] = field(default_factory=list)   # one per optimizer step, from step 1
     steps: int = 0
     last_checkpoint: Optional[Path] = None
+    validation: List[dict] = field(default_factory=list)  # {"step", "val_mean_similarity", ...} per validation
 
 
 # ---------------------------------------------------------------------------- determinism helpers
@@ -191,53 +205,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> Callable[[], None]:
     return undo
 
 
-# ---------------------------------------------------------------------------- distributed
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    active: bool = False
-
-    def barrier(self):
-        if self.active:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.active:
-            import torch.distributed as dist
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value = value / self.world
-        return value
-
-
-def init_distributed() -> _Dist:
-    """Join the process group torchrun describes (WORLD_SIZE/RANK env); single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if world <= 1:
-        return _Dist(device=device)
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device, active=True)
-
-
-def _shard_fsdp(model: nn.Module) -> None:
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    fully_shard(model)
-    for name in ("prepare", "pose_tokens", "embed_context"):
-        if hasattr(model, name):
-            register_fsdp_forward_method(model, name)
-
-
 # ---------------------------------------------------------------------------- saving
 def _full_tensor(t: torch.Tensor) -> torch.Tensor:
     if hasattr(t, "full_tensor"):
@@ -258,13 +225,15 @@ def _expected_shapes(model: nn.Module, trainable: Dict[str, nn.Parameter], full:
 
 
 def save_training_state(config: TrainConfig, dist_ctx: _Dist, model, trainable, optimizer, scheduler,
-                        step: int, losses: List[float], sharded: bool, n_data: int, write_hook=None) -> Path:
+                        step: int, losses: List[float], sharded: bool, n_data: int, write_hook=None,
+                        validation: Optional[List[dict]] = None) -> Path:
     """Write ``<checkpoint_dir>/step_NNNNNN`` atomically (every rank must call it)."""
     full = config.save_full_model if config.save_full_model is not None else config.trainable == "full"
     writer = ckpt.CheckpointWriter(config.checkpoint_dir, step, dist_ctx.rank, dist_ctx.barrier)
     writer.begin()
     try:
         model_tensors = _model_tensors(model, trainable, full)
+        lora_tensors = lora_mod.lora_state_dict(model) if config.trainable == "lora" else None  # all ranks gather
         opt_meta, opt_tensors = ckpt.flatten_optimizer(optimizer.state_dict())
         if dist_ctx.rank == 0:
             meta = {"format": "pt", "step": str(step), "trains": config.trainable,
@@ -275,7 +244,7 @@ def save_training_state(config: TrainConfig, dist_ctx: _Dist, model, trainable, 
                 meta[CONFIG_METADATA_KEY] = json.dumps(cfg.to_dict())
             writer.write_tensors(ckpt.MODEL_FILE, model_tensors, meta)
             if config.trainable == "lora":
-                lora_mod.save_lora(model, writer.tmp / "lora.safetensors", {"step": str(step)})
+                lora_mod.save_lora(model, writer.tmp / "lora.safetensors", {"step": str(step)}, lora_tensors)
             rng_meta, rng_tensors = ckpt.capture_rng_state()
             writer.write_tensors(ckpt.RNG_FILE, rng_tensors)
         if sharded:
@@ -291,6 +260,7 @@ def save_training_state(config: TrainConfig, dist_ctx: _Dist, model, trainable, 
                      "losses": losses, "world_size": dist_ctx.world, "optimizer_sharded": sharded,
                      "optimizer": ckpt.json_safe(opt_meta), "scheduler": ckpt.json_safe(scheduler.state_dict()),
                      "rng": rng_meta, "full_model": full, "config": asdict(config),
+                     "validation": ckpt.json_safe(list(validation or [])),
                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         return writer.commit(state, write_hook)
     except BaseException:
@@ -340,12 +310,75 @@ def load_training_state(folder, config: TrainConfig, dist_ctx: _Dist, model, tra
     return state
 
 
+# ---------------------------------------------------------------------------- validation and metrics
+_VALIDATOR: contextvars.ContextVar = contextvars.ContextVar("dreamidv_validator", default=None)
+
+
+@contextlib.contextmanager
+def use_validator(validator: Optional[Callable[[nn.Module], dict]]):
+    """Every :func:`train` call inside (e.g. each stage of :func:`training.stages.run_curriculum`) uses
+    ``validator`` unless it is given one explicitly."""
+    token = _VALIDATOR.set(validator)
+    try:
+        yield
+    finally:
+        _VALIDATOR.reset(token)
+
+
+def _run_validation(model: nn.Module, validator, step: int) -> dict:
+    """``validator(model)`` in eval mode without gradients, then back to train mode -> {"step", ...}."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            metrics = dict(validator(model))
+    finally:
+        model.train()
+    return {"step": step, **metrics}
+
+
+class MetricsLog:
+    """``<checkpoint_dir>/metrics.jsonl`` (rank 0): one JSON line per step ``{"step", "loss", "lr"}`` and
+    one per validation ``{"step", "val_mean_similarity", ...}``. A resumed run drops the lines after
+    the step it resumes from, so the file always describes the run that produced the weights."""
+
+    def __init__(self, folder: Optional[str], rank: int, resume_step: Optional[int]):
+        self.path = Path(folder) / "metrics.jsonl" if folder and rank == 0 else None
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if int(rec.get("step", 0)) <= resume_step:
+                    kept.append(line)
+        self.path.write_text("".join(k + "\n" for k in kept))
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(ckpt.json_safe(record)) + "\n")
+
+
+def _due(config: TrainConfig, step: int) -> bool:
+    every = int(config.validate_every)
+    return every > 0 and (step == 0 or step % every == 0 or step == config.steps)
+
+
 # ---------------------------------------------------------------------------- the loop
 def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None, cancel=None,
-          _save_hook=None) -> TrainResult:
+          _save_hook=None, validator: Optional[Callable[[nn.Module], dict]] = None) -> TrainResult:
     """Train ``model`` in place. ``progress(step, total, loss)`` after every step; ``cancel()`` -> True
     stops the run before the next step, saves a resumable checkpoint (if ``checkpoint_dir``) and raises
-    :class:`Cancelled`. Returns the losses of every step from step 1 (including resumed ones)."""
+    :class:`Cancelled`. Returns the losses of every step from step 1 (including resumed ones).
+
+    ``validator(model) -> metrics dict`` (default: the one set by :func:`use_validator`;
+    :func:`training.validation.make_identity_validator` builds the identity-report one) runs when
+    ``config.validate_every > 0``: before step 1, every ``validate_every`` steps and after the last one;
+    its results go to ``TrainResult.validation`` and ``<checkpoint_dir>/metrics.jsonl``."""
     config.validate()
     n_data = len(dataset)
     if n_data == 0:
@@ -353,12 +386,12 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None
     dist_ctx = init_distributed()
     parallel = config.parallel
     if parallel == "auto":
-        parallel = "fsdp" if (dist_ctx.active and dist_ctx.device.type == "cuda") else "ddp"
+        parallel = "fsdp" if dist_ctx.active else "ddp"
     sharded = dist_ctx.active and parallel == "fsdp"
     model.to(dist_ctx.device)
     trainable = select_trainable(model, config)
     if sharded:
-        _shard_fsdp(model)
+        shard_fsdp(model, dist_ctx.device)
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     elif dist_ctx.active:  # same start everywhere
         import torch.distributed as dist
@@ -377,6 +410,12 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None
             state = load_training_state(folder, config, dist_ctx, model, trainable, optimizer, scheduler, sharded)
             start, result.losses = int(state["step"]), list(state["losses"])[: int(state["step"])]
             result.last_checkpoint = folder
+            result.validation = [v for v in state.get("validation", []) if int(v["step"]) <= start]
+    if validator is None:
+        validator = _VALIDATOR.get()
+    if config.validate_every and validator is None:
+        raise InputError("validate_every is set but no validator was given (training.validation.make_identity_validator)")
+    metrics = MetricsLog(config.checkpoint_dir, dist_ctx.rank, start if config.resume else None)
     undo_gc = enable_gradient_checkpointing(model) if config.gradient_checkpointing else (lambda: None)
     units = config.grad_accum * dist_ctx.world
     global_batch = config.batch_size * units
@@ -388,10 +427,17 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None
         if not config.checkpoint_dir:
             return None
         return save_training_state(config, dist_ctx, model, trainable, optimizer, scheduler, step,
-                                   result.losses, sharded, n_data, _save_hook)
+                                   result.losses, sharded, n_data, _save_hook, result.validation)
+
+    def validate(step):
+        if _due(config, step) and not any(v["step"] == step for v in result.validation):
+            record = _run_validation(model, validator, step)
+            result.validation.append(record)
+            metrics.write(record)
 
     model.train()
     try:
+        validate(start)
         for step in range(start, config.steps):
             if cancel is not None and _agree(dist_ctx, bool(cancel())):
                 result.last_checkpoint = save(step) or result.last_checkpoint
@@ -421,33 +467,15 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None
             value = float(dist_ctx.mean(step_loss))
             result.losses.append(value)
             result.steps = step + 1
+            metrics.write({"step": step + 1, "loss": value, "lr": scheduler.get_last_lr()[0]})
             if progress is not None:
                 progress(step + 1, config.steps, value)
+            validate(step + 1)
             if (config.save_every and (step + 1) % config.save_every == 0) or step + 1 == config.steps:
                 result.last_checkpoint = save(step + 1) or result.last_checkpoint
     finally:
         undo_gc()
     return result
-
-
-def _agree(dist_ctx: _Dist, flag: bool) -> bool:
-    """Cancel when any rank asks (every rank must then save together)."""
-    if not dist_ctx.active:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=dist_ctx.device)
-    import torch.distributed as dist
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def _average_grads(params, world: int) -> None:
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad.div_(world)
 
 
 def _seed_globals(seed: int, step: int, rank: int) -> None:
