@@ -34,6 +34,7 @@ POSE_MEDIAPIPE = "pose and mask from video (MediaPipe)"
 POSE_DWPOSE = "pose and mask from video (DWPose)"
 FACE_ID = "ArcFace ID token encoder (reference face)"
 SEGMENTATION = "video segmentation (SAM 2)"
+DATA_SYNTHESIS = "data synthesis (SyncID-Pipe IVS)"
 
 # ComfyUI's older names for the same folders; searched after the main name.
 FOLDER_ALIASES: Dict[str, Tuple[str, ...]] = {
@@ -139,6 +140,15 @@ CATALOGUE: Tuple[ModelFile, ...] = (
         what="Segment Anything 2 / 2.1 video model (background composite)",
         source="facebookresearch/sam2 checkpoints",
         required_for=(SEGMENTATION,),
+    ),
+    ModelFile(
+        key="ivs",
+        folder="diffusion_models",
+        options=(("dreamidv_ivs.safetensors",),),
+        what="Identity-Anchored Video Synthesizer (IVS): video from first/last frame + pose, for the "
+             "data-synthesis workflow (not released: train it with training/configs/ivs_from_dreamidv.toml)",
+        source="your own training run (`python -m training --config training/configs/ivs_from_dreamidv.toml`)",
+        required_for=(DATA_SYNTHESIS,),
     ),
     ModelFile(
         key="dwpose_detector",

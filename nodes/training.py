@@ -37,9 +37,10 @@ from .sampler import conditioning_context
 
 log = logging.getLogger(__name__)
 
-STAGE_CHOICES = ("synthetic", "real", "irl", "curriculum")
+STAGE_CHOICES = ("synthetic", "real", "irl", "curriculum", "ivs")
 CURRICULUM = ("synthetic", "real", "irl")
-TRAINS = ("lora", "pose", "full")
+TRAINS = ("lora", "pose", "full", "id_projection")
+ID_TOKENS, ARCFACE_DIM = 4, 512  # a fresh ID-token projection: tokens, ArcFace embedding width
 DEFAULT_CHECKPOINT_DIR = "dreamidv_training"
 VALIDATION_SAMPLES = 2
 VALIDATION_STEPS = 4
@@ -167,7 +168,8 @@ class DreamIDVIRLFineTune(io.ComfyNode):
                                tooltip="synthetic: forward samples, supervised by the generated video; real: backward "
                                        "samples, supervised by the real video; irl: Identity-Coherence RL (chunks "
                                        "with a weaker ArcFace identity weigh more); curriculum: the three in order, "
-                                       "'steps' each."),
+                                       "'steps' each; ivs: first/last-frame reconstruction of an IVS model "
+                                       "(DreamIDVIVSLoader) on a folder of talking-head clips (training/DATASET.md)."),
                 io.String.Input("dataset_folder", default="",
                                 tooltip="Folder of sample folders (identity.png, driving.mp4, mask.mp4, target.mp4, "
                                         "pose.mp4 or keypoints.json, record.json: see training/DATASET.md)."),
@@ -228,6 +230,12 @@ class DreamIDVIRLFineTune(io.ComfyNode):
             raise InputError(f"trains must be one of {', '.join(TRAINS)}, got '{trains}'")
         if trains == "pose" and not model.dit.cfg.has_pose:
             raise InputError("trains=pose needs the full DreamID-V model (the faster one has no pose branch)")
+        is_ivs = model.dit.cfg.variant == "ivs"
+        if (stage == "ivs") != is_ivs:
+            raise InputError("stage 'ivs' trains an IVS model (DreamIDVIVSLoader) and an IVS model trains only with "
+                             f"stage 'ivs'; got stage '{stage}' with a '{model.dit.cfg.variant}' model")
+        if is_ivs and (trains == "id_projection" or validate_every):
+            raise InputError("the IVS has no identity input: trains=id_projection and validate_every do not apply")
         root = resolve_dataset_folder(dataset_folder)
         plan = stage_plan(stage, steps)
         stages = _stages()
@@ -235,7 +243,8 @@ class DreamIDVIRLFineTune(io.ComfyNode):
 
         context = conditioning_context(positive, model.dit.cfg.text_dim)
         validate_every = int(validate_every or 0)
-        need_encoder = validate_every > 0 or any(p["stage"] == "irl" for p in plan)
+        need_encoder = (validate_every > 0 or any(p["stage"] == "irl" for p in plan) or trains == "id_projection"
+                        or model.dit.id_projection_active)
         encoder = cls.identity_encoder(insightface_pack, provider) if need_encoder else None
         out_dir = resolve_checkpoint_folder(checkpoint_folder)
         config = TrainConfig(steps=int(steps), lr=float(learning_rate), trainable=trains, lora_rank=int(lora_rank),
@@ -263,12 +272,19 @@ class DreamIDVIRLFineTune(io.ComfyNode):
 
         with torch.inference_mode(False), torch.enable_grad():
             dit = trainable_copy(model)
+            if trains == "id_projection" and getattr(dit, "id_projection", None) is None:
+                dit.attach_id_projection(ID_TOKENS, ARCFACE_DIM)  # zero-gated: a no-op until trained
             try:
                 from training.trainer import use_validator
-                with use_validator(validator):
-                    result = stages.run_curriculum(dit, root, plan, config, train_vae, context,
-                                                   identity_encoder=encoder, width=int(width), height=int(height),
-                                                   frames=int(frames), progress=progress, cancel=cancel)
+                if is_ivs:
+                    from training.ivs import train_ivs
+                    result = train_ivs(dit, root, config, train_vae, context, width=int(width), height=int(height),
+                                       frames=int(frames), progress=progress, cancel=cancel)
+                else:
+                    with use_validator(validator):
+                        result = stages.run_curriculum(dit, root, plan, config, train_vae, context,
+                                                       identity_encoder=encoder, width=int(width), height=int(height),
+                                                       frames=int(frames), progress=progress, cancel=cancel)
             except Cancelled as exc:
                 log.info("DreamID-V: %s", exc)
                 mm.throw_exception_if_processing_interrupted()

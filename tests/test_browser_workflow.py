@@ -26,7 +26,7 @@ from tests.comfy_harness import PACK_DIR, PACK_NAME, REPO_ROOT, ComfyServer
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
-WORKFLOW = PACK_DIR / "workflows" / "dreamidv_swap.json"
+WORKFLOWS = ("dreamidv_swap", "dreamidv_irl_finetune", "syncid_data_synthesis")  # every bundled workflow
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 HEADLESS_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -115,18 +115,20 @@ def browser_server(comfyui_dir, tmp_path_factory):
         server.stop()
 
 
-def test_bundled_workflow_opens_in_chromium_with_no_missing_nodes(browser_server):
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_bundled_workflow_opens_in_chromium_with_no_missing_nodes(browser_server, name):
     exe = chromium_path()
     if exe is None:
         pytest.skip("chromium is not installed (Debian: apt-get update && apt-get install -y chromium)")
-    assert WORKFLOW.is_file(), f"{WORKFLOW} is missing"
+    workflow = PACK_DIR / "workflows" / f"{name}.json"
+    assert workflow.is_file(), f"{workflow} is missing"
     templates = browser_server.get("/api/workflow_templates")
-    assert "dreamidv_swap" in templates.get(PACK_NAME, []), templates
-    expected = json.loads(WORKFLOW.read_text())
+    assert name in templates.get(PACK_NAME, []), templates
+    expected = json.loads(workflow.read_text())
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "browser_dreamidv_swap.png"
+    shot = ARTIFACTS / f"browser_{name}.png"
     profile = Path(tempfile.mkdtemp(prefix="dreamidv-chromium-"))
-    url = f"{browser_server.url}/?template=dreamidv_swap&source={PACK_NAME}"
+    url = f"{browser_server.url}/?template={name}&source={PACK_NAME}"
     proc = subprocess.Popen([exe, *HEADLESS_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
                              "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -26,7 +26,7 @@ def test_every_shipped_config_parses_with_known_keys(path):
     tc = TrainConfig.from_dict(cfg["train"]).validate()
     assert tc.trainable in TRAINABLE
     plan = cfg.get("stages") or [{"stage": cfg["stage"], "steps": tc.steps}]
-    assert all(s["stage"] in STAGES for s in plan)
+    assert all(s["stage"] in STAGES + ("ivs",) for s in plan)
     assert "/path/to/" in cfg["model"]  # real-model paths are documented placeholders
 
 
@@ -56,6 +56,29 @@ def test_a_misspelt_key_is_rejected_naming_key_and_file(tmp_path, section, key, 
         assert f"did you mean '{near}'" in msg
     # the command line says the same and exits 2
     assert main(["--config", str(bad)]) == 2
+
+
+def test_ivs_config_trains_an_ivs_two_steps_on_tiny_models(tmp_path):
+    """stage = "ivs": first/last-frame reconstruction of an IVS on a clip folder, from the shipped config."""
+    from tests.test_ivs import _write_clips
+
+    cfg = load_config(CONFIGS[0].parent / "ivs_from_dreamidv.toml")
+    _write_clips(tmp_path / "clips", count=2, n=5, size=32)
+    cfg.update(model="tiny", vae="tiny", context="random:32", weight_dtype="fp32",
+               losses_out=str(tmp_path / "out.json"))
+    cfg["dataset"] = dict(cfg["dataset"], root=str(tmp_path / "clips"), width=32, height=32, frames=5)
+    cfg["train"].update(steps=2, checkpoint_dir=str(tmp_path / "ck"), save_every=0, autocast="none", warmup=0)
+    conf = tmp_path / "ivs.json"
+    conf.write_text(json.dumps(cfg))
+    assert main(["--config", str(conf)]) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert len(out["losses"]) == 2 and all(v > 0 for v in out["losses"])
+    from dreamidv_core.checkpoints import load_dit
+    model = load_dit(Path(out["last_checkpoint"]) / "model.safetensors", weight_dtype="fp32")
+    assert model.cfg.variant == "ivs" and model.cfg.in_dim == 36  # loads back as an IVS
+    cfg["stages"] = [{"stage": "ivs", "steps": 1}]
+    conf.write_text(json.dumps(cfg))
+    assert main(["--config", str(conf)]) == 2  # an IVS is not part of a curriculum
 
 
 def test_an_unknown_stage_is_an_error_naming_stage_and_file(tmp_path, capsys):

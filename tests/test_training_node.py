@@ -300,3 +300,44 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def test_trains_a_fresh_id_projection_only(pack, dirs, comfy_vae, monkeypatch):
+    """trains=id_projection attaches a zero-gated ID-token projection to the copy and trains only it."""
+    from training.stages import colour_identity_encoder
+
+    mod = pack.nodes.training
+    monkeypatch.setattr(mod.DreamIDVIRLFineTune, "identity_encoder",
+                        classmethod(lambda cls, pack_name, provider: colour_identity_encoder))
+    monkeypatch.setattr(mod, "ARCFACE_DIM", 3)  # the colour stand-in's embedding width
+    model = load(pack)
+    before = snapshot(model.dit)
+    tuned, _, ckpt = finetune(pack, model, comfy_vae, dirs["data"], trains="id_projection", steps=2,
+                              learning_rate=1e-2)
+    assert getattr(model.dit, "id_projection", None) is None  # the input model is untouched
+    after = tuned.dit.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # released weights frozen
+    gates = [v for k, v in after.items() if k.startswith("id_projection.") and k.endswith("gate")]
+    assert gates and any(g.abs().max() > 0 for g in gates)  # the gates left zero: it now acts
+    assert tuned.dit.id_projection_active
+
+
+def test_ivs_stage_trains_an_ivs_model_only(pack, dirs, comfy_vae):
+    from tests.test_ivs import _write_clips
+
+    ivs = init_random_(DreamIDVTransformer(tiny_config("ivs", text_dim=4096)), seed=3)
+    save_dit(ivs, dirs["diffusion_models"] / "tiny_ivs.safetensors")
+    import folder_paths
+    folder_paths.filename_list_cache.clear()
+    with torch.inference_mode():
+        model = pack.nodes.ivs.DreamIDVIVSLoader.execute("tiny_ivs.safetensors", "fp32", "sdpa", "cpu").result[0]
+    _write_clips(dirs["output"] / "clips", count=2, n=5, size=32)
+    before = snapshot(model.dit)
+    tuned, curve, ckpt = finetune(pack, model, comfy_vae, dirs["output"] / "clips", stage="ivs", steps=2,
+                                  width=32, height=32)
+    assert tuned.dit.cfg.variant == "ivs" and Path(ckpt).is_dir()
+    assert any(not torch.equal(before[k], v) for k, v in tuned.dit.state_dict().items())
+    with pytest.raises(InputError, match="stage 'ivs'"):
+        finetune(pack, load(pack), comfy_vae, dirs["data"], stage="ivs")
+    with pytest.raises(InputError, match="stage 'ivs'"):
+        finetune(pack, model, comfy_vae, dirs["data"], stage="synthetic")

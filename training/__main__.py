@@ -10,7 +10,9 @@ Config keys:
 - ``context``: a precomputed text-context file (:func:`dreamidv_core.text_context.load_precomputed_context`)
   or ``"random:<dim>"`` (``context_seed``, 8 tokens) for tests;
 - ``stages``: the curriculum, ``[{"stage": "synthetic"|"real"|"irl", "steps": n}, ...]``; or ``stage``:
-  one stage run for ``train.steps`` steps;
+  one stage run for ``train.steps`` steps; ``stage = "ivs"`` trains an Identity-Anchored Video Synthesizer
+  (:mod:`training.ivs`) on a folder of talking-head clips: ``model`` is IVS weights, or a DreamID-V /
+  Wan2.1-T2V file to start one from (:func:`dreamidv_core.ivs.load_ivs`), ``ivs.text_dropout`` (0.1);
 - ``identity_encoder``: ``"insightface:<pack folder>"`` (ArcFace) or ``"colour"`` (test stand-in); needed
   by ``irl``;
 - ``objective``: :class:`training.objective.FlowMatchingObjective` settings (shift, identity_dropout,
@@ -53,10 +55,11 @@ def load_config(path) -> dict:
 
 TOP_KEYS = ("model", "model_seed", "weight_dtype", "id_tokens", "id_embed_dim", "dataset", "dataset_size", "loss",
             "vae", "vae_seed", "context", "context_seed", "stages", "stage", "identity_encoder", "objective", "irl",
-            "train", "losses_out")
+            "train", "losses_out", "ivs")
 SECTION_KEYS = {"objective": ("shift", "identity_dropout", "timestep_sampling", "logit_mean", "logit_std"),
                 "irl": ("delta", "frames_per_chunk"),
-                "dataset": ("root", "width", "height", "frames", "seed")}
+                "dataset": ("root", "width", "height", "frames", "seed"),
+                "ivs": ("text_dropout",)}
 STAGE_ENTRY_KEYS = ("stage", "steps")  # a [[stages]] entry; extend with a new stage's per-stage settings
 
 
@@ -96,6 +99,8 @@ def check_config(cfg: dict, path="config") -> dict:
 
 def build_model(cfg: dict):
     spec = cfg.get("model", "tiny")
+    if cfg.get("stage") == "ivs":
+        return build_ivs_model(cfg, spec)
     if spec == "tiny":
         from .toy import tiny_model
         model = tiny_model(int(cfg.get("model_seed", 0)), text_dim=32)
@@ -108,6 +113,45 @@ def build_model(cfg: dict):
     if tokens > 0 and getattr(model, "id_projection", None) is None:
         model.attach_id_projection(tokens, int(cfg.get("id_embed_dim", 512)))
     return model
+
+
+def build_ivs_model(cfg: dict, spec):
+    """The IVS to train: 'tiny' (tests), IVS weights, or a new IVS initialised from a DreamID-V / Wan file."""
+    if spec == "tiny":
+        from .toy import tiny_model
+        return tiny_model(int(cfg.get("model_seed", 0)), variant="ivs", text_dim=32)
+    if not isinstance(spec, str) or not spec:
+        raise InputError(f"model: expected IVS, DreamID-V or Wan2.1-T2V weights (a file) or 'tiny', got {spec!r}")
+    from dreamidv_core.ivs import load_ivs
+    model, report = load_ivs(spec, weight_dtype=cfg.get("weight_dtype", "fp32"), seed=int(cfg.get("model_seed", 0)))
+    if report is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(report.summary(), flush=True)
+    return model
+
+
+def run_ivs(cfg: dict, tc, progress):
+    """``stage = "ivs"``: first/last-frame reconstruction training of an IVS on a clip folder."""
+    from .ivs import train_ivs
+
+    if "stages" in cfg:
+        raise InputError("stage 'ivs' trains a separate model (the IVS): give 'stage = \"ivs\"' and train.steps, "
+                         "not a 'stages' curriculum")
+    if tc.validate_every:
+        raise InputError("train.validate_every: the IVS has no identity input to validate; leave it 0")
+    spec = cfg.get("dataset")
+    spec = {"root": spec} if isinstance(spec, str) and spec else spec
+    if not isinstance(spec, dict) or not spec.get("root"):
+        raise InputError(f"dataset: expected a folder of clip folders (video.mp4 + pose.mp4) or {{'root', ...}}, "
+                         f"got {cfg.get('dataset')!r}")
+    data = _section({"dataset": spec}, "dataset", ("root", "width", "height", "frames", "seed"))
+    ivs = _section(cfg, "ivs", ("text_dropout",))
+    model = build_model(cfg)
+    vae = build_vae(cfg)
+    context = build_context(cfg, model.cfg.text_dim)
+    return train_ivs(model, data["root"], tc, vae, context, width=int(data.get("width", 832)),
+                     height=int(data.get("height", 480)), frames=data.get("frames", 81),
+                     text_dropout=float(ivs.get("text_dropout", 0.1)), progress=progress,
+                     dataset_seed=int(data.get("seed", 0)))
 
 
 def build_vae(cfg: dict):
@@ -258,6 +302,8 @@ def main(argv=None) -> int:
                                  "loss")
             model, dataset, loss_fn = build_model(cfg), build_dataset(cfg), build_loss(cfg)
             result = train(model, dataset, loss_fn, tc, progress=progress)
+        elif cfg.get("stage") == "ivs":
+            result = run_ivs(cfg, tc, progress)
         else:
             result = run_stages(cfg, tc, progress)
         if rank == 0 and cfg.get("losses_out"):

@@ -203,20 +203,26 @@ def _load_final_weights(model: nn.Module, folder: Path, config: TrainConfig) -> 
     targets.update(dict(model.named_buffers()))
     with torch.no_grad():
         for name, value in tensors.items():
-            targets[name].copy_(value.to(targets[name].dtype))
+            target = targets[name]
+            if hasattr(target, "device_mesh"):  # FSDP-sharded: scatter the full tensor into the shards
+                from torch.distributed.tensor import distribute_tensor
+                target.copy_(distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements))
+            else:
+                target.copy_(value.to(target.dtype))
 
 
 def run_curriculum(model: nn.Module, root, stages: Sequence[Dict], config: TrainConfig, vae,
                    context: torch.Tensor, identity_encoder: Optional[IdentityEncoder] = None,
                    width: int = 832, height: int = 480, frames: Optional[int] = 81, progress=None, cancel=None,
                    objective: Optional[FlowMatchingObjective] = None, identity_delta: float = 0.1,
-                   frames_per_chunk: int = 1, dataset_seed: int = 0) -> CurriculumResult:
+                   frames_per_chunk: int = 1, dataset_seed: int = 0, validator=None) -> CurriculumResult:
     """Run ``stages`` ([{"stage", "steps"}]) in order on the dataset folder ``root``.
 
     Each stage trains ``model`` in place with ``config`` (its ``steps`` replaced by the stage's, its seed
     derived from (config.seed, stage index, name), its checkpoints in
     ``<config.checkpoint_dir>/stage<k>_<name>``). ``progress(step, total, loss)`` counts over the whole
-    curriculum; ``cancel`` as in :func:`training.trainer.train` (raises Cancelled after saving).
+    curriculum; ``cancel`` as in :func:`training.trainer.train` (raises Cancelled after saving);
+    ``validator`` as in :func:`training.trainer.train` (every stage; default: :func:`trainer.use_validator`'s).
     Everything is validated (stages, datasets, the IRL encoder) before the first step.
     """
     plan = parse_stages(stages)
@@ -253,7 +259,7 @@ def run_curriculum(model: nn.Module, root, stages: Sequence[Dict], config: Train
         loss_fn = make_loss_fn(name, vae, context, objective, identity_encoder, identity_delta, frames_per_chunk)
         offset = done
         stage_progress = None if progress is None else (lambda s, n, loss, _o=offset: progress(_o + s, total, loss))
-        stage_res = train(model, data, loss_fn, stage_cfg, progress=stage_progress, cancel=cancel)
+        stage_res = train(model, data, loss_fn, stage_cfg, progress=stage_progress, cancel=cancel, validator=validator)
         result.stages.append((name, stage_res))
         result.losses += stage_res.losses
         done += steps
