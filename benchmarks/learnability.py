@@ -2,21 +2,27 @@
 transfer the reference identity while following the driving pose? And does Identity-Coherence RL
 (IRL) raise the worst-chunk identity similarity compared with plain flow matching at equal steps?
 
-Data (tests/synthetic_data.py): a face is an ellipse whose *identity* is its look (face colour, eye
-shape/colour) and whose *pose* is its per-frame centre and radius, both known by construction. The
-driving video shows another identity at the same poses; the target (supervision) shows the reference
-identity. Training and held-out samples come from different seeds.
+Data (tests/synthetic_data.py, options :data:`DATA_OPTIONS`): a face is an ellipse whose *identity* is
+its look (face colour, eye shape/colour) and whose *pose* is its per-frame centre and radius, both known
+by construction. The driving video shows another identity at the same poses; the target (supervision)
+shows the reference identity. In half of the samples one VAE chunk shows the face at half its radius (a
+harder pose), so the identity similarity varies across chunks. 512 training samples (with 24 the model
+memorises each training sample's identity from its background and copies the driving face on held-out
+clips), 16 held-out samples from another seed.
 
-Measurements (on the frames a few-step run of :func:`dreamidv_core.swap.swap_face` returns):
+Measurements (on the frames a few-step run of :func:`dreamidv_core.swap.swap_face` returns, at each
+identity guidance of ``--guidance``; 4 is the released default):
 
 * identity similarity: a stand-in identity encoder = the mean colour inside the known face mask,
   centred on mid-grey (``c / 255 - 0.5``); similarity = cosine with the same embedding of the ground
   truth target frame. Reported per held-out sample as the mean over frames and the *worst chunk*
   (VAE temporal chunk: frame 0, then frames 4c-3..4c; the minimum over chunks of the chunk mean);
-  plus the mean colour error (RGB 0..255) to the target identity and to the driving identity;
+  plus the mean colour error (RGB 0..255) to the target identity and to the driving identity, and the
+  share of frames nearer the target identity than the driving one ("id wins");
 * pose following: the centroid of the output pixels within ``POSE_TOL`` (RGB distance) of the
   identity's face colour, against the known face centre of that frame (pixels); ``found`` = the share
-  of frames where such pixels cover at least a quarter of the face's area (otherwise no measurable pose).
+  of frames where such pixels cover at least a quarter of the face's area (noise finds some too: read it
+  with the IoU); IoU of those pixels with the true face mask (the right colour at the right place).
 
 VAE: the tiny Wan VAE with random weights does not reconstruct pixels (a decode of an encode is
 noise), so pixel measurements through it would mean nothing. The benchmark uses :class:`PoolVAE`, a
@@ -24,11 +30,13 @@ hand-made linear stand-in with the Wan VAE's interface and geometry (16 latent c
 causal 1 + 4n temporal: frame 0 alone, then groups of 4 frames), whose decode inverts its encode up to
 4x4-pixel blocks and 4-frame averages. Everything else is the pack's code: the tiny DiT
 (``tiny_config('full')``), :class:`training.objective.FlowMatchingObjective` (shift, identity dropout,
-conditioning as the sampler builds it), :mod:`training.irl` (per-chunk decode, ``Q_c = 1/(cos+delta)``
-normalised, :func:`irl_loss`), :func:`training.trainer.train`, and ``swap_face`` for evaluation.
+conditioning as the sampler builds it: the driving video unmasked plus the mask),
+:func:`training.irl.identity_coherence_weights` (per-chunk decode of the one-step estimate, scored by
+:class:`MaskedColourEncoder` against the reference photo's colour, ``Q_c = 1/(cos+delta)`` normalised)
+and :func:`training.irl.irl_loss`, :func:`training.trainer.train`, and ``swap_face`` for evaluation.
 
-    python benchmarks/learnability.py                 # ~3-4 minutes on 2 CPU cores
-    python benchmarks/learnability.py --steps 100     # quicker, weaker
+    python benchmarks/learnability.py                            # 3 seeds x (plain, IRL) x 1000 steps: ~10-20 min
+    python benchmarks/learnability.py --seeds 0 --steps 300      # ~2 minutes, weaker
 """
 from __future__ import annotations
 
@@ -51,7 +59,7 @@ if ROOT not in sys.path:
 from dreamidv_core.configs import tiny_config  # noqa: E402
 from dreamidv_core.dit import DreamIDVTransformer, init_random_  # noqa: E402
 from dreamidv_core.swap import SwapSettings, swap_face  # noqa: E402
-from training.irl import TEMPORAL, decode_chunk_frames, irl_loss  # noqa: E402
+from training.irl import TEMPORAL, identity_coherence_weights, irl_loss  # noqa: E402
 from training.objective import FlowMatchingObjective, encode_conditioning  # noqa: E402
 
 POSE_TOL = 60.0  # RGB distance (0..255) under which an output pixel counts as the identity's face colour
@@ -134,40 +142,64 @@ def face_centroid(frame: np.ndarray, colour: Sequence[float], tol: float = POSE_
 
 
 def measure_clip(output: np.ndarray, target: np.ndarray, driving: np.ndarray, masks: np.ndarray,
-                 face_colour: Sequence[float], poses: Sequence[Sequence[float]]) -> Dict[str, float]:
+                 face_colour: Sequence[float], poses: Sequence[Sequence[float]],
+                 driving_colour: Optional[Sequence[float]] = None) -> Dict[str, float]:
     """One clip's figures. output/target/driving [F, H, W, 3] in 0..255, masks [F, H, W] bool, face_colour:
-    the identity's face RGB, poses: per frame [cx, cy, r]. Returns sim_mean, sim_worst_chunk,
-    err_identity, err_driving (mean colour distances), pose_err (px, mean over found frames; NaN if
-    none), found (share of frames where at least a quarter of the face's area has the face colour)."""
+    the identity's face RGB, poses: per frame [cx, cy, r]; driving_colour: the driving identity's face RGB
+    (for ``face_iou_drv``). Returns sim_mean, sim_worst_chunk, err_identity, err_driving (mean colour
+    distances), id_wins (share of frames whose face colour is nearer the target's than the driving's),
+    pose_err (px, mean over found frames; NaN if none), found (share of frames where at least a quarter of
+    the face's area has the face colour), face_iou (mean over frames of the IoU between the pixels of the
+    identity's face colour and the face mask: high only when the right colour is at the right place) and
+    face_iou_drv (the same with the driving identity's colour: a copy of the driving face scores high)."""
     f = output.shape[0]
     out_c = masked_mean_colour(output, masks)
     tgt_c = masked_mean_colour(target, masks)
     drv_c = masked_mean_colour(driving, masks)
     sims = cosine(identity_embedding(out_c), identity_embedding(tgt_c))
     worst = min(float(np.mean(sims[idx])) for idx in chunk_of_frames(f))
+    err_t = np.linalg.norm(out_c - tgt_c, axis=-1)
+    err_d = np.linalg.norm(out_c - drv_c, axis=-1)
     errs = []
     for i in range(f):
         c = face_centroid(output[i], face_colour, min_pixels=int(0.25 * masks[i].sum()))
         if c is not None:
             errs.append(float(np.hypot(c[0] - poses[i][0], c[1] - poses[i][1])))
+
+    def iou(colour):
+        d = np.linalg.norm(np.asarray(output, np.float64) - np.asarray(colour, np.float64), axis=-1) < POSE_TOL
+        inter, union = (d & masks).sum(axis=(1, 2)), (d | masks).sum(axis=(1, 2))
+        return float(np.mean(inter / np.maximum(union, 1)))
+
     return {"sim_mean": float(np.mean(sims)), "sim_worst_chunk": worst,
-            "err_identity": float(np.mean(np.linalg.norm(out_c - tgt_c, axis=-1))),
-            "err_driving": float(np.mean(np.linalg.norm(out_c - drv_c, axis=-1))),
-            "pose_err": float(np.mean(errs)) if errs else float("nan"), "found": len(errs) / f}
+            "err_identity": float(np.mean(err_t)), "err_driving": float(np.mean(err_d)),
+            "id_wins": float(np.mean(err_t < err_d)),
+            "pose_err": float(np.mean(errs)) if errs else float("nan"), "found": len(errs) / f,
+            "face_iou": iou(face_colour),
+            "face_iou_drv": iou(driving_colour) if driving_colour is not None else float("nan")}
 
 
 # ---------------------------------------------------------------------------- data, model, losses
-def make_data(root: str, n_train: int, n_test: int, frames: int = 9, size=(48, 64)):
+# The procedural data of the benchmark (tests/synthetic_data.py options): faces of radius 0.3..0.45 of
+# the height (at the default 0.22..0.36 the face is a small share of the loss and 1000 steps learn to copy
+# the driving face), and a "hard" chunk (the face shrunk to half its radius for 4 frames) in half of the
+# samples, so that the per-chunk identity similarity varies across chunks (what IRL reweights).
+DATA_OPTIONS = {"face_scale": (0.3, 0.45), "hard_chunk": 0.5, "hard_scale": 0.5}
+
+
+def make_data(root: str, n_train: int, n_test: int, frames: int = 9, size=(48, 64), options=None):
     """Write and load the procedural datasets -> (train items, test items), each a list of dataset items
-    (tensors prepared like the sampler's inputs; see training/dataset.py)."""
+    (tensors prepared like the sampler's inputs; see training/dataset.py). Training and held-out samples
+    come from different seeds (different backgrounds, poses and identity pairs)."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from synthetic_data import write_synthetic_dataset
     from training.dataset import DreamIDVDataset
 
+    options = DATA_OPTIONS if options is None else options
     out = []
     for name, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
         folder = os.path.join(root, name)
-        write_synthetic_dataset(folder, n, frames=frames, size=size, seed=seed, direction="forward")
+        write_synthetic_dataset(folder, n, frames=frames, size=size, seed=seed, direction="forward", **options)
         ds = DreamIDVDataset(folder, size[1], size[0], frames=frames, seed=0)
         out.append([ds[i] for i in range(len(ds))])
     return out
@@ -184,36 +216,63 @@ class ListDataset(torch.utils.data.Dataset):
         return {k: v for k, v in self.items[i].items() if k != "record"}
 
 
-def tiny_model(seed: int = 0) -> DreamIDVTransformer:
+def tiny_model(seed: int = 0, **overrides) -> DreamIDVTransformer:
+    """``tiny_config('full')`` (dim 64, 2 layers, 4 heads of 16) with ``overrides``, seeded random init."""
     torch.manual_seed(seed)
-    return init_random_(DreamIDVTransformer(tiny_config("full", text_dim=TEXT_DIM)), seed=seed)
+    return init_random_(DreamIDVTransformer(tiny_config("full", text_dim=TEXT_DIM, **overrides)), seed=seed)
 
 
 def text_context() -> torch.Tensor:
     return torch.randn(4, TEXT_DIM, generator=torch.Generator().manual_seed(123))
 
 
-def chunk_identity_cos(x0_hat: torch.Tensor, vae, target_latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """IRL scores with the stand-in identity encoder: per chunk, the cosine of the centred mean colour
-    inside the mask of the decoded one-step estimate (last frame of the chunk, as training.irl scores it)
-    and of the decoded supervision. -> [B, F'] float32."""
-    est = decode_chunk_frames(x0_hat, vae, 1)
-    ref = decode_chunk_frames(target_latent, vae, 1)
-    cos = []
-    for c, (e, r) in enumerate(zip(est, ref)):
-        fi = 0 if c == 0 else TEMPORAL * c  # the chunk's last frame
-        m = (mask[:, 0, fi] > 0.5).float()[:, None]  # [B, 1, H, W]
-        n = m.sum(dim=(2, 3)).clamp(min=1)
-        ce = (e[:, 0] * m).sum(dim=(2, 3)) / n - 0.5
-        cr = (r[:, 0] * m).sum(dim=(2, 3)) / n - 0.5
-        cos.append(F.cosine_similarity(ce, cr, dim=-1))
-    return torch.stack(cos, dim=1).float()
+def palette_embedding(centred: torch.Tensor, width: float = 40.0) -> torch.Tensor:
+    """A sharper stand-in encoder on a centred mean colour [N, 3] (0..1 - 0.5) -> [N, 6]: Gaussian
+    responses (``width`` in RGB 0..255) to the 6 face colours of tests/synthetic_data.py. The cosine
+    falls from 1 to ~0 within a few tens of RGB, where the plain centred colour's cosine stays above 0.8."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from synthetic_data import FACE_COLOURS
+
+    pal = torch.tensor(FACE_COLOURS, dtype=torch.float32) / 255.0 - 0.5              # [6, 3]
+    d2 = (centred.float()[:, None] - pal[None]).pow(2).sum(-1) * 255.0 ** 2           # [N, 6]
+    return torch.exp(-d2 / (2 * width ** 2)) + 1e-6
 
 
-def make_loss(vae, context, irl: bool, delta: float = 0.1, identity_dropout: float = 0.1):
+def reference_identity(identity: torch.Tensor, white_tol: float = 0.12, encoder: str = "colour") -> torch.Tensor:
+    """Stand-in identity embedding of the reference photos: identity [B, 3, 1, H, W] in [-1, 1] (the face
+    on white) -> [B, 3] centred mean colour (0..1 - 0.5) of the pixels that are not white ("colour"), or
+    its :func:`palette_embedding` [B, 6] ("palette")."""
+    px = identity[:, :, 0].float().add(1).div(2)                      # [B, 3, H, W] 0..1
+    m = ((1 - px).abs().amax(dim=1, keepdim=True) > white_tol).float()  # [B, 1, H, W]
+    c = (px * m).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp(min=1) - 0.5
+    return palette_embedding(c) if encoder == "palette" else c
+
+
+class MaskedColourEncoder:
+    """Stand-in identity encoder for :func:`training.irl.identity_coherence_weights`: the centred mean
+    colour inside the known face mask. ``identity_coherence_weights`` calls it once per VAE chunk c in
+    order, with frames [B * k, 3, H, W] in [0, 1] (k = 1: the chunk's last frame); the encoder picks the
+    mask of that frame from ``mask`` [B, 3, F, H, W] (an ArcFace model finds the face itself)."""
+
+    def __init__(self, mask: torch.Tensor, encoder: str = "colour"):
+        self.mask, self.chunk, self.encoder = mask, 0, encoder
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        fi = 0 if self.chunk == 0 else TEMPORAL * self.chunk
+        self.chunk += 1
+        m = (self.mask[:, 0, fi] > 0.5).float()[:, None]                 # [B, 1, H, W]
+        if frames.shape[0] != m.shape[0]:
+            raise ValueError("MaskedColourEncoder scores one frame per chunk (frames_per_chunk=1)")
+        c = (frames * m).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp(min=1) - 0.5
+        return palette_embedding(c) if self.encoder == "palette" else c
+
+
+def make_loss(vae, context, irl: bool, delta: float = 0.1, identity_dropout: float = 0.1, encoder: str = "colour"):
     """loss_fn(model, batch, generator) for :func:`training.trainer.train`: the flow-matching loss of
     :class:`FlowMatchingObjective` on the supervision video; with ``irl`` each chunk's loss weighted by
-    Q_c = 1/(max(cos_c, 0) + delta), normalised to mean 1 per sample (training.irl's formula)."""
+    :func:`training.irl.identity_coherence_weights` (Q_c = 1/(max(cos_c, 0) + delta), mean 1 per sample;
+    cos_c = stand-in identity (``encoder``: "colour" or "palette") of the decoded one-step estimate vs the
+    reference photo's)."""
     objective = FlowMatchingObjective(shift=5.0, identity_dropout=identity_dropout)
 
     def loss_fn(model, batch, generator):
@@ -224,20 +283,21 @@ def make_loss(vae, context, irl: bool, delta: float = 0.1, identity_dropout: flo
         out = objective.per_chunk_loss(model, z, cond, generator)
         if not irl:
             return out.per_chunk.mean()
-        cos = chunk_identity_cos(out.x0_hat, vae, z, batch["mask"])
-        q = 1.0 / (cos.clamp(min=0.0) + delta)
-        return irl_loss(out.per_chunk, q / q.mean(dim=1, keepdim=True))
+        weights, _ = identity_coherence_weights(out.x0_hat, vae, MaskedColourEncoder(batch["mask"], encoder),
+                                                reference_identity(batch["identity"], encoder=encoder), 1, delta)
+        return irl_loss(out.per_chunk, weights)
 
     return loss_fn
 
 
 def train_model(model, items, vae, context, steps: int, irl: bool, lr: float = 2e-3, batch_size: int = 4,
-                seed: int = 0) -> List[float]:
+                seed: int = 0, identity_dropout: float = 0.1, encoder: str = "colour") -> List[float]:
     from training.trainer import TrainConfig, train
 
     config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seed=seed, trainable="full", warmup=10,
                          max_grad_norm=1.0, parallel="ddp")
-    return train(model, ListDataset(items), make_loss(vae, context, irl), config).losses
+    return train(model, ListDataset(items), make_loss(vae, context, irl, identity_dropout=identity_dropout,
+                                                      encoder=encoder), config).losses
 
 
 def to_frames(video: torch.Tensor) -> torch.Tensor:
@@ -245,23 +305,27 @@ def to_frames(video: torch.Tensor) -> torch.Tensor:
     return video.permute(1, 2, 3, 0).contiguous()
 
 
+def _measure(frames01: torch.Tensor, it) -> Dict[str, float]:
+    syn = it["record"]["synthetic"]
+    return measure_clip(frames01.numpy() * 255, to_frames(it["target"].add(1).div(2)).numpy() * 255,
+                        to_frames(it["video"].add(1).div(2)).numpy() * 255, it["mask"][0].numpy() > 0.5,
+                        syn["identity"]["identity_colour"], syn["poses"], syn["driving_identity"]["identity_colour"])
+
+
 @torch.no_grad()
-def evaluate(model, items, vae, context, steps: int = 8, guidance: float = 0.0) -> Dict[str, float]:
-    """Run swap_face on every held-out item and average :func:`measure_clip` over them."""
+def evaluate(model, items, vae, context, steps: int = 8, guidance: float = 4.0) -> Dict[str, float]:
+    """Run swap_face (euler, ``steps`` steps, identity guidance ``guidance``; 4 is the released default)
+    on every held-out item and average :func:`measure_clip` over them."""
     model.eval()
     rows = []
     for it in items:
-        syn = it["record"]["synthetic"]
         f, h, w = it["video"].shape[1:]
-        settings = SwapSettings(width=w, height=h, steps=steps, guidance=guidance, seed=0, sampler="euler"
-                                if "euler" in __import__("dreamidv_core.samplers", fromlist=["SAMPLERS"]).SAMPLERS
-                                else "unipc", window=f, overlap=4)
+        settings = SwapSettings(width=w, height=h, steps=steps, guidance=guidance, seed=0, sampler="euler",
+                                window=f, overlap=4)
         ref_latent = vae.encode(it["identity"][None])
         res = swap_face(model, vae, to_frames(it["video"].add(1).div(2)), to_frames(it["mask"]), None, context,
                         pose=to_frames(it["pose"]), settings=settings, ref_latent=ref_latent)
-        rows.append(measure_clip(res.frames.numpy() * 255, to_frames(it["target"].add(1).div(2)).numpy() * 255,
-                                 to_frames(it["video"].add(1).div(2)).numpy() * 255,
-                                 it["mask"][0].numpy() > 0.5, syn["identity"]["identity_colour"], syn["poses"]))
+        rows.append(_measure(res.frames, it))
     model.train()
     return aggregate(rows)
 
@@ -277,19 +341,16 @@ def reference_rows(items, vae) -> Dict[str, Dict[str, float]]:
     """Figures of the ground truth through the stand-in VAE and of copying the driving video (no swap)."""
     gt, copy = [], []
     for it in items:
-        syn = it["record"]["synthetic"]
-        tgt = to_frames(it["target"].add(1).div(2)).numpy() * 255
-        drv = to_frames(it["video"].add(1).div(2)).numpy() * 255
-        m = it["mask"][0].numpy() > 0.5
-        rec = to_frames(vae.decode(vae.encode(it["target"][None]))[0].add(1).div(2)).numpy() * 255
-        gt.append(measure_clip(rec, tgt, drv, m, syn["identity"]["identity_colour"], syn["poses"]))
-        copy.append(measure_clip(drv, tgt, drv, m, syn["identity"]["identity_colour"], syn["poses"]))
+        gt.append(_measure(to_frames(vae.decode(vae.encode(it["target"][None]))[0].add(1).div(2)), it))
+        copy.append(_measure(to_frames(it["video"].add(1).div(2)), it))
     return {"target through the VAE (ceiling)": aggregate(gt), "copy the driving video": aggregate(copy)}
 
 
 COLUMNS = [("sim_mean", "id sim", "{:+.3f}"), ("sim_worst_chunk", "worst-chunk", "{:+.3f}"),
            ("sim_worst_chunk_min", "min worst", "{:+.3f}"), ("err_identity", "err->id", "{:.1f}"),
-           ("err_driving", "err->drv", "{:.1f}"), ("pose_err", "pose px", "{:.2f}"), ("found", "found", "{:.0%}")]
+           ("err_driving", "err->drv", "{:.1f}"), ("id_wins", "id wins", "{:.0%}"),
+           ("pose_err", "pose px", "{:.2f}"), ("found", "found", "{:.0%}"), ("face_iou", "IoU id", "{:.2f}"),
+           ("face_iou_drv", "IoU drv", "{:.2f}")]
 
 
 def print_table(rows: Dict[str, Dict[str, float]]) -> None:
@@ -299,47 +360,74 @@ def print_table(rows: Dict[str, Dict[str, float]]) -> None:
         print(name.ljust(width) + "".join(fmt.format(r[k]).rjust(12) for k, _, fmt in COLUMNS))
 
 
+LEGEND = ("id sim = cosine of the centred mean face colour vs the target (stand-in identity encoder); worst-chunk "
+          "= mean over clips of the lowest VAE-chunk similarity; min worst = lowest over clips; err->id / err->drv "
+          "= mean colour distance (RGB) to the target / driving identity; id wins = frames nearer the target "
+          "identity than the driving one; pose px = centroid error of the identity-coloured pixels; found = "
+          "frames where they cover a quarter of the face; IoU id / IoU drv = IoU of the target / driving "
+          f"identity's colour (tol {POSE_TOL:.0f}) with the true face mask")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps per training run (plain and IRL)")
-    p.add_argument("--train", type=int, default=24, help="training samples")
-    p.add_argument("--test", type=int, default=8, help="held-out samples")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per training run (plain and IRL)")
+    p.add_argument("--train", type=int, default=512, help="training samples")
+    p.add_argument("--test", type=int, default=16, help="held-out samples")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds (model init, batches, noise); data fixed")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--identity-dropout", type=float, default=0.1)
     p.add_argument("--sample-steps", type=int, default=8)
-    p.add_argument("--guidance", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", default="0,2,4", help="identity guidance values at evaluation (released: 4)")
+    p.add_argument("--hard-chunk", type=float, default=DATA_OPTIONS["hard_chunk"])
+    p.add_argument("--no-irl", action="store_true", help="plain training only")
+    p.add_argument("--irl-encoder", choices=("colour", "palette"), default="colour",
+                   help="stand-in identity encoder of the IRL weights (palette: sharper, see palette_embedding)")
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, args.threads))
+    seeds = [int(v) for v in args.seeds.split(",")]
+    guidances = [float(v) for v in args.guidance.split(",")]
     t0 = time.time()
     vae, context = PoolVAE(), text_context()
     with tempfile.TemporaryDirectory() as tmp:
-        train_items, test_items = make_data(tmp, args.train, args.test)
-    print(f"data: {len(train_items)} train / {len(test_items)} held-out samples, 9 frames 64x48 "
-          f"({time.time() - t0:.1f}s)")
+        train_items, test_items = make_data(tmp, args.train, args.test,
+                                            options=dict(DATA_OPTIONS, hard_chunk=args.hard_chunk))
+    print(f"data: {len(train_items)} train / {len(test_items)} held-out samples, 9 frames 64x48, hard chunk "
+          f"p={args.hard_chunk} ({time.time() - t0:.1f}s)")
     rows = reference_rows(test_items, vae)
-    base = tiny_model(args.seed)
-    rows["untrained"] = evaluate(base, test_items, vae, context, args.sample_steps, args.guidance)
-    curves = {}
-    for name, irl in (("plain flow matching", False), ("IRL", True)):
-        model = tiny_model(args.seed)
-        t = time.time()
-        losses = train_model(model, train_items, vae, context, args.steps, irl, args.lr, args.batch, args.seed)
-        dt = time.time() - t
-        curves[name] = losses
-        rows[f"{name}, {args.steps} steps"] = evaluate(model, test_items, vae, context, args.sample_steps,
-                                                        args.guidance)
-        print(f"{name}: {args.steps} steps in {dt:.1f}s; loss first 10 {np.mean(losses[:10]):.4f} -> "
-              f"last 10 {np.mean(losses[-10:]):.4f}")
-    print(f"\nheld-out: {len(test_items)} clips, swap_face {args.sample_steps} steps, guidance {args.guidance}; "
-          "id sim = cosine of the centred mean face colour vs the target (stand-in identity encoder); "
-          "worst-chunk = mean over clips of the lowest VAE-chunk similarity; min worst = lowest over clips; "
-          "err->id / err->drv = mean colour distance (RGB) to the target / driving identity; pose px = face "
-          f"centroid error; found = frames with face-coloured pixels (tol {POSE_TOL:.0f})\n")
+    runs = [("plain", False)] + ([] if args.no_irl else [("IRL", True)])
+    per_seed: Dict[str, List[Dict[str, float]]] = {}
+    for seed in seeds:
+        for g in guidances:
+            per_seed.setdefault(f"untrained, g {g:g}", []).append(
+                evaluate(tiny_model(seed), test_items, vae, context, args.sample_steps, g))
+        for name, irl in runs:
+            model = tiny_model(seed)
+            t = time.time()
+            losses = train_model(model, train_items, vae, context, args.steps, irl, args.lr, args.batch, seed,
+                                 args.identity_dropout, args.irl_encoder)
+            dt = time.time() - t
+            print(f"seed {seed} {name}: {args.steps} steps in {dt:.0f}s, loss {np.mean(losses[:10]):.3f} -> "
+                  f"{np.mean(losses[-50:]):.3f}", flush=True)
+            for g in guidances:
+                r = evaluate(model, test_items, vae, context, args.sample_steps, g)
+                per_seed.setdefault(f"{name} {args.steps} steps, g {g:g}", []).append(r)
+                print(f"  g {g:g}: worst-chunk {r['sim_worst_chunk']:+.3f}, id sim {r['sim_mean']:+.3f}, err->id "
+                      f"{r['err_identity']:.1f}, err->drv {r['err_driving']:.1f}, IoU {r['face_iou']:.2f}", flush=True)
+    for name, rs in per_seed.items():
+        rows[f"{name} ({len(rs)} seeds)"] = {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}
+    print(f"\nheld-out: {len(test_items)} clips, swap_face euler {args.sample_steps} steps, g = identity guidance; "
+          f"figures = mean over seeds {seeds}; {LEGEND}\n")
     print_table(rows)
-    plain, irl = rows[f"plain flow matching, {args.steps} steps"], rows[f"IRL, {args.steps} steps"]
-    print(f"\nIRL - plain worst-chunk similarity: {irl['sim_worst_chunk'] - plain['sim_worst_chunk']:+.3f} "
-          f"(mean), {irl['sim_worst_chunk_min'] - plain['sim_worst_chunk_min']:+.3f} (min); total {time.time() - t0:.0f}s")
+    for g in guidances if len(runs) > 1 else []:
+        irl, plain = per_seed[f"IRL {args.steps} steps, g {g:g}"], per_seed[f"plain {args.steps} steps, g {g:g}"]
+        d = [i["sim_worst_chunk"] - pl["sim_worst_chunk"] for i, pl in zip(irl, plain)]
+        dm = [i["sim_worst_chunk_min"] - pl["sim_worst_chunk_min"] for i, pl in zip(irl, plain)]
+        print(f"g {g:g}: IRL - plain worst-chunk similarity per seed: {', '.join(f'{v:+.3f}' for v in d)} (mean over "
+              f"clips); {', '.join(f'{v:+.3f}' for v in dm)} (lowest clip); IRL ahead in {sum(v > 0 for v in d)}/"
+              f"{len(d)} seeds")
+    print(f"total {time.time() - t0:.0f}s")
     return 0
 
 

@@ -105,9 +105,11 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.ascontiguousarray(bg.astype(np.uint8))
 
 
-def _poses(rng: np.random.Generator, frames: int, h: int, w: int) -> List[List[float]]:
-    """Per frame [cx, cy, r] in pixels: a straight move with a changing size, kept inside the frame."""
-    r0, r1 = rng.uniform(0.22, 0.36, size=2) * h
+def _poses(rng: np.random.Generator, frames: int, h: int, w: int,
+           face_scale: Tuple[float, float] = (0.22, 0.36)) -> List[List[float]]:
+    """Per frame [cx, cy, r] in pixels: a straight move with a changing size, kept inside the frame.
+    ``face_scale``: the range of the radius as a fraction of the height."""
+    r0, r1 = rng.uniform(face_scale[0], face_scale[1], size=2) * h
     out = []
     start = rng.uniform(0.3, 0.7, size=2)
     end = rng.uniform(0.3, 0.7, size=2)
@@ -119,6 +121,19 @@ def _poses(rng: np.random.Generator, frames: int, h: int, w: int) -> List[List[f
         cy = min(max(fy * h, r + 1), h - r - 1)
         out.append([round(float(cx), 3), round(float(cy), 3), round(float(r), 3)])
     return out
+
+
+def _hard_chunk(rng: np.random.Generator, poses: List[List[float]], scale: float) -> int:
+    """Shrink the face to ``scale`` of its radius in one random VAE temporal chunk (frames 4c-3 .. 4c,
+    c >= 1) of ``poses`` in place (a harder pose: fewer face pixels) -> the chunk index (0: none)."""
+    chunks = (len(poses) - 1) // 4
+    if chunks < 1:
+        return 0
+    c = int(rng.integers(1, chunks + 1))
+    for i in range(4 * c - 3, 4 * c + 1):
+        cx, cy, r = poses[i]
+        poses[i] = [cx, cy, round(float(max(2.0, r * scale)), 3)]
+    return c
 
 
 def _keypoints_json(points: Sequence[np.ndarray], h: int, w: int) -> list:
@@ -139,17 +154,15 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
-def write_synthetic_sample(folder, frames: int = 9, size: Tuple[int, int] = (48, 64), seed: int = 0,
-                           direction: str = "forward", identity: int = None, driving_identity: int = None,
-                           pose_format: str = "video", fps: float = 24.0) -> Dict:
-    """Write one sample folder; returns its record. size = (height, width). ``identity`` /
-    ``driving_identity``: identity indices (drawn from ``seed`` when None; always different)."""
-    if direction not in ("forward", "backward"):
-        raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
-    if pose_format not in ("video", "keypoints"):
-        raise ValueError(f"pose_format must be 'video' or 'keypoints', got {pose_format!r}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def render_synthetic_sample(frames: int = 9, size: Tuple[int, int] = (48, 64), seed: int = 0,
+                            identity: int = None, driving_identity: int = None,
+                            face_scale: Tuple[float, float] = (0.22, 0.36), hard_chunk: float = 0.0,
+                            hard_scale: float = 0.5, background: str = "gradient") -> Tuple[Dict, Dict]:
+    """The pixels of one sample, in memory -> (arrays, synthetic). arrays: ``driving``, ``target``, ``mask``,
+    ``pose`` uint8 [F, H, W, 3], ``identity`` uint8 [H, W, 3], ``points`` (per frame [68, 2] keypoints);
+    synthetic: the record's ``"synthetic"`` entry. Arguments as :func:`write_synthetic_sample`."""
+    if background not in ("gradient", "grey"):
+        raise ValueError(f"background must be 'gradient' or 'grey', got {background!r}")
     h, w = size
     rng = np.random.default_rng(seed)
     tgt = int(rng.integers(N_IDENTITIES)) if identity is None else int(identity) % N_IDENTITIES
@@ -158,7 +171,10 @@ def write_synthetic_sample(folder, frames: int = 9, size: Tuple[int, int] = (48,
         drv += 1  # never the target identity
     look, drv_look = identity_params(tgt), identity_params(drv)
     bg = _background(rng, h, w)
-    poses = _poses(rng, frames, h, w)
+    if background == "grey":
+        bg = np.full_like(bg, int(bg[0, 0, 0]))
+    poses = _poses(rng, frames, h, w, face_scale)
+    hard = _hard_chunk(rng, poses, hard_scale) if hard_chunk > 0 and rng.random() < hard_chunk else 0
 
     driving = np.empty((frames, h, w, 3), np.uint8)
     target = np.empty_like(driving)
@@ -176,15 +192,67 @@ def write_synthetic_sample(folder, frames: int = 9, size: Tuple[int, int] = (48,
 
     ident = np.full((h, w, 3), 255, np.uint8)  # the identity photo: frontal, centred, on white
     draw_face(ident, look, w / 2, h / 2, 0.4 * h)
+    arrays = {"driving": driving, "target": target, "mask": mask, "pose": pose, "identity": ident, "points": points}
+    synthetic = {"identity": look, "driving_identity": drv_look, "poses": poses,
+                 "pose_layout": "per frame [cx, cy, radius] in pixels of the driving frame",
+                 "size": [h, w]}
+    if hard_chunk > 0:
+        synthetic["hard_chunk"] = hard
+    return arrays, synthetic
 
-    _write_png(folder / "identity.png", ident)
-    write_video(folder / "driving.mp4", driving, fps)
-    write_video(folder / "mask.mp4", mask, fps)
+
+def synthetic_items(n_samples: int, frames: int = 9, size: Tuple[int, int] = (48, 64), seed: int = 0,
+                    **options) -> List[Dict]:
+    """The samples :func:`write_synthetic_dataset` would write (same seeds, same pixels before H.264), as
+    training items without files: ``video``/``target`` [3, F, H, W] in [-1, 1], ``mask``/``pose`` [3, F, H, W]
+    in [0, 1], ``identity`` [3, 1, H, W] in [-1, 1], ``index``, ``record`` ({"synthetic": ...}) - the layout
+    of :class:`training.dataset.DreamIDVDataset` when H, W are multiples of 16 (no resize, no letterbox)."""
+    import torch
+
+    if size[0] % 16 or size[1] % 16:
+        raise ValueError(f"synthetic_items needs a size in multiples of 16 (no resize), got {size}")
+
+    def t(a, signed):  # uint8 [F, H, W, 3] -> float [3, F, H, W]
+        x = torch.from_numpy(np.ascontiguousarray(a)).float().div(255).permute(3, 0, 1, 2).contiguous()
+        return x.mul(2).sub(1) if signed else x
+
+    items = []
+    for i in range(n_samples):
+        arrays, syn = render_synthetic_sample(frames, size, seed * 100003 + i, **options)
+        items.append({"video": t(arrays["driving"], True), "target": t(arrays["target"], True),
+                      "mask": t(arrays["mask"], False), "pose": t(arrays["pose"], False),
+                      "identity": t(arrays["identity"][None], True), "index": i, "record": {"synthetic": syn}})
+    return items
+
+
+def write_synthetic_sample(folder, frames: int = 9, size: Tuple[int, int] = (48, 64), seed: int = 0,
+                           direction: str = "forward", identity: int = None, driving_identity: int = None,
+                           pose_format: str = "video", fps: float = 24.0, **options) -> Dict:
+    """Write one sample folder; returns its record. size = (height, width). ``identity`` /
+    ``driving_identity``: identity indices (drawn from ``seed`` when None; always different).
+
+    ``options`` for learnability studies (without them: the original samples, pixel for pixel):
+    ``face_scale`` (low, high): the face radius range as a fraction of the height (default 0.22, 0.36);
+    ``hard_chunk``: the probability that one VAE temporal chunk (frames 4c-3 .. 4c) shows the face shrunk
+    to ``hard_scale`` (default 0.5) of its radius (a harder pose; recorded as ``synthetic["hard_chunk"]``,
+    0 for none); ``background``: "gradient" (a random colour gradient) or "grey" (a flat grey level).
+    """
+    if direction not in ("forward", "backward"):
+        raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
+    if pose_format not in ("video", "keypoints"):
+        raise ValueError(f"pose_format must be 'video' or 'keypoints', got {pose_format!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    arrays, synthetic = render_synthetic_sample(frames, size, seed, identity, driving_identity, **options)
+    _write_png(folder / "identity.png", arrays["identity"])
+    write_video(folder / "driving.mp4", arrays["driving"], fps)
+    write_video(folder / "mask.mp4", arrays["mask"], fps)
     if pose_format == "video":
-        write_video(folder / "pose.mp4", pose, fps)
+        write_video(folder / "pose.mp4", arrays["pose"], fps)
     else:
-        _write_bytes(folder / "keypoints.json", json.dumps(_keypoints_json(points, h, w)).encode())
-    write_video(folder / "target.mp4", target, fps)
+        _write_bytes(folder / "keypoints.json", json.dumps(_keypoints_json(arrays["points"], h, w)).encode())
+    write_video(folder / "target.mp4", arrays["target"], fps)
     record = {
         "version": 1,
         "direction": direction,
@@ -192,18 +260,18 @@ def write_synthetic_sample(folder, frames: int = 9, size: Tuple[int, int] = (48,
         "frames": frames,
         "identity_similarity": {"identity_target": 1.0, "identity_driving": 0.0},
         "source": {"generator": "tests/synthetic_data.py", "seed": seed},
-        "synthetic": {"identity": look, "driving_identity": drv_look, "poses": poses,
-                      "pose_layout": "per frame [cx, cy, radius] in pixels of the driving frame",
-                      "size": [h, w]},
+        "synthetic": synthetic,
     }
     _write_bytes(folder / "record.json", json.dumps(record, indent=1).encode())
     return record
 
 
 def write_synthetic_dataset(root, n_samples: int, frames: int = 9, size: Tuple[int, int] = (48, 64), seed: int = 0,
-                            direction: str = "forward", pose_format: str = "video", fps: float = 24.0) -> List[Path]:
+                            direction: str = "forward", pose_format: str = "video", fps: float = 24.0,
+                            **options) -> List[Path]:
     """Write ``n_samples`` sample folders ``root/sample_000`` ... -> their paths. ``direction``: "forward",
-    "backward" or "mixed" (alternating, forward first). size = (height, width)."""
+    "backward" or "mixed" (alternating, forward first). size = (height, width). ``options``: the
+    learnability options of :func:`write_synthetic_sample` (face_scale, hard_chunk, hard_scale, background)."""
     if direction not in ("forward", "backward", "mixed"):
         raise ValueError(f"direction must be 'forward', 'backward' or 'mixed', got {direction!r}")
     root = Path(root)
@@ -212,7 +280,7 @@ def write_synthetic_dataset(root, n_samples: int, frames: int = 9, size: Tuple[i
         d = direction if direction != "mixed" else ("forward", "backward")[i % 2]
         p = root / f"sample_{i:03d}"
         write_synthetic_sample(p, frames=frames, size=size, seed=seed * 100003 + i, direction=d,
-                               pose_format=pose_format, fps=fps)
+                               pose_format=pose_format, fps=fps, **options)
         paths.append(p)
     return paths
 

@@ -1,7 +1,11 @@
-"""Measurement functions of benchmarks/learnability.py (identity transfer, pose following, stand-in VAE).
+"""Learnability (benchmarks/learnability.py): the measurement functions on hand-made frames, the stand-in
+VAE, and a short real training run: the tiny DiT, trained for 500 steps with the pack's objective and
+trainer on 256 procedural samples, transfers the reference identity onto held-out clips while following
+the pose (swap_face, 8 euler steps, identity guidance 2), which the untrained model does not. ~40 s on
+two idle cores.
 
-Whether training measurably improves identity transfer is not asserted yet: in this session a tiny
-model trained for 120 steps learned to copy the driving video instead (see the issue notes)."""
+The IRL claim (worst-chunk identity similarity above plain training at equal steps) is *not* asserted:
+it did not hold over several seeds in the benchmark (see its output)."""
 import importlib.util
 import os
 import sys
@@ -12,7 +16,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from synthetic_data import draw_face, face_mask, identity_params  # noqa: E402
+from synthetic_data import draw_face, face_mask, identity_params, synthetic_items  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("learnability", os.path.join(ROOT, "benchmarks", "learnability.py"))
 L = importlib.util.module_from_spec(_spec)
@@ -70,3 +74,55 @@ def test_pool_vae_round_trip():
     assert torch.allclose(vae.decode(vae.encode(blocks)), blocks, atol=1e-6)
     assert torch.allclose(blocks[:, :, 0], torch.nn.functional.interpolate(
         torch.nn.functional.avg_pool2d(video[:, :, 0], 4), scale_factor=4), atol=1e-6)
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model's ops are too small to gain from a second thread, and on a busy 2-core machine two
+    threads can cost many times the run time (seen here: 400 steps in 414 s with 2 threads, 300 in 24 s
+    with 1, both while other jobs ran)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _train_and_measure(lr: float, steps: int = 500):
+    """Train the tiny DiT ``steps`` steps at ``lr`` on 256 procedural samples (in memory: the pixels the
+    dataset files hold before H.264) -> (untrained, trained figures on 8 held-out clips at guidance 2, losses)."""
+    train = synthetic_items(256, seed=1, **L.DATA_OPTIONS)
+    test = synthetic_items(8, seed=2, **L.DATA_OPTIONS)
+    vae, context = L.PoolVAE(), L.text_context()
+    model = L.tiny_model(0)
+    before = L.evaluate(model, test, vae, context, steps=8, guidance=2.0)
+    losses = L.train_model(model, train, vae, context, steps=steps, irl=False, lr=lr, batch_size=4, seed=0)
+    after = L.evaluate(model, test, vae, context, steps=8, guidance=2.0)
+    return before, after, losses
+
+
+def _not_learned(before, after):
+    """The learnability criteria -> the list of those that fail (empty: learned)."""
+    checks = {
+        # identity: much closer to the target identity than before, and than to the driving face
+        "identity similarity up by 0.4, above 0.75": after["sim_mean"] > max(before["sim_mean"] + 0.4, 0.75),
+        "colour nearer the target identity than the driving one": after["err_identity"] < 0.6 * after["err_driving"],
+        "most frames nearer the target identity": after["id_wins"] > 0.8,
+        # pose: the target identity's colour sits on the true face (IoU up) with its centroid on the face centre
+        "face IoU up by 0.1": after["face_iou"] > before["face_iou"] + 0.1,
+        "face found, centroid within 6 px": after["found"] > 0.5 and after["pose_err"] < 6.0,
+    }
+    return [name for name, ok in checks.items() if not ok]
+
+
+def test_tiny_model_learns_identity_transfer_and_follows_pose(one_thread):
+    before, after, losses = _train_and_measure(2e-3)
+    assert np.mean(losses[-30:]) < 0.5 * np.mean(losses[:10])
+    assert not _not_learned(before, after), (_not_learned(before, after), before, after)
+
+
+def test_learning_criteria_fail_without_learning(one_thread):
+    """lr 0 leaves the model untouched (so a couple of steps stand for 500): the identity and pose criteria fail."""
+    before, after, _ = _train_and_measure(0.0, steps=2)
+    failed = _not_learned(before, after)
+    assert {"identity similarity up by 0.4, above 0.75", "colour nearer the target identity than the driving one",
+            "face IoU up by 0.1"} <= set(failed), failed

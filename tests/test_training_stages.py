@@ -190,3 +190,17 @@ def test_id_projection_needs_an_identity_encoder_of_its_width(root):
     wrong = make_loss_fn("synthetic", make_vae(), context(), identity_encoder=colour_identity_encoder)  # 3-d
     with pytest.raises(InputError, match=r"gave \[1, 3\].*\[1, 5\]"):
         wrong(model, batch, torch.Generator().manual_seed(0))
+
+
+def test_irl_leaves_reference_dropped_samples_unweighted(root):
+    """With the reference dropped the model cannot know the identity: IRL then equals the plain loss."""
+    data = stage_dataset(root, "irl", W, H, F)
+    batch = collate([data[0]])
+    model, vae = tiny_model(0, text_dim=32), make_vae()
+    dropped = FlowMatchingObjective(identity_dropout=1.0)
+    irl = make_loss_fn("irl", vae, context(), dropped, colour_identity_encoder)
+    plain = make_loss_fn("synthetic", vae, context(), dropped)
+    with torch.no_grad():
+        a = irl(model, batch, torch.Generator().manual_seed(1))
+        b = plain(model, batch, torch.Generator().manual_seed(1))
+    assert float(a) == pytest.approx(float(b), rel=1e-5)

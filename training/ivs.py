@@ -17,7 +17,6 @@ For the trainer's stage registry: :func:`make_ivs_loss_fn` (like ``stages.make_l
 from __future__ import annotations
 
 import random
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -30,7 +29,7 @@ from dreamidv_core.ivs import check_ivs_model, flf_mask, flf_pixel_mask
 from dreamidv_core.video_io import read_video
 from dreamidv_core.video_ops import prepare_frames
 from .dataset import floor_4n1, probe_video
-from .objective import FlowMatchingObjective, TrainingConditioning
+from .objective import FlowMatchingObjective, TrainingConditioning, frozen_vae_for
 from .trainer import TrainConfig, TrainResult, collate, train
 
 __all__ = ["IVSClipDataset", "scan_ivs_clips", "ivs_dataset", "make_ivs_loss_fn", "train_ivs", "CLIP_FILES"]
@@ -112,11 +111,6 @@ def ivs_dataset(root, width: int, height: int, frames: Optional[int], seed: int 
     return IVSClipDataset(root, width, height, frames, seed)
 
 
-def _vae_device(vae):
-    p = next(iter(vae.parameters()), None) if isinstance(vae, nn.Module) else None
-    return None if p is None else p.device
-
-
 @torch.no_grad()
 def encode_ivs_batch(vae, video: torch.Tensor):
     """video [B, 3, F, H, W] in [-1, 1] (F = 4n+1) -> (z [B, 16, F', h, w], y [B, 20, F', h, w]): the
@@ -154,10 +148,7 @@ def make_ivs_loss_fn(vae, context: torch.Tensor, objective: Optional[FlowMatchin
         if missing:
             raise InputError(f"IVS training batch lacks {missing}; expected training.ivs.IVSClipDataset items")
         device = batch["video"].device
-        if isinstance(vae, nn.Module) and _vae_device(vae) not in (None, device):
-            vae.to(device)
-        amp_off = torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else nullcontext()
-        with torch.no_grad(), amp_off:
+        with frozen_vae_for(vae, device):
             z, y = encode_ivs_batch(vae, batch["video"].float())
         b = z.shape[0]
         drop = torch.rand(b, generator=generator) < text_dropout

@@ -225,3 +225,20 @@ class FlowMatchingObjective:
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Plain flow-matching loss: the mean of :meth:`per_chunk_loss` (a scalar)."""
         return self.per_chunk_loss(dit, batch_latents, conditioning, generator).per_chunk.mean()
+
+
+def frozen_vae_for(vae, device: torch.device):
+    """Move a frozen ``nn.Module`` VAE to the batch's device (once) and return a context that encodes
+    without gradients and outside autocast (the VAE runs in its own precision, as at inference)."""
+    import contextlib
+
+    if isinstance(vae, torch.nn.Module):
+        p = next(vae.parameters(), None)
+        if p is not None and p.device != device:
+            vae.to(device)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    if device.type in ("cpu", "cuda"):
+        stack.enter_context(torch.autocast(device.type, enabled=False))
+    return stack
+

@@ -20,7 +20,6 @@ or, when it has none, starts from the previous stage's final weights.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -31,7 +30,7 @@ from dreamidv_core.errors import InputError
 from . import checkpoint as ckpt
 from .dataset import DreamIDVDataset, scan_dataset
 from .irl import identity_coherence_weights, irl_loss
-from .objective import FlowMatchingObjective, encode_conditioning
+from .objective import FlowMatchingObjective, encode_conditioning, frozen_vae_for
 from .trainer import TrainConfig, TrainResult, derive_seed, select_trainable, train
 
 __all__ = ["STAGES", "STAGE_DIRECTIONS", "make_loss_fn", "stage_dataset", "parse_stages", "run_curriculum",
@@ -77,13 +76,6 @@ def insightface_identity_encoder(pack_dir, provider: str = "CPU", dim: int = 512
 
 
 # ---------------------------------------------------------------------------- the loss
-def _vae_device(vae) -> Optional[torch.device]:
-    if isinstance(vae, nn.Module):
-        p = next(vae.parameters(), None)
-        return None if p is None else p.device
-    return None
-
-
 def make_loss_fn(stage: str, vae, context: torch.Tensor, objective: Optional[FlowMatchingObjective] = None,
                  identity_encoder: Optional[IdentityEncoder] = None, identity_delta: float = 0.1,
                  frames_per_chunk: int = 1) -> Callable:
@@ -115,10 +107,7 @@ def make_loss_fn(stage: str, vae, context: torch.Tensor, objective: Optional[Flo
         if missing:
             raise InputError(f"training batch lacks {missing}; expected training.dataset.DreamIDVDataset items")
         device = batch["video"].device
-        if isinstance(vae, nn.Module) and _vae_device(vae) not in (None, device):
-            vae.to(device)
-        amp_off = torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else nullcontext()
-        with torch.no_grad(), amp_off:
+        with frozen_vae_for(vae, device):
             video01 = batch["video"].float().add(1).div(2)
             ref01 = batch["identity"][:, :, 0].float().add(1).div(2)
             cond = encode_conditioning(vae, video01, batch["mask"].float(), ref01, context.to(device),
@@ -130,10 +119,13 @@ def make_loss_fn(stage: str, vae, context: torch.Tensor, objective: Optional[Flo
         if stage != "irl":
             return objective.loss(dit, z, cond, generator)
         chunks = objective.per_chunk_loss(dit, z, cond, generator)
-        with torch.no_grad(), amp_off:
+        with frozen_vae_for(vae, device):
             ident = identity_encoder(ref01) if ident is None else ident
             weights, _ = identity_coherence_weights(chunks.x0_hat, vae, identity_encoder, ident,
                                                     frames_per_chunk, identity_delta)
+            # a sample whose reference was dropped cannot know the identity: plain (uniform) weights
+            dropped = chunks.ref_dropped.to(weights.device)[:, None]
+            weights = torch.where(dropped, torch.ones_like(weights), weights)
         return irl_loss(chunks.per_chunk, weights)
 
     return loss_fn
