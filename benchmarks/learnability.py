@@ -35,8 +35,12 @@ conditioning as the sampler builds it: the driving video unmasked plus the mask)
 :class:`MaskedColourEncoder` against the reference photo's colour, ``Q_c = 1/(cos+delta)`` normalised)
 and :func:`training.irl.irl_loss`, :func:`training.trainer.train`, and ``swap_face`` for evaluation.
 
+IRL as the last stage (``--finetune-irl N,M``, the paper's recipe): per seed, plain N steps, then from that
+checkpoint (A) plain M steps vs (B) IRL M steps (same batches and noise), and how spread the IRL weights were.
+
     python benchmarks/learnability.py                            # 3 seeds x (plain, IRL) x 1000 steps: ~10-20 min
     python benchmarks/learnability.py --seeds 0 --steps 300      # ~2 minutes, weaker
+    python benchmarks/learnability.py --finetune-irl 1000,500 --guidance 2,4   # 3 seeds: ~12 min
 """
 from __future__ import annotations
 
@@ -213,7 +217,9 @@ class ListDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        return {k: v for k, v in self.items[i].items() if k != "record"}
+        item = {k: v for k, v in self.items[i].items() if k != "record"}
+        item["hard_chunk"] = int(self.items[i].get("record", {}).get("synthetic", {}).get("hard_chunk", 0))
+        return item
 
 
 def tiny_model(seed: int = 0, **overrides) -> DreamIDVTransformer:
@@ -267,12 +273,14 @@ class MaskedColourEncoder:
         return palette_embedding(c) if self.encoder == "palette" else c
 
 
-def make_loss(vae, context, irl: bool, delta: float = 0.1, identity_dropout: float = 0.1, encoder: str = "colour"):
+def make_loss(vae, context, irl: bool, delta: float = 0.1, identity_dropout: float = 0.1, encoder: str = "colour",
+              stats: Optional[List] = None, max_sigma: Optional[float] = None):
     """loss_fn(model, batch, generator) for :func:`training.trainer.train`: the flow-matching loss of
     :class:`FlowMatchingObjective` on the supervision video; with ``irl`` each chunk's loss weighted by
     :func:`training.irl.identity_coherence_weights` (Q_c = 1/(max(cos_c, 0) + delta), mean 1 per sample;
     cos_c = stand-in identity (``encoder``: "colour" or "palette") of the decoded one-step estimate vs the
-    reference photo's)."""
+    reference photo's). With ``stats`` (a list) weights are uniform where the reference was dropped (as in training/
+    stages.py) or sigma >= ``max_sigma``; steps append (weights, cos [B, F'], sigma, dropped, hard chunk [B])."""
     objective = FlowMatchingObjective(shift=5.0, identity_dropout=identity_dropout)
 
     def loss_fn(model, batch, generator):
@@ -283,21 +291,39 @@ def make_loss(vae, context, irl: bool, delta: float = 0.1, identity_dropout: flo
         out = objective.per_chunk_loss(model, z, cond, generator)
         if not irl:
             return out.per_chunk.mean()
-        weights, _ = identity_coherence_weights(out.x0_hat, vae, MaskedColourEncoder(batch["mask"], encoder),
-                                                reference_identity(batch["identity"], encoder=encoder), 1, delta)
+        weights, cos = identity_coherence_weights(out.x0_hat, vae, MaskedColourEncoder(batch["mask"], encoder),
+                                                  reference_identity(batch["identity"], encoder=encoder), 1, delta)
+        if stats is not None:
+            uniform = out.ref_dropped | (out.sigma.cpu() >= (math.inf if max_sigma is None else max_sigma))
+            weights = torch.where(uniform[:, None], torch.ones_like(weights), weights)
+            stats.append((weights, cos, out.sigma.cpu(), out.ref_dropped, torch.tensor(batch["hard_chunk"])))
         return irl_loss(out.per_chunk, weights)
 
     return loss_fn
 
 
 def train_model(model, items, vae, context, steps: int, irl: bool, lr: float = 2e-3, batch_size: int = 4,
-                seed: int = 0, identity_dropout: float = 0.1, encoder: str = "colour") -> List[float]:
+                seed: int = 0, identity_dropout: float = 0.1, encoder: str = "colour", delta: float = 0.1,
+                stats: Optional[List] = None, max_sigma: Optional[float] = None) -> List[float]:
     from training.trainer import TrainConfig, train
 
     config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seed=seed, trainable="full", warmup=10,
                          max_grad_norm=1.0, parallel="ddp")
-    return train(model, ListDataset(items), make_loss(vae, context, irl, identity_dropout=identity_dropout,
-                                                      encoder=encoder), config).losses
+    return train(model, ListDataset(items), make_loss(vae, context, irl, delta, identity_dropout, encoder, stats,
+                                                      max_sigma), config).losses
+
+
+def weight_spread(stats: List) -> Dict[str, float]:
+    """``make_loss`` stats -> over the samples IRL weighted: mean/median max/min weight per sample, share > 1.5, mean
+    weight of the hard chunk (1: none), mean chunk cosine, share weighted, mean max/min at sigma < / >= 0.5."""
+    w, cos, sig, drop, hard = (torch.cat([s[i] for s in stats]) for i in range(5))
+    ratio, weighted = w.amax(1) / w.amin(1), ~drop & ((w - 1).abs().amax(1) > 1e-7)
+    hw, hc, lo = w[weighted & (hard > 0)], hard[weighted & (hard > 0)], weighted & (sig < 0.5)
+    avg = lambda x: float(x.float().mean()) if len(x) else float("nan")  # noqa: E731
+    med = float(ratio[weighted].median()) if weighted.any() else float("nan")
+    return {"weighted": avg(weighted), "ratio_mean": avg(ratio[weighted]), "ratio_median": med,
+            "ratio_gt15": avg(ratio[weighted] > 1.5), "hard_weight": avg(hw[torch.arange(len(hc)), hc]),
+            "cos_mean": avg(cos[weighted]), "ratio_sig_lo": avg(ratio[lo]), "ratio_sig_hi": avg(ratio[weighted & ~lo])}
 
 
 def to_frames(video: torch.Tensor) -> torch.Tensor:
@@ -328,6 +354,15 @@ def evaluate(model, items, vae, context, steps: int = 8, guidance: float = 4.0) 
         rows.append(_measure(res.frames, it))
     model.train()
     return aggregate(rows)
+
+
+def evaluate_into(per: Dict[str, List[Dict]], label: str, model, items, vae, context, steps: int, guidances) -> None:
+    """:func:`evaluate` at each guidance g in ``guidances``, appended to ``per[f"{label}, g {g}"]`` and printed."""
+    for g in guidances:
+        r = evaluate(model, items, vae, context, steps, g)
+        per.setdefault(f"{label}, g {g:g}", []).append(r)
+        print(f"  {label}, g {g:g}: worst-chunk {r['sim_worst_chunk']:+.3f} (min {r['sim_worst_chunk_min']:+.3f}), "
+              f"id sim {r['sim_mean']:+.3f}, err->id {r['err_identity']:.1f}, pose {r['pose_err']:.2f}", flush=True)
 
 
 def aggregate(rows: List[Dict[str, float]]) -> Dict[str, float]:
@@ -368,6 +403,32 @@ LEGEND = ("id sim = cosine of the centred mean face colour vs the target (stand-
           f"identity's colour (tol {POSE_TOL:.0f}) with the true face mask")
 
 
+def finetune(args, train_items, test_items, vae, context, seeds, guidances, per):
+    """IRL as the last stage (``--finetune-irl N,M``): per seed, plain N steps, then from that same checkpoint
+    (A) plain M more steps and (B) IRL M steps (same stage seed: same batches, noise, dropout; a fresh
+    optimizer and warmup, as training.stages.run_curriculum starts a stage). Figures go to ``per``; returns
+    (each seed's IRL :func:`weight_spread`, [(A label, B label)])."""
+    n, m = (int(v) for v in args.finetune_irl.split(","))
+    spread = []
+    for seed in seeds:
+        model, t = tiny_model(seed), time.time()
+        losses = train_model(model, train_items, vae, context, n, False, args.lr, args.batch, seed,
+                             args.identity_dropout)
+        print(f"seed {seed} plain {n}: {time.time() - t:.0f}s, loss -> {np.mean(losses[-50:]):.3f}", flush=True)
+        base = {k: v.clone() for k, v in model.state_dict().items()}
+        evaluate_into(per, f"plain {n}", model, test_items, vae, context, args.sample_steps, guidances)
+        for name, irl in (("A plain", False), ("B IRL", True)):
+            model.load_state_dict(base)
+            stats, t = ([] if irl else None), time.time()
+            losses = train_model(model, train_items, vae, context, m, irl, args.lr, args.batch, seed + 1000,
+                                 args.identity_dropout, args.irl_encoder, args.irl_delta, stats, args.irl_max_sigma)
+            spread += [weight_spread(stats)] if irl else []
+            extra = "; IRL weights: " + ", ".join(f"{k} {v:.2f}" for k, v in spread[-1].items()) if irl else ""
+            print(f"seed {seed} {name} +{m}: {time.time() - t:.0f}s, loss {np.mean(losses[-50:]):.3f}{extra}")
+            evaluate_into(per, f"{name} {n}+{m}", model, test_items, vae, context, args.sample_steps, guidances)
+    return spread, [(f"A plain {n}+{m}", f"B IRL {n}+{m}")]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per training run (plain and IRL)")
@@ -383,6 +444,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-irl", action="store_true", help="plain training only")
     p.add_argument("--irl-encoder", choices=("colour", "palette"), default="colour",
                    help="stand-in identity encoder of the IRL weights (palette: sharper, see palette_embedding)")
+    p.add_argument("--finetune-irl", metavar="N,M", help="IRL as the last stage: plain N steps, then from that "
+                   "checkpoint plain M vs IRL M steps (instead of the from-scratch comparison)")
+    p.add_argument("--irl-delta", type=float, default=0.1, help="Q_c = 1/(cos_c + delta) (--finetune-irl)")
+    p.add_argument("--irl-max-sigma", type=float, help="uniform weights at sigma >= this (--finetune-irl)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -396,37 +461,36 @@ def main(argv=None) -> int:
     print(f"data: {len(train_items)} train / {len(test_items)} held-out samples, 9 frames 64x48, hard chunk "
           f"p={args.hard_chunk} ({time.time() - t0:.1f}s)")
     rows = reference_rows(test_items, vae)
-    runs = [("plain", False)] + ([] if args.no_irl else [("IRL", True)])
     per_seed: Dict[str, List[Dict[str, float]]] = {}
-    for seed in seeds:
-        for g in guidances:
-            per_seed.setdefault(f"untrained, g {g:g}", []).append(
-                evaluate(tiny_model(seed), test_items, vae, context, args.sample_steps, g))
-        for name, irl in runs:
-            model = tiny_model(seed)
-            t = time.time()
-            losses = train_model(model, train_items, vae, context, args.steps, irl, args.lr, args.batch, seed,
-                                 args.identity_dropout, args.irl_encoder)
-            dt = time.time() - t
-            print(f"seed {seed} {name}: {args.steps} steps in {dt:.0f}s, loss {np.mean(losses[:10]):.3f} -> "
-                  f"{np.mean(losses[-50:]):.3f}", flush=True)
-            for g in guidances:
-                r = evaluate(model, test_items, vae, context, args.sample_steps, g)
-                per_seed.setdefault(f"{name} {args.steps} steps, g {g:g}", []).append(r)
-                print(f"  g {g:g}: worst-chunk {r['sim_worst_chunk']:+.3f}, id sim {r['sim_mean']:+.3f}, err->id "
-                      f"{r['err_identity']:.1f}, err->drv {r['err_driving']:.1f}, IoU {r['face_iou']:.2f}", flush=True)
-    for name, rs in per_seed.items():
-        rows[f"{name} ({len(rs)} seeds)"] = {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}
+    if args.finetune_irl:
+        spread, pairs = finetune(args, train_items, test_items, vae, context, seeds, guidances, per_seed)
+        keys = ("sim_worst_chunk", "sim_worst_chunk_min", "sim_mean", "err_identity", "pose_err")
+    else:
+        spread, keys = [], ("sim_worst_chunk", "sim_worst_chunk_min")
+        pairs = [] if args.no_irl else [(f"plain {args.steps} steps", f"IRL {args.steps} steps")]
+        for seed in seeds:
+            evaluate_into(per_seed, "untrained", tiny_model(seed), test_items, vae, context, args.sample_steps,
+                          guidances)
+            for name, irl in [("plain", False)] + ([] if args.no_irl else [("IRL", True)]):
+                model, t = tiny_model(seed), time.time()
+                losses = train_model(model, train_items, vae, context, args.steps, irl, args.lr, args.batch, seed,
+                                     args.identity_dropout, args.irl_encoder)
+                print(f"seed {seed} {name}: {args.steps} steps in {time.time() - t:.0f}s, loss "
+                      f"{np.mean(losses[:10]):.3f} -> {np.mean(losses[-50:]):.3f}", flush=True)
+                evaluate_into(per_seed, f"{name} {args.steps} steps", model, test_items, vae, context,
+                              args.sample_steps, guidances)
+    rows.update({f"{name} ({len(rs)} seeds)": {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}
+                 for name, rs in per_seed.items()})
     print(f"\nheld-out: {len(test_items)} clips, swap_face euler {args.sample_steps} steps, g = identity guidance; "
-          f"figures = mean over seeds {seeds}; {LEGEND}\n")
+          f"figures = mean over seeds {seeds}; IRL: delta {args.irl_delta}, encoder {args.irl_encoder}, max sigma "
+          f"{args.irl_max_sigma}; {LEGEND}\n")
     print_table(rows)
-    for g in guidances if len(runs) > 1 else []:
-        irl, plain = per_seed[f"IRL {args.steps} steps, g {g:g}"], per_seed[f"plain {args.steps} steps, g {g:g}"]
-        d = [i["sim_worst_chunk"] - pl["sim_worst_chunk"] for i, pl in zip(irl, plain)]
-        dm = [i["sim_worst_chunk_min"] - pl["sim_worst_chunk_min"] for i, pl in zip(irl, plain)]
-        print(f"g {g:g}: IRL - plain worst-chunk similarity per seed: {', '.join(f'{v:+.3f}' for v in d)} (mean over "
-              f"clips); {', '.join(f'{v:+.3f}' for v in dm)} (lowest clip); IRL ahead in {sum(v > 0 for v in d)}/"
-              f"{len(d)} seeds")
+    if spread:
+        print("IRL weights, seed mean: " + ", ".join(f"{k} {np.mean([s[k] for s in spread]):.3f}" for k in spread[0]))
+    for (a_name, b_name), g, key in ((p, g, k) for p in pairs for g in guidances for k in keys):
+        d = [y[key] - x[key] for x, y in zip(per_seed[f"{a_name}, g {g:g}"], per_seed[f"{b_name}, g {g:g}"])]
+        print(f"g {g:g}: {b_name} - {a_name}, {key} per seed: {', '.join(f'{v:+.3f}' for v in d)} (mean "
+              f"{np.mean(d):+.3f}; higher in {sum(v > 0 for v in d)}/{len(d)} seeds)")
     print(f"total {time.time() - t0:.0f}s")
     return 0
 
