@@ -18,7 +18,7 @@ SAM2_FOLDER = "sam2"
 CKPT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
-def _config_path(config: str):
+def sam2_config_path(config: str):
     """'auto', a bundled config name, or a .yaml file in the sam2 folder -> what segmentation takes."""
     if config in ("", "auto") or config in segmentation.bundled_configs():
         return config or "auto"
@@ -29,7 +29,7 @@ def _config_path(config: str):
     return path
 
 
-def _device(choice: str) -> torch.device:
+def sam2_device(choice: str) -> torch.device:
     return torch.device("cpu") if choice == "cpu" else comfy.model_management.get_torch_device()
 
 
@@ -82,8 +82,8 @@ class BackgroundComposite(io.ComfyNode):
         count = core.check_inputs(frames, generated, face_mask)  # fail before loading anything
         frames, face_mask = frames[:count], face_mask[:count]
         ckpt = str(common.resolve_model_file(SAM2_FOLDER, sam2_checkpoint, "one of " + ", ".join(segmentation.OFFICIAL_NAMES)))
-        config = _config_path(sam2_config)
-        dev = _device(device)
+        config = sam2_config_path(sam2_config)
+        dev = sam2_device(device)
         if dev.type != "cpu":
             comfy.model_management.free_memory(3 * 1024 ** 3, dev)
         predictor = segmentation.load_video_predictor(ckpt, config, device=dev)

@@ -27,7 +27,7 @@ from dreamidv_core.samplers import SAMPLERS
 from dreamidv_core.windows import MIN_FRAMES
 
 from . import common
-from .loaders import DEVICE_CHOICES, LoadedDiT, _devices
+from .loaders import DEVICE_CHOICES, LoadedDiT, model_devices
 from .sampler import conditioning_context, memory_estimate
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def load_ivs_model(name: str, weight_dtype: str = "bf16", attention: str = "sdpa
         cached = _CACHE.get(key)
         if cached is not None:
             return cached, _REPORTS.get(key, "")
-        load_device, offload_device = _devices(device)
+        load_device, offload_device = model_devices(device)
         dit, report = load_ivs(path, weight_dtype=weight_dtype, device=offload_device, attention_backend=attention,
                                seed=seed)
         text = f"{name}: IVS weights loaded" if report is None else f"{name}: {report.summary()}"

@@ -130,7 +130,7 @@ def unload_patcher(patcher) -> None:
     mm.soft_empty_cache()
 
 
-def _devices(choice: str):
+def model_devices(choice: str):
     if choice == "cpu":
         cpu = torch.device("cpu")
         return cpu, cpu
@@ -179,7 +179,7 @@ def load_model(name: str, weight_dtype: str = "bf16", attention: str = "sdpa", d
         cached = _CACHE.get(key)
         if cached is not None:
             return cached
-        load_device, offload_device = _devices(device)
+        load_device, offload_device = model_devices(device)
         try:
             dit = load_dit(path, weight_dtype=weight_dtype, device=offload_device, attention_backend=attention)
         except CheckpointError as exc:

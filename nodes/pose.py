@@ -23,7 +23,7 @@ DET_FILE = "yolox_l.onnx"
 POSE_FILE = "dw-ll_ucoco_384.onnx"
 
 
-def _choices(folder: str, suffix: str, default: str) -> list:
+def model_file_choices(folder: str, suffix: str, default: str) -> list:
     names = common.model_choices(folder, (suffix,))
     return names or [default]
 
@@ -54,11 +54,11 @@ class DreamIDVPoseExtract(io.ComfyNode):
                 common.PoseKeypoint.Input("keypoints", optional=True,
                                           tooltip="keypoints only: POSE_KEYPOINT from another node (e.g. "
                                           "DWPose Estimator), normalised or pixel coordinates, one per frame."),
-                io.Combo.Input("mediapipe_model", options=_choices("mediapipe", ".task", MEDIAPIPE_FILE),
+                io.Combo.Input("mediapipe_model", options=model_file_choices("mediapipe", ".task", MEDIAPIPE_FILE),
                                tooltip=f"mediapipe only: the face landmarker in models/mediapipe ({MEDIAPIPE_FILE})."),
-                io.Combo.Input("detector_model", options=_choices("dwpose", ".onnx", DET_FILE),
+                io.Combo.Input("detector_model", options=model_file_choices("dwpose", ".onnx", DET_FILE),
                                default=DET_FILE, tooltip=f"dwpose only: person detector in models/dwpose ({DET_FILE})."),
-                io.Combo.Input("pose_model", options=_choices("dwpose", ".onnx", POSE_FILE),
+                io.Combo.Input("pose_model", options=model_file_choices("dwpose", ".onnx", POSE_FILE),
                                default=POSE_FILE, tooltip=f"dwpose only: pose estimator in models/dwpose ({POSE_FILE})."),
                 io.Combo.Input("provider", options=["CPU", "CUDA"], default="CPU",
                                tooltip="dwpose only: onnxruntime device. CUDA needs onnxruntime-gpu (falls "

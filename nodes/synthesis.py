@@ -25,8 +25,8 @@ from dreamidv_core.synthesis.background import MODES
 from dreamidv_core.synthesis.writer import DIRECTIONS, QuadrupletSettings, summary
 
 from . import common
-from .composite import CKPT_SUFFIXES, SAM2_FOLDER, _config_path, _device
-from .pose import MEDIAPIPE_FILE, _choices
+from .composite import CKPT_SUFFIXES, SAM2_FOLDER, sam2_config_path, sam2_device
+from .pose import MEDIAPIPE_FILE, model_file_choices
 from .sampler import conditioning_context
 
 NO_SAM2 = "none"
@@ -182,7 +182,7 @@ class DreamIDVExpressionAdaptation(io.ComfyNode):
             inputs=[
                 io.Image.Input("frames", tooltip="The real clip V_r."),
                 io.Image.Input("identity_image", tooltip="The generated identity I_g (must show one clear face)."),
-                io.Combo.Input("mediapipe_model", options=_choices("mediapipe", ".task", MEDIAPIPE_FILE),
+                io.Combo.Input("mediapipe_model", options=model_file_choices("mediapipe", ".task", MEDIAPIPE_FILE),
                                tooltip=f"The face landmarker in models/mediapipe ({MEDIAPIPE_FILE})."),
             ],
             outputs=[
@@ -269,8 +269,8 @@ class DreamIDVBackgroundRecompose(io.ComfyNode):
                              "at most as many frames")
         if sam2_checkpoint and sam2_checkpoint != NO_SAM2:
             ckpt = common.resolve_model_file(SAM2_FOLDER, sam2_checkpoint, "a SAM2 checkpoint")
-            dev = _device(device)
-            predictor = segmentation.load_video_predictor(str(ckpt), _config_path(sam2_config), device=dev)
+            dev = sam2_device(device)
+            predictor = segmentation.load_video_predictor(str(ckpt), sam2_config_path(sam2_config), device=dev)
             try:
                 m_r = _sam2_union(real, m_r, predictor, prompt_frames)
                 m_g = _sam2_union(gen, m_g, predictor, prompt_frames)
