@@ -25,3 +25,32 @@ def test_real_clip_and_face_prepare_to_matching_model_inputs(shared_dir):
     border = torch.cat([ref[:, 0, :, :2].flatten(), ref[:, 0, :, -2:].flatten(), ref[:, 0, :2].flatten(),
                         ref[:, 0, -2:].flatten()])
     assert (border > 0.95).float().mean() > 0.4
+
+
+def test_expression_adaptation_on_the_real_clip_moves_with_it_in_the_new_face_shape(shared_dir):
+    """SyncID-Pipe's expression adaptation with the real MediaPipe model: the pose video keeps the clip's
+    head position frame by frame but carries I_g's face shape (not the clip's own)."""
+    import numpy as np
+
+    from dreamidv_core.pose.extract import extract_mediapipe
+    from dreamidv_core.pose.mediapipe_face import FaceLandmarker
+    from dreamidv_core.synthesis.expression import adapt_expression
+
+    frames, _ = read_video(shared_dir / "assets" / "a_girl.mp4", max_frames=9)
+    ig = read_image(shared_dir / "assets" / "an_1.jpg")
+    with FaceLandmarker(str(shared_dir / "assets" / "face_landmarker_v2_with_blendshapes.task")) as lm:
+        adapted = adapt_expression(frames, lm, ig)
+        own = extract_mediapipe(frames, lm)
+    a, o = np.asarray(adapted.mask) > 0.5, np.asarray(own.mask) > 0.5
+    assert a.shape == o.shape == frames.shape[:3] and adapted.filled == []
+
+    def centre(m):
+        ys, xs = np.nonzero(m)
+        return np.array([xs.mean(), ys.mean()])
+
+    w = frames.shape[2]
+    drift = [np.linalg.norm(centre(a[i]) - centre(o[i])) for i in range(len(frames))]
+    assert max(drift) < 0.03 * w, drift  # the adapted face sits where the clip's face is, in every frame
+    iou = [(a[i] & o[i]).sum() / (a[i] | o[i]).sum() for i in range(len(frames))]
+    print(f"[real] adapted vs own face: centre drift max {max(drift):.1f} px of {w}; mask IoU {min(iou):.3f}-{max(iou):.3f}")
+    assert max(iou) < 0.97, iou  # but it is another face shape (I_g's), not the clip's own
