@@ -20,6 +20,13 @@ the last frame is placed at frame N-1 and repeated over the padding, all of whic
 exactly N frames are returned. Frames are resized and centre-cropped by :mod:`dreamidv_core.video_ops`
 exactly like the swap's.
 
+Long clips are sampled in overlapping windows (:mod:`dreamidv_core.windows`, as the swap): one latent for
+the whole clip, the DiT evaluated per step on windows of ``window`` frames overlapping by ``overlap``, the
+windows' velocities blended. Each window takes its slice of the whole-clip y and of the pose tokens: the
+first window holds the known first frame, the last (end-aligned) window the known last frame, middle windows
+have no known frame and are tied to their neighbours by the blended overlaps. A clip of at most one window
+is exactly the single pass. Encode, pose tokens and decode stream window by window (flat memory).
+
 Initialising an IVS from DreamID-V (full/faster) or Wan2.1-T2V weights: :func:`init_ivs_state_dict`.
 """
 from __future__ import annotations
@@ -33,8 +40,8 @@ from .configs import DiTConfig
 from .errors import InputError
 from .samplers import SAMPLERS, flow_sigmas, sigma_to_timestep
 from .video_ops import output_size, prepare_frames, to_uint8_frames
-from .windows import (MIN_FRAMES, FrameSource, clip_pose_tokens, decode_clip, encode_clip, padded_frame_count,
-                      plan_windows)
+from .windows import (MIN_FRAMES, FrameSource, WindowedModel, WindowLayout, check_window, clip_pose_tokens,
+                      decode_clip, encode_clip, padded_frame_count, plan_windows)
 
 Progress = Optional[Callable[[str, int, int], None]]
 Cancel = Optional[Callable[[], bool]]
@@ -104,19 +111,23 @@ def prepare_first_last(first, last, width: int, height: int) -> Tuple[torch.Tens
 
 @torch.no_grad()
 def flf_conditioning(vae, first, last, frames: int, width: int = 832, height: int = 480,
-                     device="cpu", cancel: Cancel = None) -> torch.Tensor:
+                     device="cpu", cancel: Cancel = None, layout: Optional[WindowLayout] = None) -> torch.Tensor:
     """First/last frames -> the IVS conditioning y [20, F', H'/8, W'/8] (4 mask channels, then the latent).
 
     first, last: [H, W, C] images (uint8 or float in [0, 1]) of the same size; frames: N >= 5 output
     frames (padded to 4n+1; the last frame sits at N-1 and fills the padding); width x height: the area
     (resize down, centre crop to multiples of 16, as the swap). The VAE encodes ``[first, 0..., last]``
-    in [-1, 1] (streaming when it has ``encode_iter``).
+    in [-1, 1] (streaming when it has ``encode_iter``; else in the pieces of ``layout``, the windows of
+    :func:`windows.plan_windows` for ``frames``; default one piece).
     """
     if frames < MIN_FRAMES:
         raise InputError(f"the IVS needs at least {MIN_FRAMES} frames, got {frames}")
     f0, f1 = prepare_first_last(first, last, width, height)
     np_ = padded_frame_count(frames)
-    layout = plan_windows(frames, np_, 0)
+    if layout is None:
+        layout = plan_windows(frames, np_, 0)
+    elif layout.frames != np_:
+        raise InputError(f"the window layout is for {layout.frames} padded frames, the clip has {np_}")
     latent = encode_clip(vae, _FLFSource(f0, f1, frames - 1), layout, lambda p: p.mul(2).sub(1), device, cancel)
     mask = flf_mask(flf_pixel_mask(np_, frames - 1), *latent.shape[-2:]).to(latent)
     return torch.cat([mask, latent])
@@ -277,7 +288,9 @@ class IVSSettings:
     guidance: float = 1.0
     seed: int = 0
     sampler: str = "unipc"
-    cache_pose_kv: Optional[bool] = None  # None: when the per-block pose K/V fit (dit.should_cache_pose_kv)
+    cache_pose_kv: Optional[bool] = None  # None: one window and the per-block pose K/V fit (should_cache_pose_kv)
+    window: int = 81  # frames per window (4n+1); longer clips are sampled in overlapping windows
+    overlap: int = 16  # frames shared by neighbouring windows (a multiple of 4, < window)
 
 
 def check_ivs_model(dit) -> None:
@@ -288,27 +301,59 @@ def check_ivs_model(dit) -> None:
                          "the IVS loader (it can initialise one from DreamID-V or Wan weights)")
 
 
+def text_guided_model(dit, cond, negative_kv, guidance: float):
+    """model(x [1, 16, F, h, w], sigma) -> velocity: ``c``, or ``u + g * (c - u)`` where ``u`` uses ``cond``
+    with the negative text K/V ``negative_kv`` (per block; ``None``: no guidance, one pass)."""
+    uncond = None if negative_kv is None else replace(cond, context_kv=negative_kv)
+
+    def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        t = sigma_to_timestep(sigma).to(x.device).reshape(1).float()
+        c = dit(x, t, cond)
+        if uncond is None:
+            return c
+        u = dit(x, t, uncond)
+        return u + guidance * (c - u)
+
+    return model
+
+
+class IVSWindowedModel(WindowedModel):
+    """:class:`windows.WindowedModel` (window layout, per-window y / pose slices, blending) whose per-window
+    model is the IVS's text-guided one (:func:`text_guided_model`) instead of the swap's identity guidance."""
+
+    def __init__(self, dit, shared, layout: WindowLayout, y: torch.Tensor, pose_tokens: Optional[torch.Tensor],
+                 guidance: float, negative_kv, cache_pose_kv: bool = False, progress: Progress = None,
+                 cancel: Cancel = None):
+        super().__init__(dit, shared, layout, y, pose_tokens, guidance, False, cache_pose_kv=cache_pose_kv,
+                         progress=progress, cancel=cancel,
+                         make_model=lambda dit_, cond, g, _batch: text_guided_model(dit_, cond, negative_kv, g))
+
+
 @torch.no_grad()
 def sample_ivs(dit, vae, first, last, pose, context: torch.Tensor, settings: IVSSettings = IVSSettings(),
                progress: Progress = None, cancel: Cancel = None,
-               negative_context: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Generate N frames from the first and last frames and a pose video -> [N, H', W', 3] float32 in [0, 1].
+               negative_context: Optional[torch.Tensor] = None,
+               sink: Optional[Callable[[torch.Tensor, int], None]] = None) -> Optional[torch.Tensor]:
+    """Generate N frames from the first and last frames and a pose video -> [N, H', W', 3] float32 in [0, 1]
+    (``None`` when ``sink(frames [k, H', W', 3] float32, start)`` receives the decoded frames instead).
 
     first, last: [H, W, C] images of the same size; pose: frames [>= N, H, W, C] of that size (uint8 or float
     0..1); context: text context [L, text_dim]; negative_context (with guidance != 1): [L', text_dim],
-    default the empty context. ``progress(stage, i, n)``: "encode", "sample", "decode"; ``cancel()`` -> True
-    raises :class:`Cancelled`.
+    default the empty context. ``progress(stage, i, n)``: "encode", "sample" (per step), "window" (per window
+    evaluation), "decode"; ``cancel()`` -> True raises :class:`Cancelled`. Clips longer than
+    ``settings.window`` frames are sampled in overlapping windows (module docstring).
     """
     report = progress or (lambda stage, i, n: None)
     latent, n = sample_ivs_latent(dit, vae, first, last, pose, context, settings, report, cancel, negative_context)
     report("decode", 0, 1)
-    h, w = latent.shape[-2] * 8, latent.shape[-1] * 8
-    out = torch.empty(n, h, w, 3, dtype=torch.float32)
+    out = None
+    if sink is None:
+        out = torch.empty(n, latent.shape[-2] * 8, latent.shape[-1] * 8, 3, dtype=torch.float32)
 
-    def sink(frames: torch.Tensor, start: int) -> None:
-        out[start:start + frames.shape[0]] = frames.cpu()
+        def sink(frames: torch.Tensor, start: int) -> None:
+            out[start:start + frames.shape[0]] = frames.cpu()
 
-    decode_clip(vae, latent, plan_windows(n, padded_frame_count(n), 0), n, sink, cancel)
+    decode_clip(vae, latent, plan_windows(n, settings.window, settings.overlap), n, sink, cancel)
     report("decode", 1, 1)
     return out
 
@@ -322,6 +367,7 @@ def sample_ivs_latent(dit, vae, first, last, pose, context: torch.Tensor, settin
     check_ivs_model(dit)
     if s.sampler not in SAMPLERS:
         raise InputError(f"unknown sampler '{s.sampler}'; choose one of {', '.join(SAMPLERS)}")
+    check_window(s.window, s.overlap)
     report = progress or (lambda stage, i, n: None)
     if pose is None:
         raise InputError("the IVS needs a pose video")
@@ -336,27 +382,29 @@ def sample_ivs_latent(dit, vae, first, last, pose, context: torch.Tensor, settin
         raise InputError(f"pose video frames are {p0.shape[1]}x{p0.shape[0]}, the first frame is "
                          f"{f0.shape[1]}x{f0.shape[0]}; they must have the same size")
     device = dit.patch_embedding.weight.device
+    layout = plan_windows(n, s.window, s.overlap)
     report("encode", 0, 1)
-    y = flf_conditioning(vae, first, last, n, s.width, s.height, device, cancel)
+    y = flf_conditioning(vae, first, last, n, s.width, s.height, device, cancel, layout=layout)
     report("encode", 1, 1)
-    np_ = padded_frame_count(n)
-    layout = plan_windows(n, np_, 0)
     tokens = clip_pose_tokens(dit, FrameSource(pose, n, s.width, s.height, "pose video"), layout, cancel)
-    cache_kv = s.cache_pose_kv if s.cache_pose_kv is not None else dit.should_cache_pose_kv(tuple(y.shape[1:]))
-    cond = dit.prepare(context, y, None, tokens, cache_pose_kv=cache_kv)
-    uncond = None
+    negative_kv = None
     if s.guidance != 1.0:
         neg = negative_context if negative_context is not None else context.new_zeros(0, dit.cfg.text_dim)
         ctx = dit.embed_context(neg)
-        uncond = replace(cond, context_kv=[blk.cross_attn.context_kv(ctx) for _, blk in dit.streamed_blocks()])
-
-    def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        t = sigma_to_timestep(sigma).to(x.device).reshape(1).float()
-        c = dit(x, t, cond)
-        if uncond is None:
-            return c
-        u = dit(x, t, uncond)
-        return u + s.guidance * (c - u)
+        negative_kv = [blk.cross_attn.context_kv(ctx) for _, blk in dit.streamed_blocks()]
+    if layout.count == 1:  # the single pass
+        cache_kv = s.cache_pose_kv if s.cache_pose_kv is not None else dit.should_cache_pose_kv(tuple(y.shape[1:]))
+        shared = dit.prepare(context, y, None, tokens, cache_pose_kv=cache_kv)
+        model = IVSWindowedModel(dit, shared, layout, y, None, s.guidance, negative_kv, progress=report,
+                                 cancel=cancel)
+        model._cache[0] = shared
+    else:
+        # several windows: per-window y and pose slices built when a window runs; pose K/V recomputed per
+        # evaluation unless cache_pose_kv is True (caching all windows' would grow with the clip)
+        shared = dit.prepare(context, y[:, :layout.latent_window], None, None)
+        model = IVSWindowedModel(dit, shared, layout, y, tokens, s.guidance, negative_kv,
+                                 cache_pose_kv=bool(s.cache_pose_kv), progress=report, cancel=cancel)
+    del tokens
 
     gen = torch.Generator(device=device).manual_seed(s.seed)
     noise = torch.randn((dit.cfg.out_dim, *y.shape[1:]), generator=gen, dtype=torch.float32, device=device)

@@ -167,15 +167,17 @@ class WindowedModel:
     ``shared``: ``dit.prepare(context, y[:, :Lw], refs, None)`` (text K/V, reference tokens, RoPE table of
     one window); ``y`` [32, F', h, w] (device); ``pose_tokens`` [1, F' * hw, C] for the whole clip (CPU) or
     None; ``cache_pose_kv``: keep every window's per-block pose K/V after its first evaluation.
+    ``make_model(dit, cond, guidance, batch) -> model(x, sigma)`` builds a window's guided model (default:
+    the swap's identity guidance, :func:`swap.make_guided_model`; the IVS passes its text guidance).
     With one window the call is exactly the single-pass guided model.
     """
 
     def __init__(self, dit, shared, layout: WindowLayout, y: torch.Tensor, pose_tokens: Optional[torch.Tensor],
                  guidance: float, batch: bool, cache_pose_kv: bool = False, progress: Progress = None,
-                 cancel: Cancel = None):
+                 cancel: Cancel = None, make_model: Optional[Callable] = None):
         from .swap import make_guided_model
 
-        self._guided = make_guided_model
+        self._guided = make_model or make_guided_model
         self.dit, self.shared, self.layout, self.y = dit, shared, layout, y
         self.guidance, self.batch, self.cache_pose_kv = guidance, batch, cache_pose_kv
         self.progress, self.cancel = progress, cancel

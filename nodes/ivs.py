@@ -3,7 +3,8 @@
 * ``DreamIDVIVSLoader``: IVS weights, or a new IVS initialised from a DreamID-V (full/faster) or
   Wan2.1-T2V file (:func:`dreamidv_core.ivs.load_ivs`) -> DREAMIDV_MODEL (variant "ivs") and a report.
 * ``DreamIDVIVSSampler``: IVS model + VAE + text + first IMAGE + last IMAGE + pose IMAGE -> the generated
-  frames (:func:`dreamidv_core.ivs.sample_ivs`), at model resolution.
+  frames (:func:`dreamidv_core.ivs.sample_ivs`), at model resolution; clips longer than ``window`` frames
+  are sampled in overlapping windows (as the swap sampler).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from dreamidv_core.checkpoints import WEIGHT_DTYPES
 from dreamidv_core.errors import CheckpointError, InputError
 from dreamidv_core.ivs import IVSSettings, check_ivs_model, ivs_output_size, load_ivs, sample_ivs
 from dreamidv_core.samplers import SAMPLERS
-from dreamidv_core.windows import MIN_FRAMES
+from dreamidv_core.windows import MIN_FRAMES, check_window
 
 from . import common
 from .loaders import DEVICE_CHOICES, LoadedDiT, model_devices
@@ -160,6 +161,13 @@ class DreamIDVIVSSampler(io.ComfyNode):
                 io.Int.Input("length", default=0, min=0, max=100000,
                              tooltip=f"Frames to generate (at least {MIN_FRAMES}); 0: the pose video's length. The "
                                      "last frame is placed at the end of exactly this many frames."),
+                io.Int.Input("window", default=81, min=5, max=1001, step=4,
+                             tooltip="Frames the model sees at once (4n+1; Wan was trained on 81). Longer clips "
+                                     "are sampled in overlapping windows blended at every step (no seams): the "
+                                     "first window holds the first frame, the last window the last frame."),
+                io.Int.Input("overlap", default=16, min=0, max=1000, step=4,
+                             tooltip="Frames shared by neighbouring windows (a multiple of 4, smaller than window). "
+                                     "More overlap: smoother motion across windows, more compute."),
                 io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps."),
                 io.Float.Input("shift", default=5.0, min=0.01, max=100.0, step=0.1,
                                tooltip="Flow-matching sigma shift."),
@@ -179,11 +187,13 @@ class DreamIDVIVSSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, positive, first_frame, last_frame, pose_video, width=832, height=480, length=0,
-                steps=20, shift=5.0, guidance=1.0, seed=0, sampler="unipc", negative=None) -> io.NodeOutput:
+                window=81, overlap=16, steps=20, shift=5.0, guidance=1.0, seed=0, sampler="unipc",
+                negative=None) -> io.NodeOutput:
         if not hasattr(model, "patcher") or not hasattr(model, "dit"):
             raise InputError(f"model: expected the output of DreamIDVIVSLoader, got {type(model).__name__}")
         dit = model.dit
         check_ivs_model(dit)
+        check_window(window, overlap)
         context = conditioning_context(positive, dit.cfg.text_dim)
         neg = conditioning_context(negative, dit.cfg.text_dim) if negative is not None and guidance != 1.0 else None
         first = _one_image(first_frame, "first_frame", 0)
@@ -191,9 +201,9 @@ class DreamIDVIVSSampler(io.ComfyNode):
         pose = rgb_frames(pose_video, "pose_video")
         n = length or pose.shape[0]
         settings = IVSSettings(width=width, height=height, frames=n, steps=steps, shift=shift, guidance=guidance,
-                               seed=seed, sampler=sampler)
+                               seed=seed, sampler=sampler, window=window, overlap=overlap)
         oh, ow = ivs_output_size(first, width, height)
-        need = memory_estimate(dit, max(n, MIN_FRAMES), oh, ow)
+        need = memory_estimate(dit, min(max(n, MIN_FRAMES), window), oh, ow, cache_pose_kv=n <= window)
         adapter = PixelSpaceVAE(vae, after_encode=lambda: model.load(need))
         model.load(need)
         try:

@@ -11,8 +11,11 @@ from dreamidv_core.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import CheckpointError, InputError
 from dreamidv_core.ivs import (IVSSettings, flf_conditioning, flf_mask, flf_pixel_mask, init_ivs_state_dict,
                                ivs_config_from, load_ivs, sample_ivs, sample_ivs_latent)
+from dreamidv_core.samplers import SAMPLERS, flow_sigmas, sigma_to_timestep
 from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
 from dreamidv_core.video_io import write_video
+from dreamidv_core.video_ops import prepare_frames
+from dreamidv_core.windows import padded_frame_count
 
 AREA = dict(width=64, height=32)
 TEXT = 32
@@ -123,6 +126,117 @@ def test_bad_inputs_have_clear_errors(vae, ivs):
     full = init_random_(DreamIDVTransformer(tiny_config("full")), seed=2)
     with pytest.raises(InputError, match="needs an IVS DiT.*full"):
         sample_ivs(full, vae, first, last, pose, ctx, s)
+
+
+# ------------------------------------------------------------------------------------------------ windows
+
+class DiTInputs:
+    """Wraps ``dit.forward``: records each call's latent frame count and y's mask channels at pixel (0, 0)."""
+
+    def __init__(self, dit):
+        self.dit, self.frames, self.masks = dit, [], []
+
+    def __enter__(self):
+        original = self.dit.forward
+
+        def forward(x, t, cond, refs=None):
+            self.frames.append(x.shape[2])
+            self.masks.append(cond.y[0, :4, :, 0, 0].clone())
+            return original(x, t, cond, refs)
+
+        self.dit.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.dit.forward
+
+
+@pytest.mark.parametrize("n", [21, 23])
+def test_several_windows_return_exactly_n_frames(vae, ivs, n):
+    # window 9 / overlap 4: latent windows of 3 frames, stride 2 (21 -> 6 latent frames, 23 -> padded 25: 7)
+    s = IVSSettings(**AREA, frames=n, steps=2, guidance=2.0, window=9, overlap=4)
+    with DiTInputs(ivs) as seen:
+        out = sample_ivs(ivs, vae, frames(1)[0], frames(1, seed=1)[0], frames(n, seed=4), context(), s)
+    assert out.shape == (n, 32, 48, 3) and torch.isfinite(out).all()
+    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    windows = 3
+    assert len(seen.frames) == 2 * 2 * windows  # unipc, 2 steps: 2 evaluations; 2 guidance passes per window
+    assert set(seen.frames) == {3}  # the DiT only ever sees one window
+    # each window's slice of y: the first holds the known first frame, the last the known last frame
+    first, middle, last = seen.masks[0], seen.masks[2], seen.masks[4]
+    assert torch.equal(first[:, 0], torch.ones(4)) and not first[:, 1:].any()
+    assert not middle.any()
+    assert last[-1, -1] == 1 and not last[:, :-1].any()  # pixel frame 4k of the last latent frame is known
+
+
+@torch.no_grad()
+def single_pass(dit, vae, first, last, pose, ctx, s):
+    """The IVS as it was before windows: whole-clip y and pose tokens, one text-guided model, whole decode."""
+    n = s.frames
+    y = flf_conditioning(vae, first, last, n, s.width, s.height)
+    padded = torch.cat([pose[:n], pose[n - 1:n].expand(padded_frame_count(n) - n, -1, -1, -1)])
+    tokens = dit.pose_tokens(prepare_frames(padded, len(padded), s.width, s.height, "pose")[None])
+    cond = dit.prepare(ctx, y, None, tokens, cache_pose_kv=True)
+    from dataclasses import replace
+
+    neg = dit.embed_context(ctx.new_zeros(0, dit.cfg.text_dim))
+    uncond = replace(cond, context_kv=[blk.cross_attn.context_kv(neg) for blk in dit.blocks])
+
+    def model(x, sigma):
+        t = sigma_to_timestep(sigma).reshape(1).float()
+        c, u = dit(x, t, cond), dit(x, t, uncond)
+        return u + s.guidance * (c - u)
+
+    noise = torch.randn((16, *y.shape[1:]), generator=torch.Generator().manual_seed(s.seed))
+    latent = SAMPLERS[s.sampler](model, noise[None], flow_sigmas(s.steps, shift=s.shift))[0]
+    out = vae.decode(latent[None])[0].add(1).div(2).clamp(0, 1).permute(1, 2, 3, 0)
+    return out[:n].contiguous()
+
+
+class EncodeDecodeOnly:
+    """The plain VAE protocol (ComfyUI's, through PixelSpaceVAE): no streaming methods."""
+
+    def __init__(self, vae):
+        self.encode, self.decode = vae.encode, vae.decode
+
+
+@pytest.mark.parametrize("window", [81, 13])
+@pytest.mark.parametrize("streaming", [True, False])
+def test_one_window_is_bit_identical_to_the_single_pass(vae, ivs, window, streaming):
+    args = (frames(1)[0], frames(1, seed=1)[0], frames(12, seed=4), context())
+    s = IVSSettings(**AREA, frames=11, steps=3, guidance=2.0, seed=7, window=window, overlap=4)
+    expected = single_pass(ivs, vae, *args, s)
+    with DiTInputs(ivs) as seen:
+        out = sample_ivs(ivs, vae if streaming else EncodeDecodeOnly(vae), args[0], args[1], args[2], args[3], s)
+    assert set(seen.frames) == {4} and out.shape == (11, 32, 48, 3)  # 11 frames padded to 13: 4 latent
+    assert torch.equal(out, expected)
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_windows(vae, ivs):
+    from tests.test_windows import LiveTensorBytes
+
+    peaks, inputs = {}, {}
+    for n in (9, 17, 33):  # 1, 2 and 4 windows of 9 frames overlapping by 4
+        s = IVSSettings(width=48, height=48, frames=n, steps=2, guidance=2.0, window=9, overlap=4, cache_pose_kv=False)
+        pose, first, last = frames(n, 48, 48, seed=4), frames(1, 48, 48)[0], frames(1, 48, 48, seed=1)[0]
+        with DiTInputs(ivs) as seen, LiveTensorBytes() as mem:
+            sample_ivs(ivs, vae, first, last, pose, context(), s, sink=lambda f, i: None)
+        windows = len(seen.frames) // 4  # unipc 2 steps: 2 evaluations, 2 guidance passes
+        peaks[windows], inputs[windows] = mem.peak, max(seen.frames)
+    assert sorted(peaks) == [1, 2, 4]
+    assert set(inputs.values()) == {3}
+    print("IVS peak live bytes by window count:", peaks)
+    assert peaks[4] < 1.10 * peaks[1], peaks
+
+
+def test_bad_window_and_overlap_are_clear_errors(vae, ivs):
+    args = (ivs, vae, frames(1)[0], frames(1, seed=1)[0], frames(9, seed=4), context())
+    with pytest.raises(InputError, match="window must be 4n\\+1"):
+        sample_ivs(*args, IVSSettings(**AREA, steps=1, window=8))
+    with pytest.raises(InputError, match="overlap must be a multiple of 4"):
+        sample_ivs(*args, IVSSettings(**AREA, steps=1, window=9, overlap=6))
+    with pytest.raises(InputError, match="overlap \\(12\\) must be smaller than the window \\(9\\)"):
+        sample_ivs(*args, IVSSettings(**AREA, steps=1, window=9, overlap=12))
 
 
 # ------------------------------------------------------------------------------------------------ initialisation

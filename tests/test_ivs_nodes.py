@@ -190,3 +190,28 @@ def test_sampler_bad_inputs(dirs, ivs_nodes, ivs_model, comfy_vae, pack):
         run(ivs_nodes, swap, comfy_vae)
     with pytest.raises(InputError, match="DreamIDVIVSLoader"):
         run(ivs_nodes, object(), comfy_vae)
+
+
+def test_sampler_window_inputs_have_tooltips(ivs_nodes):
+    inputs = {i.id: i for i in ivs_nodes.DreamIDVIVSSampler.define_schema().inputs}
+    assert inputs["window"].default == 81 and inputs["overlap"].default == 16
+    assert "4n+1" in inputs["window"].tooltip and "multiple of 4" in inputs["overlap"].tooltip
+    assert all(i.tooltip for i in inputs.values())
+
+
+def test_sampler_windows_give_exactly_length_frames(ivs_nodes, ivs_model, comfy_vae):
+    # ComfyUI's VAE (no streaming methods): encode and decode go window piece by window piece
+    out = run(ivs_nodes, ivs_model, comfy_vae, pose=images(14, seed=2), length=14, window=9, overlap=4)
+    assert out.shape == (14, 32, 48, 3) and torch.isfinite(out).all()
+    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    # a clip of one window is the single pass, whatever the window size
+    assert torch.equal(run(ivs_nodes, ivs_model, comfy_vae, window=9, overlap=4), run(ivs_nodes, ivs_model, comfy_vae))
+
+
+def test_sampler_bad_window_and_overlap(ivs_nodes, ivs_model, comfy_vae):
+    with pytest.raises(InputError, match="window must be 4n\\+1"):
+        run(ivs_nodes, ivs_model, comfy_vae, window=10)
+    with pytest.raises(InputError, match="overlap must be a multiple of 4"):
+        run(ivs_nodes, ivs_model, comfy_vae, window=9, overlap=2)
+    with pytest.raises(InputError, match="smaller than the window"):
+        run(ivs_nodes, ivs_model, comfy_vae, window=9, overlap=12)
