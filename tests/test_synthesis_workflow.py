@@ -55,7 +55,7 @@ WF_NODES = {
          {"width": 832, "height": 480, "steps": STEPS}),
     13: ("DreamIDVImageFaceSwap", [1350, 440], [320, 400], "Swap the last frame to I_g",
          {"width": 832, "height": 480, "steps": STEPS}),
-    14: ("DreamIDVIVSLoader", [1710, 460], [320, 150], None, {"model_name": "dreamidv_ivs.safetensors"}),
+    14: ("DreamIDVIVSLoader", [1710, 540], [320, 150], None, {"model_name": "dreamidv_ivs.safetensors"}),
     15: ("DreamIDVIVSSampler", [1710, 0], [320, 400], "IVS: V_g from first/last frame + pose",
          {"width": 832, "height": 480, "steps": STEPS}),
     16: ("DreamIDVBackgroundRecompose", [2070, 0], [340, 380], "V'_g: V_g over V_r's clean background",
@@ -127,7 +127,7 @@ WF_GROUPS = [
     ("Models", [320, 710, 370, 500], "#88A"),
     ("Pose, expression adaptation, first/last frames", [620, -90, 710, 830], "#b06634"),
     ("Image face swap of the first and last frames", [1330, -90, 360, 950], "#b58b2a"),
-    ("Identity-Anchored Video Synthesizer", [1690, -90, 360, 720], "#8A8"),
+    ("Identity-Anchored Video Synthesizer", [1690, -90, 360, 800], "#8A8"),
     ("Background recomposition and writer", [2050, -90, 780, 1340], "#a1309b"),
 ]
 
