@@ -24,12 +24,11 @@ from dreamidv_core.attention import BACKENDS
 from dreamidv_core.checkpoints import WEIGHT_DTYPES
 from dreamidv_core.errors import CheckpointError, InputError
 from dreamidv_core.ivs import IVSSettings, check_ivs_model, ivs_output_size, load_ivs, sample_ivs
-from dreamidv_core.samplers import SAMPLERS
 from dreamidv_core.windows import MIN_FRAMES, check_window
 
 from . import common
 from .loaders import DEVICE_CHOICES, LoadedDiT, model_devices
-from .sampler import conditioning_context, memory_estimate
+from .sampler import conditioning_context, memory_estimate, sampling_inputs, window_inputs
 
 log = logging.getLogger(__name__)
 
@@ -161,23 +160,10 @@ class DreamIDVIVSSampler(io.ComfyNode):
                 io.Int.Input("length", default=0, min=0, max=100000,
                              tooltip=f"Frames to generate (at least {MIN_FRAMES}); 0: the pose video's length. The "
                                      "last frame is placed at the end of exactly this many frames."),
-                io.Int.Input("window", default=81, min=5, max=1001, step=4,
-                             tooltip="Frames the model sees at once (4n+1; Wan was trained on 81). Longer clips "
-                                     "are sampled in overlapping windows blended at every step (no seams): the "
-                                     "first window holds the first frame, the last window the last frame."),
-                io.Int.Input("overlap", default=16, min=0, max=1000, step=4,
-                             tooltip="Frames shared by neighbouring windows (a multiple of 4, smaller than window). "
-                                     "More overlap: smoother motion across windows, more compute."),
-                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps."),
-                io.Float.Input("shift", default=5.0, min=0.01, max=100.0, step=0.1,
-                               tooltip="Flow-matching sigma shift."),
-                io.Float.Input("guidance", default=1.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="Text guidance u + g * (c - u) against the negative (or empty) prompt; 1 "
-                                       "skips the second pass."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed; the same seed gives the same result."),
-                io.Combo.Input("sampler", options=list(SAMPLERS), default="unipc",
-                               tooltip="unipc: flow-matching UniPC (order 2); euler: first order."),
+                *window_inputs(" The first window holds the first frame, the last window the last frame."),
+                *sampling_inputs(io.Float.Input("guidance", default=1.0, min=0.0, max=30.0, step=0.1,
+                                                tooltip="Text guidance u + g * (c - u) against the negative (or "
+                                                        "empty) prompt; 1 skips the second pass.")),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Negative text for guidance != 1 (default: the empty prompt)."),
             ],

@@ -43,13 +43,39 @@ def _geometry_inputs():
                      tooltip="Area height (see width)."),
         io.Int.Input("frame_num", default=0, min=0, max=100000, step=1,
                      tooltip="0: swap the whole clip. Otherwise swap only the first frame_num frames (at least 5)."),
+        *window_inputs(),
+    ]
+
+
+def window_inputs(note: str = "") -> list:
+    """``window`` / ``overlap``: the long-clip windowing of :mod:`dreamidv_core.windows` (swap and IVS)."""
+    return [
         io.Int.Input("window", default=81, min=5, max=1001, step=4,
                      tooltip="Frames the model sees at once (4n+1; the released model was trained on 81). Longer "
-                             "clips are sampled in overlapping windows blended at every step (no seams)."),
+                             "clips are sampled in overlapping windows blended at every step (no seams)." + note),
         io.Int.Input("overlap", default=16, min=0, max=1000, step=4,
                      tooltip="Frames shared by neighbouring windows (a multiple of 4, smaller than window). More "
-                             "overlap: smoother identity across windows, more compute."),
+                             "overlap: smoother results across windows, more compute."),
     ]
+
+
+def sampling_inputs(guidance) -> list:
+    """steps, shift, ``guidance`` (the node's own guidance input), seed, sampler: the flow-matching settings
+    every DreamID-V sampling node declares, in this order."""
+    return [
+        io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps (released: 20)."),
+        io.Float.Input("shift", default=5.0, min=0.01, max=100.0, step=0.1,
+                       tooltip="Flow-matching sigma shift (released: 5)."),
+        guidance,
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="Noise seed; the same seed gives the same result."),
+        io.Combo.Input("sampler", options=list(SAMPLERS), default="unipc",
+                       tooltip="unipc: the released flow-matching UniPC (order 2); euler: first order."),
+    ]
+
+
+IDENTITY_GUIDANCE_TOOLTIP = ("Identity guidance: pred = c + g * (c - u), with u the pass without the reference. "
+                             "0 skips the second pass (released: 4).")
 
 
 def _check_model(model):
@@ -139,16 +165,8 @@ class DreamIDVSampler(io.ComfyNode):
                 io.Mask.Input("mask", tooltip="Face mask per frame (white = face region), same length and size as "
                                               "the video."),
                 *_geometry_inputs(),
-                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps (released: 20)."),
-                io.Float.Input("shift", default=5.0, min=0.01, max=100.0, step=0.1,
-                               tooltip="Flow-matching sigma shift (released: 5)."),
-                io.Float.Input("identity_guidance", default=4.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="Identity guidance: pred = c + g * (c - u), with u the pass without the "
-                                       "reference. 0 skips the second pass (released: 4)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed; the same seed gives the same result."),
-                io.Combo.Input("sampler", options=list(SAMPLERS), default="unipc",
-                               tooltip="unipc: the released flow-matching UniPC (order 2); euler: first order."),
+                *sampling_inputs(io.Float.Input("identity_guidance", default=4.0, min=0.0, max=30.0, step=0.1,
+                                                tooltip=IDENTITY_GUIDANCE_TOOLTIP)),
                 io.Boolean.Input("batch_guidance", default=False,
                                  tooltip="Run both guidance passes as one batch: faster on a large GPU, uses more "
                                          "memory."),

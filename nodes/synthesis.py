@@ -19,7 +19,6 @@ from dreamidv_core import segmentation
 from dreamidv_core import synthesis as core
 from dreamidv_core.adapters import PixelSpaceVAE, rgb_frames
 from dreamidv_core.errors import InputError
-from dreamidv_core.samplers import SAMPLERS
 from dreamidv_core.swap import SwapSettings, encode_reference
 from dreamidv_core.synthesis.background import MODES
 from dreamidv_core.synthesis.writer import DIRECTIONS, QuadrupletSettings, summary
@@ -27,7 +26,7 @@ from dreamidv_core.synthesis.writer import DIRECTIONS, QuadrupletSettings, summa
 from . import common
 from .composite import CKPT_SUFFIXES, SAM2_FOLDER, sam2_config_path, sam2_device
 from .pose import MEDIAPIPE_FILE, model_file_choices
-from .sampler import conditioning_context
+from .sampler import IDENTITY_GUIDANCE_TOOLTIP, conditioning_context, sampling_inputs
 
 NO_SAM2 = "none"
 
@@ -109,12 +108,8 @@ class DreamIDVImageFaceSwap(io.ComfyNode):
                 io.Image.Input("pose", optional=True, tooltip="Pose drawing of 'image' (needed by the full model)."),
                 io.Int.Input("width", default=832, min=16, max=4096, step=16, tooltip="Area width (as the sampler)."),
                 io.Int.Input("height", default=480, min=16, max=4096, step=16, tooltip="Area height (as the sampler)."),
-                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps."),
-                io.Float.Input("shift", default=5.0, min=0.1, max=20.0, step=0.1, tooltip="Flow-matching shift."),
-                io.Float.Input("identity_guidance", default=4.0, min=0.0, max=20.0, step=0.1,
-                               tooltip="Identity guidance scale (the released default is 4)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Noise seed."),
-                io.Combo.Input("sampler", options=list(SAMPLERS), default="unipc", tooltip="Sampler."),
+                *sampling_inputs(io.Float.Input("identity_guidance", default=4.0, min=0.0, max=30.0, step=0.1,
+                                                tooltip=IDENTITY_GUIDANCE_TOOLTIP)),
             ],
             outputs=[io.Image.Output("swapped_image", display_name="image", tooltip="The swapped frame(s), same size "
                                      "as 'image'.")],

@@ -5,7 +5,8 @@
   using it skip with a clear reason where it is absent.
 - ``comfyui_dir``: a real ComfyUI (``$COMFYUI_DIR``, else ``.cache/ComfyUI`` as made by
   ``scripts/get_comfyui.sh``); tests using it skip with a reason where there is none.
-- every test starts from ``torch.manual_seed(0)``; torch uses 2 threads (the CI machines have 2 cores).
+- every test starts from ``torch.manual_seed(0)``; torch uses 2 threads (the CI machines have 2 cores);
+  ``one_thread`` sets 1 for a test.
 """
 from __future__ import annotations
 
@@ -48,6 +49,17 @@ def comfyui_dir() -> Path:
 def _seed_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny models gain nothing from a second thread, and on a busy
+    2-core machine two threads can spin-wait many times the run time (seen: 400 training steps in 414 s with
+    2 threads, 300 in 24 s with 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
@@ -98,3 +110,4 @@ def tiny_swap_models():
     torch.manual_seed(0)
     dit = init_random_(DreamIDVTransformer(tiny_config("full", text_dim=48)), seed=11).eval()
     return dit, WanVAE(TINY_VAE_CONFIG).eval()
+

@@ -11,18 +11,14 @@ from dreamidv_core.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import CheckpointError, InputError
 from dreamidv_core.ivs import init_ivs_state_dict, ivs_config_from
 from dreamidv_core.vae import WanVAE, WanVAEConfig
+from tests.node_helpers import model_folders, progress_updates
 
 COMFY_TINY_VAE = WanVAEConfig(dim=8, num_res_blocks=2)  # a tiny Wan 2.1 VAE comfy.sd.VAE recognises
 H, W = 40, 56
 AREA = dict(width=64, height=32)  # 40x56 -> 32x48 model frames
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +32,8 @@ def comfy_vae(comfy):
 
 @pytest.fixture
 def dirs(comfy, tmp_path):
-    import folder_paths
-
-    saved = {k: folder_paths.folder_names_and_paths.get(k) for k in ("diffusion_models", "dreamidv")}
-    out = {}
-    for k in saved:
-        (tmp_path / k).mkdir()
-        out[k] = tmp_path / k
-        folder_paths.folder_names_and_paths[k] = ([str(tmp_path / k)], {".safetensors", ".pth", ".pt"})
-    folder_paths.filename_list_cache.clear()
-    yield out
-    for k, v in saved.items():
-        if v is None:
-            folder_paths.folder_names_and_paths.pop(k, None)
-        else:
-            folder_paths.folder_names_and_paths[k] = v
-    folder_paths.filename_list_cache.clear()
+    with model_folders(tmp_path, ("diffusion_models", "dreamidv")) as out:
+        yield out
 
 
 def _dit(variant, seed=0):
@@ -148,14 +130,9 @@ def test_sampler_is_deterministic_and_uses_the_frames(ivs_nodes, ivs_model, comf
 
 def test_sampler_progress_and_interrupt(ivs_nodes, ivs_model, comfy_vae):
     import comfy.model_management as mm
-    import comfy.utils
 
-    seen = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview=None, node_id=None: seen.append((value, total)))
-    try:
+    with progress_updates() as seen:
         run(ivs_nodes, ivs_model, comfy_vae, steps=3, sampler="euler")
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
     assert seen[-3:] == [(1, 3), (2, 3), (3, 3)]
     calls = []
     original = ivs_model.dit.forward

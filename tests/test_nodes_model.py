@@ -17,6 +17,7 @@ from dreamidv_core.geometry import CropBox, paste_back, source_crop_box
 from dreamidv_core.identity_bundle import IdentityBundle
 from dreamidv_core.state_dict_io import save_safetensors
 from dreamidv_core.vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEConfig
+from tests.node_helpers import model_folders, progress_updates
 
 # A tiny Wan 2.1 VAE that ComfyUI's comfy.sd.VAE recognises (it fixes num_res_blocks=2, dim_mult 1,2,4,4).
 COMFY_TINY_VAE = WanVAEConfig(dim=8, num_res_blocks=2)
@@ -116,23 +117,8 @@ def test_comfy_vae_adapter_matches_core_vae(tiny_vaes):
 @pytest.fixture
 def model_dirs(comfy, tmp_path):
     """Temporary diffusion_models / dreamidv / text_encoders folders registered in folder_paths."""
-    import folder_paths
-
-    saved = {k: folder_paths.folder_names_and_paths.get(k) for k in ("diffusion_models", "dreamidv", "text_encoders")}
-    dirs = {}
-    for k in saved:
-        d = tmp_path / k
-        d.mkdir()
-        dirs[k] = d
-        folder_paths.folder_names_and_paths[k] = ([str(d)], {".safetensors", ".pth", ".pt"})
-    folder_paths.filename_list_cache.clear()
-    yield dirs
-    for k, v in saved.items():
-        if v is None:
-            folder_paths.folder_names_and_paths.pop(k, None)
-        else:
-            folder_paths.folder_names_and_paths[k] = v
-    folder_paths.filename_list_cache.clear()
+    with model_folders(tmp_path, ("diffusion_models", "dreamidv", "text_encoders")) as dirs:
+        yield dirs
 
 
 def write_dit(folder, name, variant="full", seed=0):
@@ -278,16 +264,11 @@ def test_sampler_outputs_are_deterministic(pack, models, tiny_vaes):
 
 def test_sampler_progress_and_interrupt(pack, models, tiny_vaes):
     import comfy.model_management as mm
-    import comfy.utils
 
     full, faster = models
     vae = tiny_vaes[1]
-    seen = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview=None, node_id=None: seen.append((value, total)))
-    try:
+    with progress_updates() as seen:
         run(pack, faster, vae, steps=3, sampler="euler")
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
     assert seen[-3:] == [(1, 3), (2, 3), (3, 3)]
 
     calls = []
@@ -456,16 +437,10 @@ def test_loader_block_offload_option(model_dirs, loader):
 
 def test_loader_applies_an_id_projection_and_the_sampler_needs_the_embedding(model_dirs, loader, pack, tiny_vaes,
                                                                             tmp_path):
-    import folder_paths
-
     from dreamidv_core.identity_bundle import FaceBox
 
-    saved = folder_paths.folder_names_and_paths.get("loras")
-    loras = tmp_path / "loras"
-    loras.mkdir()
-    folder_paths.folder_names_and_paths["loras"] = ([str(loras)], {".safetensors"})
-    folder_paths.filename_list_cache.clear()
-    try:
+    with model_folders(tmp_path, ("loras",), (".safetensors",)) as folders:
+        loras = folders["loras"]
         write_dit(model_dirs["diffusion_models"], "dreamidv_faster.safetensors", "faster", seed=1)
         trained = init_random_(DreamIDVTransformer(tiny_config("faster", text_dim=4096, id_tokens=2, id_embed_dim=8)))
         with torch.no_grad():
@@ -490,9 +465,3 @@ def test_loader_applies_an_id_projection_and_the_sampler_needs_the_embedding(mod
         frames = run(pack, model, vae, ident=ident)[0]
         base = run(pack, plain, vae, ident=ident)[0]
         assert frames.shape == base.shape and not torch.equal(frames, base)
-    finally:
-        if saved is None:
-            folder_paths.folder_names_and_paths.pop("loras", None)
-        else:
-            folder_paths.folder_names_and_paths["loras"] = saved
-        folder_paths.filename_list_cache.clear()

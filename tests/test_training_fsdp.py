@@ -28,9 +28,11 @@ def torchrun(tmp_path: Path, name: str, train_cfg: dict, nproc: int = 2) -> dict
 
 
 def launch(conf: Path, out: Path, name: str, nproc: int = 2) -> dict:
-    """``torchrun --nproc_per_node=nproc -m training --config conf`` -> the losses_out JSON."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           "-m", "training", "--config", str(conf)]
+    """``torchrun --nproc_per_node=nproc -m training --config conf`` (``nproc`` 1: plain ``python -m
+    training``) -> the losses_out JSON."""
+    cmd = [sys.executable, "-m", "training", "--config", str(conf)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone", *cmd[1:]]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # own group: a timeout kills the launcher and its workers

@@ -76,17 +76,6 @@ def test_pool_vae_round_trip():
         torch.nn.functional.avg_pool2d(video[:, :, 0], 4), scale_factor=4), atol=1e-6)
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny model's ops are too small to gain from a second thread, and on a busy 2-core machine two
-    threads can cost many times the run time (seen here: 400 steps in 414 s with 2 threads, 300 in 24 s
-    with 1, both while other jobs ran)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _train_and_measure(lr: float, steps: int = 500):
     """Train the tiny DiT ``steps`` steps at ``lr`` on 256 procedural samples (in memory: the pixels the
     dataset files hold before H.264) -> (untrained, trained figures on 8 held-out clips at guidance 2, losses)."""

@@ -21,6 +21,7 @@ from dreamidv_core.configs import tiny_config
 from dreamidv_core.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import InputError
 from dreamidv_core.vae import WanVAE, WanVAEConfig
+from tests.node_helpers import model_folders, progress_updates
 from tests.synthetic_data import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,30 +54,19 @@ def dirs(comfy, tmp_path):
     """diffusion_models / loras / output folders registered in folder_paths, plus a small dataset."""
     import folder_paths
 
-    keys = ("diffusion_models", "loras")
-    saved = {k: folder_paths.folder_names_and_paths.get(k) for k in keys}
     saved_out = folder_paths.get_output_directory()
-    out = {}
-    for k in keys:
-        out[k] = tmp_path / k
-        out[k].mkdir()
-        folder_paths.folder_names_and_paths[k] = ([str(out[k])], {".safetensors"})
-    out["output"] = tmp_path / "output"
-    folder_paths.set_output_directory(str(out["output"]))
-    folder_paths.filename_list_cache.clear()
-    out["data"] = tmp_path / "data"
-    write_synthetic_dataset(out["data"], 2, frames=5, size=(32, 48), seed=1, direction="mixed")
-    model = DreamIDVTransformer(tiny_config("full", text_dim=4096))
-    init_random_(model, seed=0)
-    save_dit(model, out["diffusion_models"] / "dreamidv.safetensors")
-    yield out
-    for k, v in saved.items():
-        if v is None:
-            folder_paths.folder_names_and_paths.pop(k, None)
-        else:
-            folder_paths.folder_names_and_paths[k] = v
-    folder_paths.set_output_directory(saved_out)
-    folder_paths.filename_list_cache.clear()
+    with model_folders(tmp_path, ("diffusion_models", "loras"), (".safetensors",)) as out:
+        out["output"] = tmp_path / "output"
+        folder_paths.set_output_directory(str(out["output"]))
+        out["data"] = tmp_path / "data"
+        write_synthetic_dataset(out["data"], 2, frames=5, size=(32, 48), seed=1, direction="mixed")
+        model = DreamIDVTransformer(tiny_config("full", text_dim=4096))
+        init_random_(model, seed=0)
+        save_dit(model, out["diffusion_models"] / "dreamidv.safetensors")
+        try:
+            yield out
+        finally:
+            folder_paths.set_output_directory(saved_out)
 
 
 def load(pack, **kw):
@@ -103,16 +93,11 @@ def snapshot(dit):
 
 # ------------------------------------------------------------------------------------------ tests
 def test_finetune_returns_a_trained_copy_and_keeps_the_input(pack, dirs, comfy_vae):
-    import comfy.utils
 
     model = load(pack)
     before = snapshot(model.dit)
-    seen = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview=None, node_id=None: seen.append((value, total)))
-    try:
+    with progress_updates() as seen:
         tuned, curve, ckpt = finetune(pack, model, comfy_vae, dirs["data"])
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
     assert seen[-2:] == [(1, 2), (2, 2)]
     after = snapshot(model.dit)
     assert all(torch.equal(before[k], after[k]) for k in before)  # input untouched

@@ -2,11 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +11,6 @@ from training import checkpoint as ckpt
 from training.lora import apply_lora_file, lora_state_dict, save_lora
 from training.toy import ToyDataset, tiny_model, toy_flow_loss
 from training.trainer import TrainConfig, train
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def cfg(**kw) -> TrainConfig:
@@ -131,28 +124,15 @@ def test_id_projection_mode_needs_the_projection():
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path):
+    from tests.test_training_fsdp import launch
+
     def run(nproc, accum, name):
         out = tmp_path / f"{name}.json"
         conf = tmp_path / f"{name}_cfg.json"
         conf.write_text(json.dumps({"model": "tiny", "dataset": "toy", "dataset_size": 4, "loss": "toy",
                                     "losses_out": str(out), "train": {"steps": 3, "lr": 1e-3, "grad_accum": accum, "parallel": "ddp",
                                                                       "checkpoint_dir": str(tmp_path / name)}}))
-        cmd = [sys.executable, "-m", "training", "--config", str(conf)]
-        if nproc > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--standalone", "-m", "training", "--config", str(conf)]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        # own process group: a timeout stops the launcher *and* its workers (no orphans left running)
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            stdout, stderr = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"{name}: training did not finish in 120 s\n{stderr[-4000:]}")
-        assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
-        return json.loads(out.read_text())["losses"]
+        return launch(conf, out, name, nproc)["losses"]
 
     one, two = run(1, 2, "single"), run(2, 1, "dist")
     assert len(one) == 3
