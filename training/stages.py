@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from .dataset import DreamIDVDataset, scan_dataset
 from .irl import identity_coherence_weights, irl_loss
 from .objective import FlowMatchingObjective, encode_conditioning, frozen_vae_for
-from .trainer import TrainConfig, TrainResult, derive_seed, select_trainable, train
+from .trainer import TrainConfig, TrainResult, derive_seed, load_model_weights, select_trainable, train
 
 __all__ = ["STAGES", "STAGE_DIRECTIONS", "make_loss_fn", "stage_dataset", "parse_stages", "run_curriculum",
            "CurriculumResult", "colour_identity_encoder", "insightface_identity_encoder"]
@@ -184,23 +184,8 @@ class CurriculumResult(TrainResult):
 
 def _load_final_weights(model: nn.Module, folder: Path, config: TrainConfig) -> None:
     """Copy the trained tensors of a finished stage's checkpoint into ``model``."""
-    state = ckpt.read_state(folder)
     params = select_trainable(model, config)  # adds the LoRA adapters first when they train
-    if state["full_model"]:
-        expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if ".lora_" not in n}
-    else:
-        expected = {n: tuple(p.shape) for n, p in params.items()}
-    tensors = ckpt.load_model_tensors(folder, expected)
-    targets = dict(model.named_parameters())
-    targets.update(dict(model.named_buffers()))
-    with torch.no_grad():
-        for name, value in tensors.items():
-            target = targets[name]
-            if hasattr(target, "device_mesh"):  # FSDP-sharded: scatter the full tensor into the shards
-                from torch.distributed.tensor import distribute_tensor
-                target.copy_(distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements))
-            else:
-                target.copy_(value.to(target.dtype))
+    load_model_weights(model, folder, params, ckpt.read_state(folder)["full_model"])
 
 
 def run_curriculum(model: nn.Module, root, stages: Sequence[Dict], config: TrainConfig, vae,

@@ -268,15 +268,9 @@ def save_training_state(config: TrainConfig, dist_ctx: _Dist, model, trainable, 
         raise
 
 
-def load_training_state(folder, config: TrainConfig, dist_ctx: _Dist, model, trainable, optimizer, scheduler,
-                        sharded: bool) -> dict:
-    """Restore model, optimizer, scheduler and RNG from a checkpoint folder; returns its state dict."""
-    folder = Path(folder)
-    state = ckpt.read_state(folder)
-    full = state["full_model"]
-    if state["config"].get("trainable") != config.trainable:
-        raise CheckpointError(folder, f"was trained with trainable={state['config'].get('trainable')!r}; "
-                                      f"this run uses {config.trainable!r}")
+def load_model_weights(model: nn.Module, folder, trainable: Dict[str, nn.Parameter], full: bool) -> None:
+    """Copy a checkpoint folder's model tensors (the full model, or only the ``trainable`` ones) into
+    ``model``; FSDP-sharded parameters get their shard of each full tensor."""
     tensors = ckpt.load_model_tensors(folder, _expected_shapes(model, trainable, full))
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
@@ -288,6 +282,18 @@ def load_training_state(folder, config: TrainConfig, dist_ctx: _Dist, model, tra
                 target.copy_(distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements))
             else:
                 target.copy_(value.to(target.dtype))
+
+
+def load_training_state(folder, config: TrainConfig, dist_ctx: _Dist, model, trainable, optimizer, scheduler,
+                        sharded: bool) -> dict:
+    """Restore model, optimizer, scheduler and RNG from a checkpoint folder; returns its state dict."""
+    folder = Path(folder)
+    state = ckpt.read_state(folder)
+    full = state["full_model"]
+    if state["config"].get("trainable") != config.trainable:
+        raise CheckpointError(folder, f"was trained with trainable={state['config'].get('trainable')!r}; "
+                                      f"this run uses {config.trainable!r}")
+    load_model_weights(model, folder, trainable, full)
     if sharded:
         if state["world_size"] != dist_ctx.world:
             raise CheckpointError(folder, f"has optimizer state sharded over {state['world_size']} processes; "
