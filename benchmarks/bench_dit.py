@@ -68,14 +68,14 @@ def gemm_rate(dtype) -> float:
 def child(args) -> dict:
     import torch
 
-    from dreamidv_core.checkpoints import _set_tensor, storage_dtype
-    from dreamidv_core.configs import DiTConfig
-    from dreamidv_core.dit import DreamIDVTransformer, init_random_
+    from dreamidv_core.weights.checkpoints import _set_tensor, storage_dtype
+    from dreamidv_core.models.configs import DiTConfig
+    from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
 
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.released:
-        from dreamidv_core.configs import DREAMIDV_1_3B as cfg
+        from dreamidv_core.models.configs import DREAMIDV_1_3B as cfg
     else:
         cfg = DiTConfig(variant="full", dim=args.dim, ffn_dim=args.dim * 4, num_heads=args.dim // 128,
                         num_layers=args.layers, text_len=512, cross_attn_pose=False)

@@ -28,10 +28,10 @@ sys.path.insert(0, ROOT)
 def build(args, device="cpu", weight_dtype="fp32"):
     import torch
 
-    from dreamidv_core.checkpoints import WEIGHT_DTYPES, _set_tensor, storage_dtype
-    from dreamidv_core.configs import DREAMIDV_1_3B, DiTConfig
-    from dreamidv_core.dit import DreamIDVTransformer, init_random_
-    from dreamidv_core.vae import WAN21_VAE_CONFIG, WanVAE, WanVAEConfig
+    from dreamidv_core.weights.checkpoints import WEIGHT_DTYPES, _set_tensor, storage_dtype
+    from dreamidv_core.models.configs import DREAMIDV_1_3B, DiTConfig
+    from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
+    from dreamidv_core.models.vae import WAN21_VAE_CONFIG, WanVAE, WanVAEConfig
 
     wdt = WEIGHT_DTYPES[weight_dtype]
     cdt = torch.bfloat16 if wdt == torch.float8_e4m3fn else wdt
@@ -70,7 +70,7 @@ def swap_once(args, dit, vae, frames, device="cpu", repeats=None, **settings):
     """-> (best seconds of ``repeats`` runs, result)."""
     import torch
 
-    from dreamidv_core.swap import SwapSettings, swap_face
+    from dreamidv_core.pipelines.swap import SwapSettings, swap_face
 
     video, mask, pose, ref, ctx = inputs(frames, args.size, dit.cfg.text_dim)
     s = SwapSettings(width=args.size[1], height=args.size[0], steps=args.steps, window=args.window,
@@ -106,7 +106,7 @@ def psnr(a, b) -> float:
 def switches(args) -> None:
     import torch
 
-    from dreamidv_core.speed import disable_block_offload, enable_block_offload
+    from dreamidv_core.sampling.offload import disable_block_offload, enable_block_offload
 
     frames = args.window + (args.window - 1 - args.overlap)  # exactly 2 windows
     dit, vae = build(args)

@@ -43,9 +43,9 @@ CPU_CONFIGS = {
 def build(name: str, device: str):
     import torch
 
-    from dreamidv_core.configs import DREAMIDV_1_3B, DiTConfig, tiny_config
-    from dreamidv_core.dit import DreamIDVTransformer, init_random_
-    from dreamidv_core.vae import TINY_VAE_CONFIG, WAN21_VAE_CONFIG, WanVAE
+    from dreamidv_core.models.configs import DREAMIDV_1_3B, DiTConfig, tiny_config
+    from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
+    from dreamidv_core.models.vae import TINY_VAE_CONFIG, WAN21_VAE_CONFIG, WanVAE
 
     if name == "tiny":
         cfg, vae_cfg = tiny_config("full", text_dim=32), TINY_VAE_CONFIG
@@ -142,8 +142,8 @@ def check(names, modes, lora_rank: int) -> int:
     """Build the DiT of each configuration on the meta device, select what trains, print the sizes."""
     import torch
 
-    from dreamidv_core.configs import DREAMIDV_1_3B, DiTConfig, tiny_config
-    from dreamidv_core.dit import DreamIDVTransformer
+    from dreamidv_core.models.configs import DREAMIDV_1_3B, DiTConfig, tiny_config
+    from dreamidv_core.models.dit import DreamIDVTransformer
     from training.trainer import TrainConfig, select_trainable
 
     cfgs = {"tiny": tiny_config("full", text_dim=32), "released": DREAMIDV_1_3B,

@@ -38,7 +38,7 @@ def run_mode(mode: str, frames: int, height: int, width: int, threads: int, tile
 
     import torch
 
-    from dreamidv_core.vae import WanVAE, decode_peak_bytes
+    from dreamidv_core.models.vae import WanVAE, decode_peak_bytes
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ harder pose), so the identity similarity varies across chunks. 512 training samp
 memorises each training sample's identity from its background and copies the driving face on held-out
 clips), 16 held-out samples from another seed.
 
-Measurements (on the frames a few-step run of :func:`dreamidv_core.swap.swap_face` returns, at each
+Measurements (on the frames a few-step run of :func:`dreamidv_core.pipelines.swap.swap_face` returns, at each
 identity guidance of ``--guidance``; 4 is the released default):
 
 * identity similarity: a stand-in identity encoder = the mean colour inside the known face mask,
@@ -60,10 +60,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from dreamidv_core.configs import tiny_config  # noqa: E402
-from dreamidv_core.dit import DreamIDVTransformer, init_random_  # noqa: E402
-from dreamidv_core.swap import SwapSettings, swap_face  # noqa: E402
-from training.irl import TEMPORAL, identity_coherence_weights, irl_loss  # noqa: E402
+from dreamidv_core.models.configs import tiny_config  # noqa: E402
+from dreamidv_core.models.dit import DreamIDVTransformer, init_random_  # noqa: E402
+from dreamidv_core.pipelines.swap import SwapSettings, swap_face  # noqa: E402
+from dreamidv_core.models.frame_grid import TEMPORAL_STRIDE as TEMPORAL  # noqa: E402
+from training.irl import identity_coherence_weights, irl_loss  # noqa: E402
 from training.objective import FlowMatchingObjective, encode_conditioning  # noqa: E402
 
 POSE_TOL = 60.0  # RGB distance (0..255) under which an output pixel counts as the identity's face colour

@@ -176,11 +176,11 @@ def report(component, setting, ours, ref, rel):
 # ----------------------------------------------------------------------------------------------- DiT
 @torch.no_grad()
 def check_dit(args, dev):
-    from dreamidv_core.configs import tiny_config
-    from dreamidv_core.dit import DreamIDVTransformer, init_random_
+    from dreamidv_core.models.configs import tiny_config
+    from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
     M, P = official("modules.model"), official("modules.projector")
     if args.weights_dit:
-        from dreamidv_core.checkpoints import load_dit
+        from dreamidv_core.weights.checkpoints import load_dit
         ours = load_dit(args.weights_dit, weight_dtype="fp32", device=dev)
         cfg, what = ours.cfg, Path(args.weights_dit).name
         f, h, w = 3, 16, 16
@@ -233,7 +233,7 @@ def check_dit(args, dev):
 
 # --------------------------------------------------------------------------------------------- UniPC
 def check_unipc(args, dev):
-    from dreamidv_core.samplers import flow_sigmas, sample_unipc, sigma_to_timestep
+    from dreamidv_core.sampling.samplers import flow_sigmas, sample_unipc, sigma_to_timestep
     S = official("utils.fm_solvers_unipc").FlowUniPCMultistepScheduler
     for steps in (12, 20, 50):
         g = torch.Generator().manual_seed(steps)
@@ -261,7 +261,7 @@ def check_unipc(args, dev):
 # ----------------------------------------------------------------------------------------------- VAE
 @torch.no_grad()
 def check_vae(args, dev):
-    from dreamidv_core.vae import TINY_VAE_CONFIG, WAN21_VAE_CONFIG, WanVAE, load_wan_vae
+    from dreamidv_core.models.vae import TINY_VAE_CONFIG, WAN21_VAE_CONFIG, WanVAE, load_wan_vae
     V = official("modules.vae")
     official("modules._amp").DEVICE_TYPE = dev.type
     cfg = WAN21_VAE_CONFIG if args.weights_vae else TINY_VAE_CONFIG
@@ -299,7 +299,7 @@ def check_vae(args, dev):
 # ------------------------------------------------------------------------------------------------ T5
 @torch.no_grad()
 def check_t5(args, dev):
-    from dreamidv_core.umt5 import LAYOUT_OFFICIAL, UMT5Config, UMT5Encoder, export_state_dict, load_umt5_encoder
+    from dreamidv_core.models.umt5 import LAYOUT_OFFICIAL, UMT5Config, UMT5Encoder, export_state_dict, load_umt5_encoder
     T = official("modules.t5")
     cfg = UMT5Config(vocab_size=512, d_model=256, num_layers=4, num_heads=8, d_kv=32, d_ff=640)
     g = torch.Generator().manual_seed(0)

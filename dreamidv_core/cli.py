@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import DreamIDVError
@@ -31,7 +30,7 @@ def _device(name: str):
 
 def resolve_swap_files(args):
     """Pick the DiT, VAE and text-context source from explicit paths or the models folder."""
-    from .model_files import FASTER_SWAP, SWAP, find_model_files, format_missing
+    from .weights.model_files import FASTER_SWAP, SWAP, find_model_files, format_missing
 
     report = find_model_files(args.models_dir)
     purpose = FASTER_SWAP if args.faster else SWAP
@@ -52,11 +51,11 @@ def resolve_swap_files(args):
 def cmd_swap(args) -> int:
     import torch
 
-    from .checkpoints import load_dit
-    from .swap import SwapSettings, swap_face
-    from .text_context import get_text_context, load_precomputed_context
-    from .vae import load_wan_vae
-    from .video_io import VideoReader, VideoWriter, read_image
+    from .weights.checkpoints import load_dit
+    from .pipelines.swap import SwapSettings, swap_face
+    from .pipelines.text_context import get_text_context, load_precomputed_context
+    from .models.vae import load_wan_vae
+    from .io.video import VideoReader, VideoWriter, read_image
 
     dit_path, vae_path, encoder, tokenizer = resolve_swap_files(args)
     device = _device(args.device)
@@ -81,7 +80,7 @@ def cmd_swap(args) -> int:
                    attention_backend=args.attention)
     vae = load_wan_vae(vae_path, device=device)
     if offload:
-        from .speed import enable_block_offload
+        from .sampling.offload import enable_block_offload
 
         print(enable_block_offload(dit, args.offload_blocks, device).describe())
     settings = SwapSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
@@ -108,9 +107,9 @@ def cmd_swap(args) -> int:
 
 def extract_pose_and_mask(args, video, reference):
     """Pose video and face mask from the driving video with MediaPipe, retargeted onto the reference."""
-    from .model_files import find_model_files, format_missing
-    from .pose.extract import extract_mediapipe
-    from .pose.mediapipe_face import FaceLandmarker
+    from .weights.model_files import find_model_files, format_missing
+    from .preprocess.pose.extract import extract_mediapipe
+    from .preprocess.pose.mediapipe_face import FaceLandmarker
 
     task = args.landmarker or find_model_files(args.models_dir).path("face_landmarker")
     if task is None:
@@ -125,7 +124,7 @@ def extract_pose_and_mask(args, video, reference):
 
 
 def cmd_convert(args) -> int:
-    from .checkpoints import convert_to_safetensors
+    from .weights.checkpoints import convert_to_safetensors
 
     summary = convert_to_safetensors(args.src, args.dst, dtype=args.dtype)
     print(", ".join(f"{k}: {v}" for k, v in summary.items()))
@@ -133,8 +132,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_text_context(args) -> int:
-    from .state_dict_io import save_safetensors
-    from .text_context import DEFAULT_PROMPT, get_text_context
+    from .io.state_dict import save_safetensors
+    from .pipelines.text_context import DEFAULT_PROMPT, get_text_context
 
     context = get_text_context(args.text_encoder, args.tokenizer, prompt=args.prompt or DEFAULT_PROMPT,
                                device=_device(args.device))
@@ -147,7 +146,7 @@ def cmd_text_context(args) -> int:
 
 
 def cmd_check_models(args) -> int:
-    from .model_files import main as check_main
+    from .weights.model_files import main as check_main
 
     return check_main(["--models-dir", args.models_dir] + (["--strict"] if args.strict else []))
 
@@ -216,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["identity-report"]:  # its own parser: per-frame ArcFace similarity to a reference
-        from .identity_report import identity_report_main
+        from .eval.identity_report import identity_report_main
 
         return identity_report_main(argv[1:])
     args = build_parser().parse_args(argv)

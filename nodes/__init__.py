@@ -2,8 +2,9 @@
 
 Each node module lists its classes in ``NODES``; :func:`comfy_entrypoint` hands them all to ComfyUI.
 Node code imports the model library as ``dreamidv_core`` (absolute import; the root ``__init__``
-puts the pack folder on ``sys.path``) and sibling node modules relatively (``from . import x``):
-``import nodes`` would be ComfyUI's own module.
+registers the pack's own copy under that name), the pack's training package relatively
+(``from ..training import x``) and sibling node modules relatively (``from . import x``): ``import nodes``
+or ``import training`` would find ComfyUI's own ``nodes`` or another pack's module.
 """
 from typing_extensions import override
 

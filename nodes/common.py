@@ -3,9 +3,10 @@ and interruption. The only module of the pack besides the node modules that impo
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
-
+import threading
+import weakref
 from pathlib import Path
+from typing import Callable, Hashable, Iterable, NamedTuple, Tuple
 
 import comfy.model_management
 import comfy.utils
@@ -68,6 +69,54 @@ def resolve_model_file(folder: str, name: str, expected: str) -> Path:
                               f"not found in {folder_hint(folder)}; put {expected} there (or point '{folder}' "
                               "at it in extra_model_paths.yaml)")
     return Path(path)
+
+
+class FileStamp(NamedTuple):
+    """A model file as a cache key: its path, size and modification time (a changed file loads anew)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path) -> "FileStamp":
+        st = os.stat(path)
+        return cls(str(path), st.st_size, st.st_mtime_ns)
+
+
+class ModelCache:
+    """Loaded models by key, kept only while something else (ComfyUI's output cache, a node) holds them.
+
+    ``get_or_load(key, load)`` returns the cached object for ``key`` or calls ``load() -> (obj, extra)``
+    once, under a lock, and caches ``obj`` (weakly) with its ``extra`` (e.g. a load report).
+    """
+
+    def __init__(self):
+        self._objects: "weakref.WeakValueDictionary[Hashable, object]" = weakref.WeakValueDictionary()
+        self._extra: dict = {}
+        self._lock = threading.Lock()
+
+    def get_or_load(self, key: Hashable, load: Callable[[], Tuple[object, object]]) -> Tuple[object, object]:
+        with self._lock:
+            obj = self._objects.get(key)
+            if obj is None:
+                obj, extra = load()
+                self._objects[key] = obj
+                self._extra[key] = extra
+            # forget the extras of models that were garbage-collected
+            for gone in [k for k in self._extra if k not in self._objects]:
+                del self._extra[gone]
+            return obj, self._extra.get(key)
+
+    def items(self) -> list:
+        """(key, model) of every model still held somewhere."""
+        with self._lock:
+            return list(self._objects.items())
+
+
+def cache_key_text(key: tuple) -> str:
+    """A cache key as one string (pose tokens record which model made them)."""
+    return "|".join(map(str, key))
 
 
 def cancel_hook() -> Callable[[], bool]:

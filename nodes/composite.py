@@ -1,15 +1,14 @@
 """DreamID-V node: SAM2 background composite (generated head over the original frames)."""
 from __future__ import annotations
 
-import os
 
 import comfy.model_management
 import folder_paths
 import torch
 from comfy_api.latest import io
 
-from dreamidv_core import composite as core
-from dreamidv_core import segmentation
+from dreamidv_core.preprocess import composite as core
+from dreamidv_core.preprocess import segmentation
 from dreamidv_core.errors import CheckpointError
 
 from . import common

@@ -1,6 +1,6 @@
 """DreamID-V nodes: the ArcFace ID-token encoder (reference photo -> DREAMIDV_IDENTITY).
 
-A thin adapter over :mod:`dreamidv_core.identity`; the insightface pack comes from ComfyUI's
+A thin adapter over :mod:`dreamidv_core.preprocess.identity`; the insightface pack comes from ComfyUI's
 ``insightface`` model folder(s) (``models/insightface/models/<antelopev2|buffalo_l>/``).
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 import folder_paths
 from comfy_api.latest import io
 
-from dreamidv_core import identity as core
-from dreamidv_core.adapters import PixelSpaceVAE
+from dreamidv_core.preprocess import identity as core
+from dreamidv_core.pipelines.adapters import PixelSpaceVAE
 from dreamidv_core.errors import InputError
 
 from . import common

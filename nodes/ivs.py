@@ -1,16 +1,14 @@
 """DreamID-V nodes: the Identity-Anchored Video Synthesizer (IVS) of the data-synthesis graph.
 
 * ``DreamIDVIVSLoader``: IVS weights, or a new IVS initialised from a DreamID-V (full/faster) or
-  Wan2.1-T2V file (:func:`dreamidv_core.ivs.load_ivs`) -> DREAMIDV_MODEL (variant "ivs") and a report.
+  Wan2.1-T2V file (:func:`dreamidv_core.pipelines.ivs.load_ivs`) -> DREAMIDV_MODEL (variant "ivs") and a report.
 * ``DreamIDVIVSSampler``: IVS model + VAE + text + first IMAGE + last IMAGE + pose IMAGE -> the generated
-  frames (:func:`dreamidv_core.ivs.sample_ivs`), at model resolution; clips longer than ``window`` frames
+  frames (:func:`dreamidv_core.pipelines.ivs.sample_ivs`), at model resolution; clips longer than ``window`` frames
   are sampled in overlapping windows (as the swap sampler).
 """
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
 
 import torch
 
@@ -19,12 +17,14 @@ import comfy.model_patcher
 import folder_paths
 from comfy_api.latest import io
 
-from dreamidv_core.adapters import PixelSpaceVAE, rgb_frames
-from dreamidv_core.attention import BACKENDS
-from dreamidv_core.checkpoints import WEIGHT_DTYPES
+from dreamidv_core.pipelines.adapters import PixelSpaceVAE, rgb_frames
+from dreamidv_core.models.attention import BACKENDS
+from dreamidv_core.weights.checkpoints import WEIGHT_DTYPES
 from dreamidv_core.errors import CheckpointError, InputError
-from dreamidv_core.ivs import IVSSettings, check_ivs_model, ivs_output_size, load_ivs, sample_ivs
-from dreamidv_core.windows import MIN_FRAMES, check_window
+from dreamidv_core.pipelines.ivs import IVSSettings, check_ivs_model, ivs_plan, sample_ivs
+from dreamidv_core.weights.checkpoints import load_ivs
+from dreamidv_core.models.frame_grid import MIN_FRAMES
+from dreamidv_core.sampling.windows import check_window
 
 from . import common
 from .loaders import DEVICE_CHOICES, LoadedDiT, model_devices
@@ -37,9 +37,7 @@ EXPECTED = ("IVS weights (saved by the IVS training), or a DreamID-V (dreamidv.p
             "Wan2.1-T2V-1.3B DiT file to initialise a new IVS from")
 MAX_SIZE = 4096
 
-_CACHE: "weakref.WeakValueDictionary[tuple, LoadedDiT]" = weakref.WeakValueDictionary()
-_REPORTS: "dict[tuple, str]" = {}
-_LOCK = threading.Lock()
+_MODELS = common.ModelCache()
 
 
 def ivs_choices() -> list:
@@ -65,23 +63,20 @@ def load_ivs_model(name: str, weight_dtype: str = "bf16", attention: str = "sdpa
                    seed: int = 0):
     """-> (LoadedDiT of an IVS, report str). The same object while anything holds it (same file, options)."""
     path = resolve_ivs_file(name)
-    st = path.stat()
-    key = ("ivs", str(path), st.st_size, st.st_mtime_ns, weight_dtype, attention, device, seed)
-    with _LOCK:
-        cached = _CACHE.get(key)
-        if cached is not None:
-            return cached, _REPORTS.get(key, "")
+    key = ("ivs", common.FileStamp.of(path), weight_dtype, attention, device, seed)
+
+    def load():
         load_device, offload_device = model_devices(device)
         dit, report = load_ivs(path, weight_dtype=weight_dtype, device=offload_device, attention_backend=attention,
                                seed=seed)
         text = f"{name}: IVS weights loaded" if report is None else f"{name}: {report.summary()}"
         patcher = comfy.model_patcher.ModelPatcher(dit, load_device=load_device, offload_device=offload_device)
-        handle = LoadedDiT(patcher=patcher, name=name, path=str(path), key="|".join(map(str, key)),
+        handle = LoadedDiT(patcher=patcher, name=name, path=str(path), key=common.cache_key_text(key),
                            offload_after=(device == "auto_offload"))
-        _CACHE[key] = handle
-        _REPORTS[key] = text
         log.info("DreamID-V: %s", text)
         return handle, text
+
+    return _MODELS.get_or_load(key, load)
 
 
 class DreamIDVIVSLoader(io.ComfyNode):
@@ -188,8 +183,8 @@ class DreamIDVIVSSampler(io.ComfyNode):
         n = length or pose.shape[0]
         settings = IVSSettings(width=width, height=height, frames=n, steps=steps, shift=shift, guidance=guidance,
                                seed=seed, sampler=sampler, window=window, overlap=overlap)
-        oh, ow = ivs_output_size(first, width, height)
-        need = memory_estimate(dit, min(max(n, MIN_FRAMES), window), oh, ow, cache_pose_kv=n <= window)
+        plan = ivs_plan(first, n, width, height, window, overlap)
+        need = memory_estimate(dit, plan, cache_pose_kv=plan.layout.count == 1)
         adapter = PixelSpaceVAE(vae, after_encode=lambda: model.load(need))
         model.load(need)
         try:

@@ -1,7 +1,7 @@
 """DreamID-V nodes: the DiT loader and the text context.
 
 * ``DreamIDVModelLoader``: a DreamID-V checkpoint from ``diffusion_models`` -> DREAMIDV_MODEL, a
-  :class:`LoadedDiT` wrapping the :class:`~dreamidv_core.dit.DreamIDVTransformer` in ComfyUI's
+  :class:`LoadedDiT` wrapping the :class:`~dreamidv_core.models.dit.DreamIDVTransformer` in ComfyUI's
   ``ModelPatcher`` so that ComfyUI's memory manager moves it to the GPU for a run and frees it when
   another model needs the memory. Loaded models are shared while anything holds them (same file and
   options -> same object). Optional add-ons from ``loras``: a LoRA merged into the weights, and an
@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -27,13 +25,14 @@ import comfy.model_patcher
 import folder_paths
 from comfy_api.latest import io
 
-from dreamidv_core.attention import BACKENDS
-from dreamidv_core.checkpoints import WEIGHT_DTYPES, load_dit
-from dreamidv_core.speed import disable_block_offload, enable_block_offload, offload_memory
+from dreamidv_core.models.attention import BACKENDS
+from dreamidv_core.weights.checkpoints import WEIGHT_DTYPES, load_dit
+from dreamidv_core.sampling.offload import disable_block_offload, enable_block_offload, offload_memory
 from dreamidv_core.errors import CheckpointError, InputError
-from dreamidv_core.id_projection import apply_id_projection_file, is_id_projection_file
-from dreamidv_core.model_files import get_entry
-from dreamidv_core.text_context import DEFAULT_PROMPT, TEXT_DIM, get_text_context, load_precomputed_context
+from dreamidv_core.weights.id_projection import apply_id_projection_file, is_id_projection_file
+from dreamidv_core.weights.lora import apply_lora_file
+from dreamidv_core.weights.model_files import get_entry
+from dreamidv_core.pipelines.text_context import DEFAULT_PROMPT, TEXT_DIM, get_text_context, load_precomputed_context
 
 from . import common
 
@@ -81,7 +80,7 @@ class LoadedDiT:
     path: str
     key: str
     offload_after: bool = False
-    offload_blocks: int = 0  # blocks kept in CPU RAM and streamed in (dreamidv_core.speed)
+    offload_blocks: int = 0  # blocks kept in CPU RAM and streamed in (dreamidv_core.sampling.offload)
 
     @property
     def dit(self):
@@ -139,29 +138,32 @@ def model_devices(choice: str):
     raise InputError(f"device: unknown choice '{choice}'; choose one of {', '.join(DEVICE_CHOICES)}")
 
 
-_CACHE: "weakref.WeakValueDictionary[tuple, LoadedDiT]" = weakref.WeakValueDictionary()
-_CACHE_LOCK = threading.Lock()
+_MODELS = common.ModelCache()
 
 
-def lora_key(lora: str, strength: float) -> tuple:
-    """Cache-key part of a LoRA choice: () for none, else (path, size, mtime, strength)."""
+class LoraChoice(NamedTuple):
+    """A LoRA file chosen in the loader and the strength it is applied with."""
+
+    file: common.FileStamp
+    strength: float
+
+
+def lora_choice(lora: str, strength: float) -> Optional[LoraChoice]:
+    """The loader's LoRA input, resolved: None for none (or strength 0)."""
     if not lora or lora == NONE or float(strength) == 0.0:
-        return ()
+        return None
     path = common.resolve_model_file(LORA_FOLDER, lora, "a DreamID-V LoRA file (lora.safetensors from DreamIDVIRLFineTune)")
-    st = path.stat()
-    return (str(path), st.st_size, st.st_mtime_ns, float(strength))
+    return LoraChoice(common.FileStamp.of(path), float(strength))
 
 
 ID_PROJECTION_EXPECTED = "an ArcFace ID-projection file (model.safetensors of an id_projection training run)"
 
 
-def id_projection_key(id_projection: str) -> tuple:
-    """Cache-key part of an ID-projection choice: () for none, else (path, size, mtime)."""
+def id_projection_choice(id_projection: str) -> Optional[common.FileStamp]:
+    """The loader's ID-projection input, resolved: None for none."""
     if not id_projection or id_projection == NONE:
-        return ()
-    path = common.resolve_model_file(LORA_FOLDER, id_projection, ID_PROJECTION_EXPECTED)
-    st = path.stat()
-    return ("id", str(path), st.st_size, st.st_mtime_ns)
+        return None
+    return common.FileStamp.of(common.resolve_model_file(LORA_FOLDER, id_projection, ID_PROJECTION_EXPECTED))
 
 
 def load_model(name: str, weight_dtype: str = "bf16", attention: str = "sdpa", device: str = "auto",
@@ -171,43 +173,39 @@ def load_model(name: str, weight_dtype: str = "bf16", attention: str = "sdpa", d
     ID projection ``loras/<id_projection>`` added); the same object again while anything (ComfyUI's output
     cache, another node) still holds it. When nothing does, it is garbage-collected."""
     path = common.resolve_model_file(DIT_FOLDER, name, expected_dit_names())
-    st = path.stat()
-    lkey = lora_key(lora, lora_strength)
-    ikey = id_projection_key(id_projection)
-    key = (str(path), st.st_size, st.st_mtime_ns, weight_dtype, attention, device, offload_blocks) + lkey + ikey
-    with _CACHE_LOCK:
-        cached = _CACHE.get(key)
-        if cached is not None:
-            return cached
+    lora_file = lora_choice(lora, lora_strength)
+    id_file = id_projection_choice(id_projection)
+    key = (common.FileStamp.of(path), weight_dtype, attention, device, offload_blocks, lora_file, id_file)
+
+    def load():
         load_device, offload_device = model_devices(device)
         try:
             dit = load_dit(path, weight_dtype=weight_dtype, device=offload_device, attention_backend=attention)
         except CheckpointError as exc:
             raise CheckpointError(path, f"{exc.problem}. DreamIDVModelLoader needs a DreamID-V checkpoint in "
                                         f"{common.folder_hint(DIT_FOLDER)}: {expected_dit_names()}") from None
-        if lkey:
-            from training.lora import apply_lora_file
-
-            if is_id_projection_file(lkey[0]):
-                raise CheckpointError(lkey[0], "is an ArcFace ID-projection file, not a LoRA: choose it in the "
-                                               "loader's id_projection input instead of lora")
-            patched = apply_lora_file(dit, lkey[0], strength=lkey[3])
-            log.info("DreamID-V: applied LoRA %s (strength %g) to %d layers", lora, lkey[3], len(patched))
-        if ikey:
-            proj = apply_id_projection_file(dit, ikey[1])
+        if lora_file is not None:
+            if is_id_projection_file(lora_file.file.path):
+                raise CheckpointError(lora_file.file.path, "is an ArcFace ID-projection file, not a LoRA: choose "
+                                                           "it in the loader's id_projection input instead of lora")
+            patched = apply_lora_file(dit, lora_file.file.path, strength=lora_file.strength)
+            log.info("DreamID-V: applied LoRA %s (strength %g) to %d layers", lora, lora_file.strength, len(patched))
+        if id_file is not None:
+            proj = apply_id_projection_file(dit, id_file.path)
             log.info("DreamID-V: added the ID-token projection %s (%d tokens, gates %s)", id_projection,
                      proj.num_tokens, "all 0: a no-op" if proj.is_noop() else "trained")
         patcher = comfy.model_patcher.ModelPatcher(dit, load_device=load_device, offload_device=offload_device)
-        handle = LoadedDiT(patcher=patcher, name=name, path=str(path), key="|".join(map(str, key)),
+        handle = LoadedDiT(patcher=patcher, name=name, path=str(path), key=common.cache_key_text(key),
                            offload_after=(device == "auto_offload"), offload_blocks=offload_blocks)
         if offload_blocks:
             if offload_blocks > len(dit.blocks):
                 raise InputError(f"offload_blocks: {name} has {len(dit.blocks)} blocks; asked to offload {offload_blocks}")
             log.info("DreamID-V: block offload: %s", offload_memory(dit, offload_blocks).describe())
-        _CACHE[key] = handle
         log.info("DreamID-V: loaded %s (%s, %s weights, %s attention) for %s", name, dit.cfg.variant,
                  weight_dtype, attention, load_device)
-        return handle
+        return handle, None
+
+    return _MODELS.get_or_load(key, load)[0]
 
 
 class DreamIDVModelLoader(io.ComfyNode):
@@ -285,7 +283,7 @@ def context_cache_dir() -> Path:
 def find_tokenizer(encoder: Path) -> Optional[Path]:
     """The google/umt5-xxl tokenizer folder for an official encoder .pth: next to the file or in any
     ``text_encoders`` folder. ``None`` when the file embeds its tokenizer (ComfyUI's safetensors)."""
-    from dreamidv_core.umt5 import read_embedded_tokenizer
+    from dreamidv_core.models.umt5 import read_embedded_tokenizer
 
     try:
         if read_embedded_tokenizer(encoder) is not None:

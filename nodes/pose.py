@@ -1,19 +1,18 @@
 """DreamID-V nodes: pose extraction (frames -> pose video + face mask + keypoints + info).
 
-A thin adapter over :mod:`dreamidv_core.pose`. Model files come from the pack's model folders:
+A thin adapter over :mod:`dreamidv_core.preprocess.pose`. Model files come from the pack's model folders:
 ``models/mediapipe/`` (face_landmarker_v2_with_blendshapes.task) and ``models/dwpose/``
 (yolox_l.onnx, dw-ll_ucoco_384.onnx), or wherever extra_model_paths.yaml points those folders.
 """
 from __future__ import annotations
 
 import torch
-import folder_paths
 from comfy_api.latest import io
 
-from dreamidv_core import pose as core
+from dreamidv_core.preprocess import pose as core
 from dreamidv_core.errors import InputError
-from dreamidv_core.pose.dwpose import DWPose
-from dreamidv_core.pose.mediapipe_face import FaceLandmarker
+from dreamidv_core.preprocess.pose.dwpose import DWPose
+from dreamidv_core.preprocess.pose.mediapipe_face import FaceLandmarker
 
 from . import common
 
@@ -82,8 +81,7 @@ class DreamIDVPoseExtract(io.ComfyNode):
                              f"{list(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__}")
         frames = frames.detach().cpu()
         count = int(frames.shape[0])
-        hook = common.progress_hook(count, "pose")
-        progress = lambda i, n: hook("pose", i, n)  # noqa: E731
+        progress = common.progress_hook(count, "pose")
         cancel = common.cancel_hook()
         if source == "mediapipe":
             path = common.resolve_model_file("mediapipe", mediapipe_model, MEDIAPIPE_FILE)

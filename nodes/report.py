@@ -7,9 +7,9 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from dreamidv_core import identity as face_core
+from dreamidv_core.preprocess import identity as face_core
 from dreamidv_core.errors import InputError
-from dreamidv_core.identity_report import identity_report, insightface_embedder, plot_similarity
+from dreamidv_core.eval.identity_report import identity_report, insightface_embedder, plot_similarity
 
 from . import common
 
@@ -50,7 +50,7 @@ class DreamIDVIdentityReport(io.ComfyNode):
         pack_dir = face_core.find_pack(folder_paths.get_folder_paths("insightface"), insightface_pack)
         bar = common.progress_hook(len(frames), stage="frames")
         report = identity_report(frames, ref, insightface_embedder(pack_dir, provider),
-                                 progress=lambda i, n: bar("frames", i, n))
+                                 progress=bar)
         plot = torch.from_numpy(plot_similarity(report)).float().div(255)[None]
         return io.NodeOutput(json.dumps(report.as_dict(), indent=1), plot)
 

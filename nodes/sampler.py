@@ -1,7 +1,7 @@
 """DreamID-V nodes: the PoseGuider and the pose-attention DiT sampler.
 
 * ``DreamIDVPoseGuider``: model + pose video -> DREAMIDV_POSE_TOKENS (a
-  :class:`~dreamidv_core.adapters.PoseTokenSet`: the PoseGuider tokens, computed once, and the
+  :class:`~dreamidv_core.pipelines.adapters.PoseTokenSet`: the PoseGuider tokens, computed once, and the
   geometry they belong to).
 * ``DreamIDVSampler``: model + VAE + text context + identity + pose tokens + video + mask -> the swapped
   frames at model resolution, the same frames pasted back into the source frames, and the frame count.
@@ -18,13 +18,13 @@ import torch
 import comfy.model_management as mm
 from comfy_api.latest import io
 
-from dreamidv_core.adapters import PixelSpaceVAE, PoseTokenSet, context_from_conditioning, rgb_frames
 from dreamidv_core.errors import InputError
-from dreamidv_core.geometry import paste_back, source_crop_box
-from dreamidv_core.samplers import SAMPLERS
-from dreamidv_core.swap import SwapSettings, encode_reference, id_embedding_rows, pose_tokens_for, swap_face
-from dreamidv_core.video_ops import output_size
-from dreamidv_core.windows import check_window, clip_frame_count
+from dreamidv_core.pipelines.adapters import PixelSpaceVAE, PoseTokenSet, context_from_conditioning, rgb_frames
+from dreamidv_core.pipelines.plan import ClipPlan
+from dreamidv_core.pipelines.swap import SwapSettings, id_embedding_rows, pose_tokens_for, swap_face
+from dreamidv_core.preprocess.identity_bundle import encode_reference
+from dreamidv_core.preprocess.geometry import paste_back
+from dreamidv_core.sampling.samplers import SAMPLERS
 
 from . import common
 
@@ -48,7 +48,7 @@ def _geometry_inputs():
 
 
 def window_inputs(note: str = "") -> list:
-    """``window`` / ``overlap``: the long-clip windowing of :mod:`dreamidv_core.windows` (swap and IVS)."""
+    """``window`` / ``overlap``: the long-clip windowing of :mod:`dreamidv_core.sampling.windows` (swap and IVS)."""
     return [
         io.Int.Input("window", default=81, min=5, max=1001, step=4,
                      tooltip="Frames the model sees at once (4n+1; the released model was trained on 81). Longer "
@@ -83,14 +83,14 @@ def _check_model(model):
         raise InputError(f"model: expected the output of DreamIDVModelLoader, got {type(model).__name__}")
 
 
-def memory_estimate(dit, frames: int, height: int, width: int, batch: int = 1, cache_pose_kv: bool = True) -> int:
-    """Rough bytes the DiT needs besides its weights for one run (activations, cached pose K/V)."""
+def memory_estimate(dit, plan: ClipPlan, batch: int = 1, cache_pose_kv: bool = True) -> int:
+    """Rough bytes the DiT needs besides its weights for one window of the plan (activations, cached pose K/V)."""
     cfg = dit.cfg
     size = torch.empty((), dtype=dit.compute_dtype).element_size()
-    per_frame = (height // 16) * (width // 16)
-    tokens = ((frames - 1) // 4 + 2) * per_frame  # video latent frames + the reference frame
+    latent_frames = plan.layout.latent_window
+    tokens = (latent_frames + 1) * plan.tokens_per_latent_frame  # video latent frames + the reference frame
     act = batch * tokens * (cfg.ffn_dim + 8 * cfg.dim) * size
-    grid = ((frames - 1) // 4 + 1, height // 8, width // 8)
+    grid = (latent_frames, *plan.latent_grid[1:])
     pose_kv = dit.pose_kv_cache_bytes(grid) if (cfg.has_pose and cache_pose_kv) else 0
     return int(act + pose_kv)
 
@@ -121,18 +121,14 @@ class DreamIDVPoseGuider(io.ComfyNode):
             raise InputError(f"model: {model.name} is the faster DreamID-V variant, which has no pose branch; "
                              "connect the mask straight to the sampler and leave pose_tokens empty")
         pose = rgb_frames(pose_video, "pose_video")
-        settings = SwapSettings(width=width, height=height, frame_num=frame_num or None, window=window,
-                                overlap=overlap)
-        check_window(window, overlap)
-        count = clip_frame_count(pose.shape[0], settings.frame_num)
-        oh, ow = output_size(pose.shape[1], pose.shape[2], width, height)
-        model.load(memory_estimate(model.dit, min(count, window), oh, ow, cache_pose_kv=False))
+        plan = ClipPlan.build(pose.shape[2], pose.shape[1], pose.shape[0], frame_num or None, width, height, window,
+                              overlap)
+        model.load(memory_estimate(model.dit, plan, cache_pose_kv=False))
         try:
-            tokens = pose_tokens_for(model.dit, pose, count, settings, cancel=common.cancel_hook()).to("cpu")
+            tokens = pose_tokens_for(model.dit, pose, plan, cancel=common.cancel_hook()).to("cpu")
         finally:
             model.release()
-        return io.NodeOutput(PoseTokenSet(tokens=tokens, frames=count, source_size=(pose.shape[2], pose.shape[1]),
-                                          area=(width, height), model_key=model.key, window=(window, overlap)))
+        return io.NodeOutput(PoseTokenSet(tokens=tokens, plan=plan, model_key=model.key))
 
 
 def conditioning_context(positive, text_dim: int) -> torch.Tensor:
@@ -217,10 +213,9 @@ class DreamIDVSampler(io.ComfyNode):
                 mask.shape[2], mask.shape[1], video.shape[2], video.shape[1]))
         if not hasattr(identity, "latent_for") or not hasattr(identity, "image"):
             raise InputError(f"identity: expected the output of the DreamID-V identity node, got {type(identity).__name__}")
-        check_window(window, overlap)
         id_embedding = identity_embedding(dit, identity, model.name)
-        count = clip_frame_count(video.shape[0], frame_num or None)
         src_h, src_w = video.shape[1:3]
+        plan = ClipPlan.build(src_w, src_h, video.shape[0], frame_num or None, width, height, window, overlap)
         settings = SwapSettings(width=width, height=height, frame_num=frame_num or None, steps=steps, shift=shift,
                                 guidance=identity_guidance, seed=seed, sampler=sampler, batch_guidance=batch_guidance,
                                 window=window, overlap=overlap, background_strength=background_strength,
@@ -230,29 +225,27 @@ class DreamIDVSampler(io.ComfyNode):
             if pose_tokens is None:
                 raise InputError(f"pose_tokens: {model.name} is the full DreamID-V model and needs pose tokens; "
                                  "connect DreamIDVPoseGuider (or load the faster checkpoint)")
-            pose_tokens.check(count, (src_w, src_h), (width, height), model.key, (window, overlap))
+            pose_tokens.check(plan, model.key)
             tokens = pose_tokens.tokens
         elif pose_tokens is not None:
             log.info("DreamID-V: %s is the faster variant; pose tokens are ignored", model.name)
 
-        oh, ow = output_size(src_h, src_w, width, height)
-        need = memory_estimate(dit, min(count, window), oh, ow, 2 if batch_guidance else 1)
+        need = memory_estimate(dit, plan, 2 if batch_guidance else 1)
         adapter = PixelSpaceVAE(vae, after_encode=lambda: model.load(need))
-        ref_latent = identity.latent_for(src_w, src_h, width, height)
+        ref_latent = identity.latent_for(plan.source_size, plan.area)
         if ref_latent is None:
-            ref_latent = encode_reference(adapter, identity.image, src_w, src_h, settings)
+            ref_latent = encode_reference(adapter, identity.image, plan.source_size, plan.area)
         model.load(need)
         try:
             result = swap_face(dit, adapter, video, mask, None, context, settings=settings,
                                progress=common.progress_hook(steps), cancel=common.cancel_hook(),
-                               pose_tokens=tokens, ref_latent=ref_latent, id_embedding=id_embedding)
+                               pose_tokens=tokens, ref_latent=ref_latent, id_embedding=id_embedding, plan=plan)
         finally:
             model.release()
         if step_cache > 0:
             log.info("DreamID-V: step cache skipped %d of %d DiT evaluations", result.skipped, result.evaluations)
         frames = result.frames.to(mm.intermediate_device(), torch.float32)
-        box = source_crop_box(src_h, src_w, width, height)
-        in_source = paste_back(video[:result.frames_used].to(frames.device), frames, box)
+        in_source = paste_back(video[:plan.frames].to(frames.device), frames, plan.crop)
         return io.NodeOutput(frames, in_source, result.frames_used)
 
 

@@ -14,12 +14,13 @@ import folder_paths
 import comfy.model_management as mm
 from comfy_api.latest import io
 
-from dreamidv_core import identity as id_core
-from dreamidv_core import segmentation
+from dreamidv_core.preprocess import identity as id_core
+from dreamidv_core.preprocess import segmentation
 from dreamidv_core import synthesis as core
-from dreamidv_core.adapters import PixelSpaceVAE, rgb_frames
+from dreamidv_core.pipelines.adapters import PixelSpaceVAE, rgb_frames
 from dreamidv_core.errors import InputError
-from dreamidv_core.swap import SwapSettings, encode_reference
+from dreamidv_core.pipelines.swap import SwapSettings
+from dreamidv_core.preprocess.identity_bundle import encode_reference
 from dreamidv_core.synthesis.background import MODES
 from dreamidv_core.synthesis.writer import DIRECTIONS, QuadrupletSettings, summary
 
@@ -148,9 +149,9 @@ class DreamIDVImageFaceSwap(io.ComfyNode):
         settings = SwapSettings(width=width, height=height, steps=steps, shift=shift, guidance=identity_guidance,
                                 seed=seed, sampler=sampler, window=5, overlap=4)
         adapter = PixelSpaceVAE(vae, after_encode=lambda: model.load())
-        ref_latent = identity.latent_for(w, h, width, height)
+        ref_latent = identity.latent_for((w, h), (width, height))
         if ref_latent is None:
-            ref_latent = encode_reference(adapter, identity.image, w, h, settings)
+            ref_latent = encode_reference(adapter, identity.image, (w, h), (width, height))
         hook = common.progress_hook(steps * n)
         out = torch.empty(n, h, w, 3)
         model.load()
@@ -191,14 +192,14 @@ class DreamIDVExpressionAdaptation(io.ComfyNode):
 
     @classmethod
     def execute(cls, frames, identity_image, mediapipe_model=MEDIAPIPE_FILE) -> io.NodeOutput:
-        from dreamidv_core.pose.mediapipe_face import FaceLandmarker
+        from dreamidv_core.preprocess.pose.mediapipe_face import FaceLandmarker
 
         frames = rgb_frames(frames, "frames")
         hook = common.progress_hook(frames.shape[0], "pose")
         path = common.resolve_model_file("mediapipe", mediapipe_model, MEDIAPIPE_FILE)
         with FaceLandmarker(str(path)) as landmarker:
             res = core.adapt_expression(frames, landmarker, identity_image.detach().cpu(),
-                                        progress=lambda i, n: hook("pose", i, n), cancel=common.cancel_hook())
+                                        progress=hook, cancel=common.cancel_hook())
         return io.NodeOutput(torch.from_numpy(res.pose), torch.from_numpy(res.mask), res.keypoints, res.info)
 
 
@@ -272,9 +273,9 @@ class DreamIDVBackgroundRecompose(io.ComfyNode):
             finally:
                 del predictor
                 mm.soft_empty_cache()
-        hook = common.progress_hook(real.shape[0], "background")
+        hook = common.progress_hook(real.shape[0], "recompose")
         bg = core.clean_background(real, m_r, removal_dilation, mode, smoothing, inpaint_radius,
-                                   progress=lambda i, n: hook("background", i, n), cancel=common.cancel_hook())
+                                   progress=hook, cancel=common.cancel_hook())
         out = core.recompose(gen, m_g, bg, mask_dilation, feather, cancel=common.cancel_hook())
         return io.NodeOutput(out, bg, m_g)
 
@@ -359,7 +360,7 @@ class DreamIDVQuadrupletWriter(io.ComfyNode):
             root, sample_prefix, rgb_frames(real_frames, "real_frames"), rgb_frames(generated, "generated"),
             identity_image, core.analyzer_encoder(analyzer), forward_mask=forward_mask, forward_pose=forward_pose,
             backward_mask=backward_mask, backward_pose=backward_pose, generated_recomposed=recomposed,
-            real_identity=real_identity, settings=settings, progress=lambda i, n: bar("write", i, n),
+            real_identity=real_identity, settings=settings, progress=bar,
             cancel=common.cancel_hook())
         text = f"{root}: " + summary(reports)
         return io.NodeOutput(text, sum(r.status == "written" for r in reports), ui={"text": [text]})

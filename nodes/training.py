@@ -28,7 +28,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from dreamidv_core.adapters import PixelSpaceVAE
+from dreamidv_core.pipelines.adapters import PixelSpaceVAE
 from dreamidv_core.errors import Cancelled, InputError
 
 from . import common
@@ -48,7 +48,7 @@ VALIDATION_STEPS = 4
 
 def _stages():
     """training.stages, imported when a run starts (the pack loads without the training extras)."""
-    from training import stages
+    from ..training import stages
     return stages
 
 
@@ -149,7 +149,7 @@ def plot_losses(losses: Sequence[float], boundaries: Sequence[int] = (), width: 
 class DreamIDVIRLFineTune(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from dreamidv_core import identity as face_core
+        from dreamidv_core.preprocess import identity as face_core
 
         return io.Schema(
             node_id="DreamIDVIRLFineTune",
@@ -215,7 +215,7 @@ class DreamIDVIRLFineTune(io.ComfyNode):
 
     @classmethod
     def identity_encoder(cls, pack: str, provider: str):
-        from dreamidv_core import identity as face_core
+        from dreamidv_core.preprocess import identity as face_core
 
         pack_dir = face_core.find_pack(folder_paths.get_folder_paths("insightface"), pack)
         return _stages().insightface_identity_encoder(pack_dir, provider)
@@ -239,7 +239,7 @@ class DreamIDVIRLFineTune(io.ComfyNode):
         root = resolve_dataset_folder(dataset_folder)
         plan = stage_plan(stage, steps)
         stages = _stages()
-        from training.trainer import TrainConfig
+        from ..training.trainer import TrainConfig
 
         context = conditioning_context(positive, model.dit.cfg.text_dim)
         validate_every = int(validate_every or 0)
@@ -254,8 +254,8 @@ class DreamIDVIRLFineTune(io.ComfyNode):
         train_vae = PixelSpaceVAE(vae)
         validator = None
         if validate_every:
-            from training.dataset import DreamIDVDataset
-            from training.validation import make_identity_validator, validation_items
+            from ..training.dataset import DreamIDVDataset
+            from ..training.validation import make_identity_validator, validation_items
             items = validation_items(DreamIDVDataset(root, int(width), int(height), int(frames)), VALIDATION_SAMPLES)
             validator = make_identity_validator(items, train_vae, context, encoder, steps=VALIDATION_STEPS,
                                                 seed=int(seed))
@@ -275,9 +275,9 @@ class DreamIDVIRLFineTune(io.ComfyNode):
             if trains == "id_projection" and getattr(dit, "id_projection", None) is None:
                 dit.attach_id_projection(ID_TOKENS, ARCFACE_DIM)  # zero-gated: a no-op until trained
             try:
-                from training.trainer import use_validator
+                from ..training.trainer import use_validator
                 if is_ivs:
-                    from training.ivs import train_ivs
+                    from ..training.ivs import train_ivs
                     result = train_ivs(dit, root, config, train_vae, context, width=int(width), height=int(height),
                                        frames=int(frames), progress=progress, cancel=cancel)
                 else:
@@ -290,7 +290,7 @@ class DreamIDVIRLFineTune(io.ComfyNode):
                 mm.throw_exception_if_processing_interrupted()
                 raise mm.InterruptProcessingException() from None
             if trains == "lora":
-                from training.lora import remove_lora
+                from ..training.lora import remove_lora
                 remove_lora(dit, merge=True)
             for p in dit.parameters():
                 p.requires_grad_(False)

@@ -79,7 +79,7 @@ if [ -z "$PORT" ]; then
 fi
 
 # Model folders: create the pack's ones; point a fetched ComfyUI (or a custom --models-dir) at them.
-FOLDERS=$("$PY" -c 'import sys; sys.path.insert(0, sys.argv[1]); from dreamidv_core.model_files import CATALOGUE; print(" ".join(sorted({m.folder for m in CATALOGUE})))' "$ROOT")
+FOLDERS=$("$PY" -c 'import sys; sys.path.insert(0, sys.argv[1]); from dreamidv_core.weights.model_files import CATALOGUE; print(" ".join(sorted({m.folder for m in CATALOGUE})))' "$ROOT")
 if [ "$MODELS" != "$(realpath -m "$COMFY/models")" ]; then
     for f in $FOLDERS; do mkdir -p "$MODELS/$f"; done
     YAML="$CACHE/dreamidv_extra_model_paths.yaml"

@@ -103,9 +103,9 @@ def pack(comfy, repo_root):
 @pytest.fixture(scope="module")
 def tiny_swap_models():
     """A tiny random full DiT (text_dim 48) and tiny VAE, as the swap and window tests use them."""
-    from dreamidv_core.configs import tiny_config
-    from dreamidv_core.dit import DreamIDVTransformer, init_random_
-    from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
+    from dreamidv_core.models.configs import tiny_config
+    from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
+    from dreamidv_core.models.vae import TINY_VAE_CONFIG, WanVAE
 
     torch.manual_seed(0)
     dit = init_random_(DreamIDVTransformer(tiny_config("full", text_dim=48)), seed=11).eval()

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dreamidv_core.checkpoints import convert_to_safetensors, detect_dit_config, load_dit, save_dit
-from dreamidv_core.configs import tiny_config
-from dreamidv_core.dit import DreamIDVTransformer, init_random_
+from dreamidv_core.weights.checkpoints import convert_to_safetensors, detect_dit_config, load_dit, save_dit
+from dreamidv_core.models.configs import tiny_config
+from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import CheckpointError
-from dreamidv_core.state_dict_io import read_state_dict
+from dreamidv_core.io.state_dict import read_state_dict
 
 from test_dit import make_inputs, run
 

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from dreamidv_core import vae as vae_module
-from dreamidv_core.checkpoints import save_dit
+from dreamidv_core.models import vae as vae_module
+from dreamidv_core.weights.checkpoints import save_dit
 from dreamidv_core.cli import main
-from dreamidv_core.configs import tiny_config
-from dreamidv_core.dit import DreamIDVTransformer, init_random_
-from dreamidv_core.state_dict_io import save_safetensors
-from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
-from dreamidv_core.video_io import read_video, write_video
+from dreamidv_core.models.configs import tiny_config
+from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
+from dreamidv_core.io.state_dict import save_safetensors
+from dreamidv_core.models.vae import TINY_VAE_CONFIG, WanVAE
+from dreamidv_core.io.video import read_video, write_video
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_cli_swap_makes_pose_and_mask_with_mediapipe(tmp_path, models_dir, share
 
 # ---------------------------------------------------------------------------- streaming video files
 def test_video_reader_is_lazy_and_random_access(tmp_path):
-    from dreamidv_core.video_io import VideoReader
+    from dreamidv_core.io.video import VideoReader
 
     frames = np.repeat(np.arange(0, 240, 8, dtype=np.uint8)[:, None, None, None], 3, axis=-1)
     frames = np.broadcast_to(frames, (30, 32, 48, 3)).copy()
@@ -125,7 +125,7 @@ def test_video_reader_is_lazy_and_random_access(tmp_path):
 
 
 def test_video_writer_leaves_nothing_on_failure(tmp_path):
-    from dreamidv_core.video_io import VideoWriter
+    from dreamidv_core.io.video import VideoWriter
 
     good = np.zeros((3, 16, 16, 3), np.uint8)
     write_video(tmp_path / "out.mp4", good, fps=8)
@@ -145,8 +145,8 @@ def test_video_writer_leaves_nothing_on_failure(tmp_path):
 
 def test_swap_from_lazy_reader_equals_in_memory_frames(tmp_path, tiny_swap_models):
     """The CLI's lazy reader gives the swap exactly the frames an in-memory array does."""
-    from dreamidv_core.swap import SwapSettings, swap_face
-    from dreamidv_core.video_io import VideoReader
+    from dreamidv_core.pipelines.swap import SwapSettings, swap_face
+    from dreamidv_core.io.video import VideoReader
 
     write_inputs(tmp_path, frames=13)
     dit, vae = tiny_swap_models

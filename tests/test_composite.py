@@ -7,8 +7,8 @@ import pickle
 import pytest
 import torch
 
-from dreamidv_core import composite as C
-from dreamidv_core import segmentation as S
+from dreamidv_core.preprocess import composite as C
+from dreamidv_core.preprocess import segmentation as S
 from dreamidv_core.errors import CheckpointError, InputError
 
 TINY = "configs/sam2.1/sam2.1_hiera_t.yaml"

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamidv_core.configs import RELEASED_CONFIGS, tiny_config
-from dreamidv_core.dit import DreamIDVTransformer, init_random_
+from dreamidv_core.models.configs import RELEASED_CONFIGS, tiny_config
+from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import InputError
-from dreamidv_core.layers import rope_table
+from dreamidv_core.models.layers import rope_table
 
 DATA = Path(__file__).parent / "data"
 MANIFESTS = {
@@ -156,7 +156,7 @@ def test_context_longer_than_text_len_is_refused(full_model):
 
 
 def test_missing_attention_backend_is_a_clear_error(monkeypatch):
-    from dreamidv_core import attention as attn
+    from dreamidv_core.models import attention as attn
 
     monkeypatch.setattr(attn, "available_backends", lambda: ["sdpa"])
     assert attn.check_backend("sdpa") == "sdpa"

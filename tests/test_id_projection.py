@@ -5,13 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamidv_core.checkpoints import detect_dit_config, load_dit, save_dit
-from dreamidv_core.configs import RELEASED_CONFIGS, tiny_config
-from dreamidv_core.dit import DreamIDVTransformer, init_random_
+from dreamidv_core.weights.checkpoints import detect_dit_config, load_dit, save_dit
+from dreamidv_core.models.configs import RELEASED_CONFIGS, tiny_config
+from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import CheckpointError, InputError
-from dreamidv_core.id_projection import apply_id_projection_file, is_id_projection_file
-from dreamidv_core.speed import StepCache, attach_step_cache, disable_block_offload, enable_block_offload
-from dreamidv_core.state_dict_io import read_state_dict, save_safetensors
+from dreamidv_core.weights.id_projection import apply_id_projection_file, is_id_projection_file
+from dreamidv_core.sampling.offload import disable_block_offload, enable_block_offload
+from dreamidv_core.sampling.step_cache import StepCache, attach_step_cache
+from dreamidv_core.io.state_dict import read_state_dict, save_safetensors
 
 from test_dit import make_inputs
 
@@ -229,7 +230,7 @@ def load_dit_from(model, tmp_path):
 # ------------------------------------------------------------------------------------------------ training
 def test_trainer_in_id_projection_mode_trains_only_the_projection(tmp_path):
     from tests.synthetic_data import write_synthetic_dataset
-    from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
+    from dreamidv_core.models.vae import TINY_VAE_CONFIG, WanVAE
     from training.dataset import collate
     from training.objective import FlowMatchingObjective
     from training.stages import colour_identity_encoder, make_loss_fn, stage_dataset

@@ -1,4 +1,4 @@
-"""dreamidv_core.identity on insightface with test-built ONNX packs (tests/onnx_models.py); no ComfyUI."""
+"""dreamidv_core.preprocess.identity on insightface with test-built ONNX packs (tests/onnx_models.py); no ComfyUI."""
 from __future__ import annotations
 
 import socket
@@ -14,9 +14,9 @@ import onnx_models as om  # noqa: E402
 
 insightface = pytest.importorskip("insightface")
 
-from dreamidv_core import identity as core  # noqa: E402
+from dreamidv_core.preprocess import identity as core  # noqa: E402
 from dreamidv_core.errors import CheckpointError, InputError  # noqa: E402
-from dreamidv_core.video_ops import prepare_reference  # noqa: E402
+from dreamidv_core.preprocess.video_ops import prepare_reference  # noqa: E402
 
 # three faces: (cell_x, cell_y, green ~ box side, texture seed); image 320x320 = detection size
 FACES = [(30, 12, 100, 2), (10, 10, 60, 1), (20, 30, 40, 3)]
@@ -199,8 +199,9 @@ def test_letterbox_and_latent(analyzer):
     expected = prepare_reference(img, 640, 360, 320, 192)
     torch.testing.assert_close(vae.seen[0], expected.mul(2).sub(1))
     assert bundle.latent.shape == (1, 16, 1, expected.shape[2] // 8, expected.shape[3] // 8)
-    assert bundle.latent_key == (640, 360, 320, 192)
-    assert bundle.latent_for(640, 360, 320, 192) is bundle.latent and bundle.latent_for(640, 360, 832, 480) is None
+    assert bundle.latent_key == ((640, 360), (320, 192))
+    assert bundle.latent_for((640, 360), (320, 192)) is bundle.latent
+    assert bundle.latent_for((640, 360), (832, 480)) is None
     with pytest.raises(InputError, match="VAE was given without the driving video"):
         core.encode_identity(analyzer, img, vae=vae)
 

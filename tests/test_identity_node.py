@@ -83,7 +83,7 @@ def test_schema(pack):
 
 
 def test_execute_with_video_and_vae(node, pack):
-    from dreamidv_core.identity_bundle import IdentityBundle
+    from dreamidv_core.preprocess.identity_bundle import IdentityBundle
 
     video = torch.rand(3, 360, 640, 3)
     vae = ComfyLikeVAE()
@@ -96,7 +96,7 @@ def test_execute_with_video_and_vae(node, pack):
     assert emb.shape == (1, 512) and abs(float(emb.norm()) - 1) < 1e-5
     np.testing.assert_allclose(emb[0].numpy(), bundle.embedding)
     assert vae.pixels.shape[0] == 1 and float(vae.pixels.min()) >= 0  # 0..1 pixels, one frame
-    assert bundle.latent.shape[:3] == (1, 16, 1) and bundle.latent_key == (640, 360, 320, 192)
+    assert bundle.latent.shape[:3] == (1, 16, 1) and bundle.latent_key == ((640, 360), (320, 192))
     assert torch.equal(preview[0], torch.from_numpy(bundle.letterboxed).float().div(255))
 
 

@@ -1,4 +1,4 @@
-"""dreamidv_core.identity_report: numbers, plot, landmark error, insightface path and the command."""
+"""dreamidv_core.eval.identity_report: numbers, plot, landmark error, insightface path and the command."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dreamidv_core import identity_report as ir  # noqa: E402
+from dreamidv_core.eval import identity_report as ir  # noqa: E402
 from dreamidv_core.errors import InputError  # noqa: E402
 
 
@@ -97,7 +97,7 @@ def test_frames_are_read_and_embedded_one_at_a_time(frames):
         return colour_embedder(images)
 
     video = Lazy()
-    rep = ir.identity_report(video, np.array([1.0, 0, 0]), embedder, progress=lambda i, n: done.append((i, n)))
+    rep = ir.identity_report(video, np.array([1.0, 0, 0]), embedder, progress=lambda stage, i, n: done.append((i, n)))
     assert video.reads == list(range(6)) and calls == [1] * 6 and done == [(i, 6) for i in range(1, 7)]
     assert rep.face_count == 5
 
@@ -235,7 +235,7 @@ def face_frame(cell, green=40, seed=1):
 
 
 def test_insightface_embedder_and_landmarker(pack):
-    from dreamidv_core.identity import FaceAnalyzer, cosine
+    from dreamidv_core.preprocess.identity import FaceAnalyzer, cosine
 
     folder = ir.resolve_pack(pack, "buffalo_l")
     assert folder == pack / "models" / "buffalo_l" and ir.resolve_pack(folder, "other") == folder
@@ -261,7 +261,7 @@ def test_command_writes_json_and_plot(pack, tmp_path, capsys):
     from PIL import Image
 
     pytest.importorskip("av")
-    from dreamidv_core.video_io import write_video
+    from dreamidv_core.io.video import write_video
 
     video = np.stack([face_frame((10, 10)), face_frame(None), face_frame((10, 10), seed=2)])
     write_video(tmp_path / "v.mp4", video, fps=8)

@@ -5,17 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from dreamidv_core.checkpoints import load_dit, save_dit
-from dreamidv_core.configs import IVS_1_3B, tiny_config
-from dreamidv_core.dit import DreamIDVTransformer, init_random_
+from dreamidv_core.weights.checkpoints import load_dit, save_dit
+from dreamidv_core.models.configs import IVS_1_3B, tiny_config
+from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import CheckpointError, InputError
-from dreamidv_core.ivs import (IVSSettings, flf_conditioning, flf_mask, flf_pixel_mask, init_ivs_state_dict,
-                               ivs_config_from, load_ivs, sample_ivs, sample_ivs_latent)
-from dreamidv_core.samplers import SAMPLERS, flow_sigmas, sigma_to_timestep
-from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
-from dreamidv_core.video_io import write_video
-from dreamidv_core.video_ops import prepare_frames
-from dreamidv_core.windows import padded_frame_count
+from dreamidv_core.models.ivs import flf_mask, flf_pixel_mask, init_ivs_state_dict, ivs_config_from
+from dreamidv_core.pipelines.ivs import IVSSettings, flf_conditioning, ivs_plan, sample_ivs, sample_ivs_latent
+from dreamidv_core.weights.checkpoints import load_ivs
+from dreamidv_core.sampling.samplers import SAMPLERS, flow_sigmas, sigma_to_timestep
+from dreamidv_core.models.vae import TINY_VAE_CONFIG, WanVAE
+from dreamidv_core.io.video import write_video
+from dreamidv_core.preprocess.video_ops import prepare_frames
+from dreamidv_core.models.frame_grid import padded_frame_count
 
 AREA = dict(width=64, height=32)
 TEXT = 32
@@ -70,18 +71,18 @@ def test_flf_mask_layout_matches_wan():
 
 def test_flf_conditioning_zeros_between(vae):
     first, last = frames(1, seed=1)[0], frames(1, seed=2)[0]
-    y = flf_conditioning(vae, first, last, 9, **AREA)
+    y = flf_conditioning(vae, first, last, ivs_plan(first, 9, **AREA))
     assert y.shape == (20, 3, 4, 6)  # 40x56 -> area 64x32 -> 32x48 pixels -> 4x6 latent
     assert torch.equal(y[:4, :, 0, 0], flf_mask(flf_pixel_mask(9), 1, 1)[:, :, 0, 0])
     # the latent channels are the VAE latent of [first, zeros (grey), last] in [-1, 1]
-    from dreamidv_core.ivs import prepare_first_last
+    from dreamidv_core.pipelines.ivs import prepare_first_last
 
     f0, f1 = prepare_first_last(first, last, **AREA)
     clip = torch.zeros(3, 9, 32, 48)
     clip[:, 0], clip[:, 8] = f0 * 2 - 1, f1 * 2 - 1
     assert torch.allclose(y[4:], vae.encode(clip[None])[0], atol=1e-5)
     # another last frame changes only the latent frames that see it (causal VAE: the last one)
-    y2 = flf_conditioning(vae, first, frames(1, seed=3)[0], 9, **AREA)
+    y2 = flf_conditioning(vae, first, frames(1, seed=3)[0], ivs_plan(first, 9, **AREA))
     assert torch.equal(y2[4:, :2], y[4:, :2]) and not torch.allclose(y2[4:, 2], y[4:, 2])
 
 
@@ -167,7 +168,7 @@ def test_several_windows_return_exactly_n_frames(vae, ivs, n):
 def single_pass(dit, vae, first, last, pose, ctx, s):
     """The IVS as it was before windows: whole-clip y and pose tokens, one text-guided model, whole decode."""
     n = s.frames
-    y = flf_conditioning(vae, first, last, n, s.width, s.height)
+    y = flf_conditioning(vae, first, last, ivs_plan(first, n, s.width, s.height))
     padded = torch.cat([pose[:n], pose[n - 1:n].expand(padded_frame_count(n) - n, -1, -1, -1)])
     tokens = dit.pose_tokens(prepare_frames(padded, len(padded), s.width, s.height, "pose")[None])
     cond = dit.prepare(ctx, y, None, tokens, cache_pose_kv=True)

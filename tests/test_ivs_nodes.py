@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreamidv_core.checkpoints import save_dit
-from dreamidv_core.configs import tiny_config
-from dreamidv_core.dit import DreamIDVTransformer, init_random_
+from dreamidv_core.weights.checkpoints import save_dit
+from dreamidv_core.models.configs import tiny_config
+from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import CheckpointError, InputError
-from dreamidv_core.ivs import init_ivs_state_dict, ivs_config_from
-from dreamidv_core.vae import WanVAE, WanVAEConfig
+from dreamidv_core.models.ivs import init_ivs_state_dict, ivs_config_from
+from dreamidv_core.models.vae import WanVAE, WanVAEConfig
 from tests.node_helpers import model_folders, progress_updates
 
 COMFY_TINY_VAE = WanVAEConfig(dim=8, num_res_blocks=2)  # a tiny Wan 2.1 VAE comfy.sd.VAE recognises

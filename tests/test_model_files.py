@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 
-from dreamidv_core import model_files as mf
-from dreamidv_core.model_files import CATALOGUE, find_model_files, format_missing, markdown_table
+from dreamidv_core.weights import model_files as mf
+from dreamidv_core.weights.model_files import CATALOGUE, find_model_files, format_missing, markdown_table
 
 REQUIRED_KEYS = {"dit", "vae", "text_encoder"}
 
@@ -178,7 +177,7 @@ def test_readme_table_is_generated_from_the_catalogue(repo_root):
         assert f"`{m.folder}/`" in table
     readme = (repo_root / "README.md").read_text(encoding="utf-8")
     assert table in readme, ("README.md's model table differs from the catalogue: paste the output of "
-                             "`python -m dreamidv_core.model_files --markdown`")
+                             "`python -m dreamidv_core.weights.model_files --markdown`")
 
 
 def test_module_does_not_import_torch_or_comfyui():

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from dreamidv_core.adapters import PixelSpaceVAE, context_from_conditioning, denormalise_latent, normalise_latent
-from dreamidv_core.checkpoints import save_dit
-from dreamidv_core.configs import tiny_config
-from dreamidv_core.dit import DreamIDVTransformer, init_random_
+from dreamidv_core.pipelines.adapters import PixelSpaceVAE, context_from_conditioning, denormalise_latent, normalise_latent
+from dreamidv_core.weights.checkpoints import save_dit
+from dreamidv_core.models.configs import tiny_config
+from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import CheckpointError, InputError
-from dreamidv_core.geometry import CropBox, paste_back, source_crop_box
-from dreamidv_core.identity_bundle import IdentityBundle
-from dreamidv_core.state_dict_io import save_safetensors
-from dreamidv_core.vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEConfig
+from dreamidv_core.preprocess.geometry import CropBox, paste_back, source_crop_box
+from dreamidv_core.preprocess.identity_bundle import IdentityBundle
+from dreamidv_core.io.state_dict import save_safetensors
+from dreamidv_core.models.vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEConfig
 from tests.node_helpers import model_folders, progress_updates
 
 # A tiny Wan 2.1 VAE that ComfyUI's comfy.sd.VAE recognises (it fixes num_res_blocks=2, dim_mult 1,2,4,4).
@@ -146,11 +146,11 @@ def test_loader_caches_and_reports(model_dirs, loader):
     assert any(lm.model is a.patcher for lm in mm.current_loaded_models)
     loader.unload_patcher(a.patcher)  # what "auto_offload" does after a run
     assert not any(lm.model is a.patcher for lm in mm.current_loaded_models)
-    key = next(k for k, v in loader._CACHE.items() if v is a)
+    key = next(k for k, v in loader._MODELS.items() if v is a)
     del a, b, c
     mm.unload_all_models()
     gc.collect()
-    assert key not in loader._CACHE  # nothing holds it any more: freed
+    assert key not in dict(loader._MODELS.items())  # nothing holds it any more: freed
 
 
 def test_loader_missing_and_wrong_files_name_folder_and_expected(model_dirs, loader):
@@ -236,7 +236,7 @@ def test_pose_guider_records_geometry(pack, models):
     full, faster = models
     tokens = pose_for(pack, full)
     assert tokens.tokens.shape == (1, 2 * 2 * 3, full.dit.cfg.dim)  # 2 latent frames x (32/16) x (48/16)
-    assert tokens.frames == 5 and tokens.source_size == (W_SRC, H_SRC) and tokens.area == (64, 32)
+    assert tokens.plan.frames == 5 and tokens.plan.source_size == (W_SRC, H_SRC) and tokens.plan.area == (64, 32)
     with pytest.raises(InputError, match="faster"):
         pose_for(pack, faster)
 
@@ -295,11 +295,12 @@ def test_sampler_uses_the_identity_latent_when_it_matches(pack, models, tiny_vae
     _, faster = models
     vae = tiny_vaes[1]
     ident = identity()
-    from dreamidv_core.adapters import PixelSpaceVAE
-    from dreamidv_core.swap import SwapSettings, encode_reference
+    from dreamidv_core.pipelines.adapters import PixelSpaceVAE
+    from dreamidv_core.preprocess.identity_bundle import encode_reference
 
-    ident.latent = encode_reference(PixelSpaceVAE(vae), ident.image, W_SRC, H_SRC, SwapSettings(**AREA))
-    ident.latent_key = (W_SRC, H_SRC, 64, 32)
+    area = (AREA["width"], AREA["height"])
+    ident.latent = encode_reference(PixelSpaceVAE(vae), ident.image, (W_SRC, H_SRC), area)
+    ident.latent_key = ((W_SRC, H_SRC), area)
     expected = run(pack, faster, vae, ident=identity())[0]
 
     def refuse(*a, **k):
@@ -307,7 +308,7 @@ def test_sampler_uses_the_identity_latent_when_it_matches(pack, models, tiny_vae
 
     monkeypatch.setattr(pack.nodes.sampler, "encode_reference", refuse)
     assert torch.allclose(run(pack, faster, vae, ident=ident)[0], expected, atol=1e-5)
-    ident.latent_key = (W_SRC, H_SRC, 832, 480)  # made for another area: must be encoded anew
+    ident.latent_key = ((W_SRC, H_SRC), (832, 480))  # made for another area: must be encoded anew
     with pytest.raises(AssertionError, match="latent"):
         run(pack, faster, vae, ident=ident)
 
@@ -356,7 +357,7 @@ def spm_bytes():
 
 
 def tiny_4096_encoder():
-    from dreamidv_core.umt5 import UMT5Config, UMT5Encoder
+    from dreamidv_core.models.umt5 import UMT5Config, UMT5Encoder
 
     model = UMT5Encoder(UMT5Config(vocab_size=64, d_model=4096, num_layers=1, num_heads=2, d_kv=8, d_ff=16))
     g = torch.Generator().manual_seed(0)
@@ -367,8 +368,8 @@ def tiny_4096_encoder():
 
 
 def test_text_context_from_encoder_files_is_cached(model_dirs, loader, spm_bytes, monkeypatch):
-    from dreamidv_core import text_context
-    from dreamidv_core.umt5 import LAYOUT_HF, LAYOUT_OFFICIAL, export_state_dict
+    from dreamidv_core.pipelines import text_context
+    from dreamidv_core.models.umt5 import LAYOUT_HF, LAYOUT_OFFICIAL, export_state_dict
 
     model = tiny_4096_encoder()
     te = model_dirs["text_encoders"]
@@ -402,7 +403,7 @@ def test_comfy_umt5_tokenizer_pads_to_512_after_eos(comfy, spm_bytes):
     followed by pad id 0 up to 512 (its encoder then masks and zeroes the padding rows)."""
     from comfy.text_encoders.wan import WanT5Tokenizer
 
-    from dreamidv_core.text_context import UMT5Tokenizer
+    from dreamidv_core.pipelines.text_context import UMT5Tokenizer
 
     tokens = WanT5Tokenizer(tokenizer_data={"spiece_model": spm_bytes}).tokenize_with_weights("chang face")["umt5xxl"]
     ids = [t for t, _ in tokens[0]]
@@ -416,7 +417,7 @@ def test_sampler_swaps_a_clip_longer_than_one_window(pack, models, tiny_vaes):
     vae = tiny_vaes[1]
     video, mask = clip(frames=15, seed=4)  # window 9 / overlap 4 -> 3 windows over 17 padded frames
     pose = pose_for(pack, full, video=clip(frames=15, seed=5)[0], frame_num=0, window=9, overlap=4)
-    assert pose.frames == 15 and pose.window == (9, 4)
+    assert pose.plan.frames == 15 and pose.plan.window == (9, 4)
     frames, in_source, count = run(pack, full, vae, pose, video, mask, frame_num=0, window=9, overlap=4,
                                    background_strength=0.5, step_cache=0.2)
     assert count == 15 and frames.shape == (15, 32, 48, 3) and in_source.shape == (15, H_SRC, W_SRC, 3)
@@ -437,7 +438,7 @@ def test_loader_block_offload_option(model_dirs, loader):
 
 def test_loader_applies_an_id_projection_and_the_sampler_needs_the_embedding(model_dirs, loader, pack, tiny_vaes,
                                                                             tmp_path):
-    from dreamidv_core.identity_bundle import FaceBox
+    from dreamidv_core.preprocess.identity_bundle import FaceBox
 
     with model_folders(tmp_path, ("loras",), (".safetensors",)) as folders:
         loras = folders["loras"]

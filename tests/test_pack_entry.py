@@ -20,7 +20,71 @@ def test_pack_loads_like_comfyui_loads_it(pack, repo_root):
     ids = [n.define_schema().node_id for n in nodes]
     assert len(ids) == len(set(ids))
     assert all(i.startswith("DreamIDV") for i in ids)
-    assert str(repo_root) in sys.path  # so that node code can `import dreamidv_core`
+    import dreamidv_core
+
+    assert Path(dreamidv_core.__file__).resolve().parent == repo_root / "dreamidv_core"
+
+
+DECOY_CHECK = r"""
+import importlib, importlib.util, json, sys
+comfyui, repo, decoys = sys.argv[1:4]
+sys.path[:0] = [decoys, comfyui]  # decoys first: another pack's 'training' and 'nodes' win any plain import
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.model_management, folder_paths  # noqa: E401,F401
+spec = importlib.util.spec_from_file_location("comfyui-dreamidv", repo + "/__init__.py",
+                                              submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = pack
+spec.loader.exec_module(pack)
+stages = pack.nodes.training._stages()          # what the fine-tune node imports when a run starts
+import dreamidv_core
+print(json.dumps({"stages": stages.__file__, "core": dreamidv_core.__file__,
+                  "node_modules": sorted({m.__file__ for n, m in sys.modules.items()
+                                          if n.startswith("comfyui-dreamidv.nodes")}),
+                  "plain_training": sys.modules["training"].__file__ if "training" in sys.modules else None,
+                  "path_has_repo": repo in sys.path}))
+"""
+
+
+@pytest.mark.comfyui
+def test_pack_gets_its_own_modules_with_decoys_earlier_on_the_path(comfyui_dir, repo_root, tmp_path):
+    import json
+    import subprocess
+
+    decoys = tmp_path / "decoys"
+    (decoys / "training").mkdir(parents=True)
+    (decoys / "training" / "__init__.py").write_text("DECOY = True\n")
+    (decoys / "training" / "stages.py").write_text("raise ImportError('the decoy training.stages was imported')\n")
+    (decoys / "dreamidv_nodes_decoy.py").write_text("")
+    (decoys / "nodes.py").write_text("raise ImportError('the decoy nodes module was imported')\n")
+    out = subprocess.run([sys.executable, "-c", DECOY_CHECK, str(comfyui_dir), str(repo_root), str(decoys)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert Path(seen["stages"]).resolve() == repo_root / "training" / "stages.py"
+    assert Path(seen["core"]).resolve() == repo_root / "dreamidv_core" / "__init__.py"
+    assert seen["node_modules"] and all(Path(f).resolve().parent == repo_root / "nodes" for f in seen["node_modules"])
+    assert seen["plain_training"] is None  # the decoy 'training' was never imported, nor was ours shadowing it
+    assert not seen["path_has_repo"]
+
+
+def test_a_second_copy_of_the_core_is_refused_with_a_clear_message(tmp_path, monkeypatch):
+    import importlib.util
+
+    other = tmp_path / "old_copy" / "dreamidv_core"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("")
+    spec = importlib.util.spec_from_file_location("dreamidv_core", other / "__init__.py",
+                                                  submodule_search_locations=[str(other)])
+    fake = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "dreamidv_core", fake)
+    root = importlib.util.spec_from_file_location("pack_root_under_test", Path(__file__).resolve().parents[1] /
+                                                  "__init__.py")
+    module = importlib.util.module_from_spec(root)
+    with pytest.raises(ImportError, match="Two copies of the DreamID-V pack"):
+        root.loader.exec_module(module)  # ComfyUI shows this message in its import failures
+        module._register_core()  # (when the module stayed inert because comfy was not imported)
 
 
 def test_pyproject_has_registry_metadata(repo_root):

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from dreamidv_core.errors import CheckpointError, InputError
-from dreamidv_core.pose import extract_dwpose, extract_keypoints, fill_gaps, render
-from dreamidv_core.pose import face_geometry as fg
-from dreamidv_core.pose.dwpose import DWPose, decode_simcc, nms
-from dreamidv_core.pose.keypoints import parse_pose_keypoints
-from dreamidv_core.pose.landmark_sets import COLORS, CORE_POINTS, FACE_OVAL
+from dreamidv_core.preprocess.pose import extract_dwpose, extract_keypoints, fill_gaps, render
+from dreamidv_core.preprocess.pose import face_geometry as fg
+from dreamidv_core.preprocess.pose.dwpose import DWPose, decode_simcc, nms
+from dreamidv_core.preprocess.pose.keypoints import parse_pose_keypoints
+from dreamidv_core.preprocess.pose.landmark_sets import COLORS, CORE_POINTS, FACE_OVAL
 
 from onnx_pose_models import dwpose_model, yolox_model
 
@@ -177,7 +177,7 @@ def test_metric_mesh_reprojects_and_retarget_math():
 
 
 def test_iris_keeps_relative_position_in_eye_box():
-    from dreamidv_core.pose.landmark_sets import LEFT_EYE_CONTOUR, RIGHT_EYE_CONTOUR
+    from dreamidv_core.preprocess.pose.landmark_sets import LEFT_EYE_CONTOUR, RIGHT_EYE_CONTOUR
     lmks = np.zeros((478, 3))
     proj = np.zeros((468, 2))
     for eye, x0 in ((RIGHT_EYE_CONTOUR, 0.2), (LEFT_EYE_CONTOUR, 0.6)):
@@ -285,8 +285,8 @@ def test_node_schema_and_execute(pack, tmp_path):
 def test_mediapipe_on_real_video(shared_dir):
     pytest.importorskip("mediapipe")
     import cv2
-    from dreamidv_core.pose import extract_mediapipe
-    from dreamidv_core.pose.mediapipe_face import FaceLandmarker
+    from dreamidv_core.preprocess.pose import extract_mediapipe
+    from dreamidv_core.preprocess.pose.mediapipe_face import FaceLandmarker
     task = shared_dir / "assets" / "face_landmarker_v2_with_blendshapes.task"
     video = shared_dir / "assets" / "a_girl.mp4"
     if not task.is_file() or not video.is_file():

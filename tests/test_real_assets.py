@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from dreamidv_core.video_io import read_image, read_video
-from dreamidv_core.video_ops import output_size, prepare_frames, prepare_reference
-from dreamidv_core.windows import clip_frame_count
+from dreamidv_core.io.video import read_image, read_video
+from dreamidv_core.preprocess.video_ops import output_size, prepare_frames, prepare_reference
+from dreamidv_core.pipelines.plan import clip_frame_count
 
 pytestmark = pytest.mark.shared_assets
 
@@ -32,8 +32,8 @@ def test_expression_adaptation_on_the_real_clip_moves_with_it_in_the_new_face_sh
     head position frame by frame but carries I_g's face shape (not the clip's own)."""
     import numpy as np
 
-    from dreamidv_core.pose.extract import extract_mediapipe
-    from dreamidv_core.pose.mediapipe_face import FaceLandmarker
+    from dreamidv_core.preprocess.pose.extract import extract_mediapipe
+    from dreamidv_core.preprocess.pose.mediapipe_face import FaceLandmarker
     from dreamidv_core.synthesis.expression import adapt_expression
 
     frames, _ = read_video(shared_dir / "assets" / "a_girl.mp4", max_frames=9)

@@ -1,4 +1,4 @@
-"""Tests for dreamidv_core.samplers (CPU, a few seconds in all)."""
+"""Tests for dreamidv_core.sampling.samplers (CPU, a few seconds in all)."""
 
 import math
 
@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from dreamidv_core.errors import Cancelled
-from dreamidv_core.samplers import (
-    SAMPLERS,
-    flow_sigmas,
-    identity_guidance,
-    sample_euler,
-    sample_unipc,
-    sigma_to_timestep,
-)
+from dreamidv_core.sampling.guidance import identity_guidance
+from dreamidv_core.sampling.samplers import (
+                                             SAMPLERS,
+                                             flow_sigmas,
+                                             sample_euler,
+                                             sample_unipc,
+                                             sigma_to_timestep,
+                                             )
 
 # --------------------------------------------------------------------------------------------
 # schedule

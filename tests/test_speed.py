@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from dreamidv_core.configs import tiny_config
-from dreamidv_core.dit import DreamIDVTransformer, init_random_
+from dreamidv_core.models.configs import tiny_config
+from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import InputError
-from dreamidv_core.samplers import flow_sigmas, sample_unipc
-from dreamidv_core.speed import (StepCache, attach_step_cache, disable_block_offload, enable_block_offload,
-                                 measure_step_cache, offload_memory)
-from dreamidv_core.swap import make_guided_model
+from dreamidv_core.sampling.samplers import flow_sigmas, sample_unipc
+from dreamidv_core.sampling.offload import disable_block_offload, enable_block_offload, offload_memory
+from dreamidv_core.sampling.step_cache import StepCache, attach_step_cache, measure_step_cache
+from dreamidv_core.sampling.guidance import make_guided_model
 
 
 def make_model(layers=4, seed=3):

@@ -2,13 +2,13 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dreamidv_core.errors import Cancelled, InputError
-from dreamidv_core.swap import SwapSettings, swap_face
-from dreamidv_core.video_ops import (letterbox_reference, output_size, prepare_frames, prepare_reference,
-                                     resized_size)
-from dreamidv_core.windows import clip_frame_count, padded_frame_count
+from dreamidv_core.pipelines.swap import SwapSettings, swap_face
+from dreamidv_core.preprocess.video_ops import (letterbox_reference, output_size, prepare_frames, prepare_reference,
+                                                resized_size)
+from dreamidv_core.models.frame_grid import padded_frame_count
+from dreamidv_core.pipelines.plan import clip_frame_count
 
 
 @pytest.mark.parametrize("available,frame_num,expected,padded", [
@@ -144,15 +144,18 @@ def test_mismatched_mask_length_and_missing_pose_are_clear_errors(models):
 
 
 def test_precomputed_pose_tokens_and_reference_latent_give_the_same_swap(models):
-    from dreamidv_core.swap import encode_reference, pose_tokens_for
+    from dreamidv_core.pipelines.swap import plan_for, pose_tokens_for
+    from dreamidv_core.preprocess.identity_bundle import encode_reference
 
     dit, vae = models
     video, mask, pose, ref = clip()
     context = torch.randn(4, 48, generator=torch.Generator().manual_seed(1))
     s = SwapSettings(width=48, height=32, steps=2)
     direct = swap_face(dit, vae, video, mask, ref, context, pose=pose, settings=s)
-    tokens = pose_tokens_for(dit, pose, direct.frames_used, s)
-    latent = encode_reference(vae, ref, video.shape[2], video.shape[1], s)
+    plan = plan_for(video, s)
+    assert plan.frames == direct.frames_used
+    tokens = pose_tokens_for(dit, pose, plan)
+    latent = encode_reference(vae, ref, plan.source_size, plan.area)
     staged = swap_face(dit, vae, video, mask, None, context, settings=s, pose_tokens=tokens, ref_latent=latent)
     assert torch.equal(direct.latent, staged.latent)
 
@@ -160,8 +163,8 @@ def test_precomputed_pose_tokens_and_reference_latent_give_the_same_swap(models)
 def test_id_projection_in_the_sampler(models):
     """A no-op projection leaves the swap bit-identical; a trained one needs the embedding and uses it,
     in one window and in several."""
-    from dreamidv_core.configs import tiny_config
-    from dreamidv_core.dit import DreamIDVTransformer
+    from dreamidv_core.models.configs import tiny_config
+    from dreamidv_core.models.dit import DreamIDVTransformer
 
     dit, vae = models
     withp = DreamIDVTransformer(tiny_config("full", text_dim=48, id_tokens=2, id_embed_dim=8))

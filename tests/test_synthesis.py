@@ -167,7 +167,7 @@ def test_similarity_with_tiny_onnx_arcface(tmp_path):
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import onnx_models as om
-    from dreamidv_core.identity import FaceAnalyzer
+    from dreamidv_core.preprocess.identity import FaceAnalyzer
 
     om.build_pack(tmp_path, "buffalo_l", extras=False)
     enc = syn.analyzer_encoder(FaceAnalyzer(tmp_path / "models" / "buffalo_l", "CPU", det_size=160))
@@ -184,13 +184,13 @@ class FakeLandmarker:
     """A face when pixel (0, 0) is red; its shape scale is green/100, its expression blue/255."""
 
     def __init__(self):
-        from dreamidv_core.pose import face_geometry as fg
+        from dreamidv_core.preprocess.pose import face_geometry as fg
 
         rng = np.random.default_rng(0)
         self.fg, self.canonical = fg, rng.normal(size=(468, 3)) * np.array([6.0, 8.0, 3.0])
 
     def __call__(self, img):
-        from dreamidv_core.pose.mediapipe_face import FaceFrame
+        from dreamidv_core.preprocess.pose.mediapipe_face import FaceFrame
 
         r, g, b = (int(v) for v in img[0, 0])
         if r < 128:
@@ -208,7 +208,7 @@ class FakeLandmarker:
 
 
 def test_adapt_expression_is_the_pose_retargeting_onto_ig():
-    from dreamidv_core.pose import extract_mediapipe
+    from dreamidv_core.preprocess.pose import extract_mediapipe
 
     frames = np.zeros((5, 64, 64, 3), np.uint8)
     frames[:, 0, 0] = [255, 100, 0]
@@ -228,7 +228,7 @@ def test_adapt_expression_is_the_pose_retargeting_onto_ig():
 
 # --------------------------------------------------------------------------- image swap
 def test_swap_image_keeps_size_and_matches_frame_zero_of_the_still_clip(tiny_swap_models):
-    from dreamidv_core.swap import SwapSettings, swap_face
+    from dreamidv_core.pipelines.swap import SwapSettings, swap_face
 
     dit, vae = tiny_swap_models
     torch.manual_seed(0)
@@ -240,7 +240,7 @@ def test_swap_image_keeps_size_and_matches_frame_zero_of_the_still_clip(tiny_swa
     assert out.shape == (1, 36, 52, 3) and 0 <= out.min() and out.max() <= 1
     still = swap_face(dit, vae, image.expand(5, -1, -1, -1), mask.expand(5, -1, -1), ref, ctx,
                       pose=pose.expand(5, -1, -1, -1), settings=s).frames
-    from dreamidv_core.geometry import paste_back, source_crop_box
+    from dreamidv_core.preprocess.geometry import paste_back, source_crop_box
 
     assert torch.allclose(out, paste_back(image, still[:1], source_crop_box(36, 52, 48, 32)), atol=1e-5)
     with pytest.raises(InputError, match="mask is 40x36 but the image is 52x36"):
@@ -260,7 +260,7 @@ def pipeline_outputs(frames=9, no_face=()):
 
 def test_writer_layout_semantics_and_loading(tmp_path):
     from training.dataset import DreamIDVDataset, scan_dataset
-    from dreamidv_core.video_io import read_image, read_video
+    from dreamidv_core.io.video import read_image, read_video
 
     kw = pipeline_outputs()
     reports = syn.write_quadruplet(tmp_path, "clip_0001", **kw)

@@ -68,18 +68,18 @@ class ComfyLikeVAE:
         self.vae = vae
 
     def encode(self, pixels):
-        from dreamidv_core.adapters import denormalise_latent
+        from dreamidv_core.pipelines.adapters import denormalise_latent
 
         return denormalise_latent(self.vae.encode(pixels.permute(3, 0, 1, 2)[None] * 2 - 1))
 
     def decode(self, raw):
-        from dreamidv_core.adapters import normalise_latent
+        from dreamidv_core.pipelines.adapters import normalise_latent
 
         return self.vae.decode(normalise_latent(raw)).add(1).div(2).permute(0, 2, 3, 4, 1)
 
 
 def test_image_swap_with_dreamidv(mod, tiny_swap_models):
-    from dreamidv_core.identity_bundle import IdentityBundle
+    from dreamidv_core.preprocess.identity_bundle import IdentityBundle
 
     dit, vae = tiny_swap_models
     model = SimpleNamespace(dit=dit, load=lambda *a: None, release=lambda: None, key="tiny", name="tiny")
@@ -98,7 +98,7 @@ def test_image_swap_with_dreamidv(mod, tiny_swap_models):
 
 def test_expression_adaptation_node(mod, monkeypatch, tmp_path):
     import folder_paths
-    import dreamidv_core.pose.mediapipe_face as mpf
+    import dreamidv_core.preprocess.pose.mediapipe_face as mpf
     from test_synthesis import FakeLandmarker
 
     class Fake(FakeLandmarker):
@@ -154,7 +154,7 @@ def test_background_recompose_with_tiny_sam2(mod, tmp_path):
     pytest.importorskip("sam2.sam2_video_predictor", reason="the sam2 package is not installed")
     import folder_paths
     from omegaconf import OmegaConf
-    from dreamidv_core import segmentation as S
+    from dreamidv_core.preprocess import segmentation as S
 
     tiny = "configs/sam2.1/sam2.1_hiera_t.yaml"
     predictor = S.build_video_predictor(S.resolve_config(tiny), None, "cpu", image_size=128)

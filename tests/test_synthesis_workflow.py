@@ -150,8 +150,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, {pack!r})
-from dreamidv_core.pose import face_geometry as _fg  # noqa: E402
-from dreamidv_core.pose import mediapipe_face as _mpf  # noqa: E402
+from dreamidv_core.preprocess.pose import face_geometry as _fg  # noqa: E402
+from dreamidv_core.preprocess.pose import mediapipe_face as _mpf  # noqa: E402
 
 _REAL = _mpf.FaceLandmarker
 
@@ -215,9 +215,9 @@ NODE_CLASS_MAPPINGS = {{}}
 def build_models(models: Path) -> dict:
     """The swap workflow's tiny models, a tiny IVS and a placeholder landmarker file."""
     import torch
-    from dreamidv_core.checkpoints import save_dit
-    from dreamidv_core.configs import tiny_config
-    from dreamidv_core.dit import DreamIDVTransformer, init_random_
+    from dreamidv_core.weights.checkpoints import save_dit
+    from dreamidv_core.models.configs import tiny_config
+    from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
     from tests.test_workflow import build_tiny_models
 
     names = build_tiny_models(models)
@@ -308,9 +308,9 @@ def test_bundled_synthesis_workflow_matches_node_schemas(server):
 def test_graph_to_dataset_to_training(server, tmp_path):
     """graph -> dataset folder (forward + backward samples, record.json) -> the trainer trains on it."""
     import torch
-    from dreamidv_core.configs import tiny_config
-    from dreamidv_core.dit import DreamIDVTransformer, init_random_
-    from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
+    from dreamidv_core.models.configs import tiny_config
+    from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
+    from dreamidv_core.models.vae import TINY_VAE_CONFIG, WanVAE
     from training.dataset import scan_dataset
     from training.stages import make_loss_fn, stage_dataset
     from training.trainer import TrainConfig, train

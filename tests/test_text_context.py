@@ -8,12 +8,12 @@ import pickle
 import pytest
 import torch
 
-from dreamidv_core import text_context as tc
-from dreamidv_core import umt5
+from dreamidv_core.pipelines import text_context as tc
+from dreamidv_core.models import umt5
 from dreamidv_core.errors import CheckpointError, InputError
-from dreamidv_core.state_dict_io import save_safetensors
-from dreamidv_core.umt5 import (LAYOUT_HF, LAYOUT_OFFICIAL, UMT5Config, UMT5Encoder, export_state_dict,
-                                load_umt5_encoder, relative_position_buckets)
+from dreamidv_core.io.state_dict import save_safetensors
+from dreamidv_core.models.umt5 import (LAYOUT_HF, LAYOUT_OFFICIAL, UMT5Config, UMT5Encoder, export_state_dict,
+                                       load_umt5_encoder, relative_position_buckets)
 
 CFG = UMT5Config.tiny(vocab_size=128)
 FP8 = torch.float8_e4m3fn

@@ -73,7 +73,7 @@ def test_ivs_config_trains_an_ivs_two_steps_on_tiny_models(tmp_path):
     assert main(["--config", str(conf)]) == 0
     out = json.loads((tmp_path / "out.json").read_text())
     assert len(out["losses"]) == 2 and all(v > 0 for v in out["losses"])
-    from dreamidv_core.checkpoints import load_dit
+    from dreamidv_core.weights.checkpoints import load_dit
     model = load_dit(Path(out["last_checkpoint"]) / "model.safetensors", weight_dtype="fp32")
     assert model.cfg.variant == "ivs" and model.cfg.in_dim == 36  # loads back as an IVS
     cfg["stages"] = [{"stage": "ivs", "steps": 1}]

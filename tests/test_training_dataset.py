@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dreamidv_core.errors import InputError
-from dreamidv_core.video_io import read_video, write_video
+from dreamidv_core.io.video import read_video, write_video
 from tests.synthetic_data import identity_of, write_synthetic_dataset, write_synthetic_sample
 from training.dataset import DreamIDVDataset, collate, open_dataset, scan_dataset
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.lora import apply_lora_file
+from dreamidv_core.weights.lora import apply_lora_file
 from training.toy import ToyDataset, tiny_model, toy_flow_loss
 from training.trainer import TrainConfig, train
 
@@ -59,7 +59,7 @@ def test_fsdp_matches_one_process_saves_full_weights_and_resumes(tmp_path):
     # the optimizer state stays sharded (one file per rank), the weights are gathered into one file
     assert sorted(p.name for p in last.glob("optimizer*")) == ["optimizer_rank0.safetensors",
                                                                "optimizer_rank1.safetensors"]
-    from dreamidv_core.checkpoints import load_dit
+    from dreamidv_core.weights.checkpoints import load_dit
     a = load_dit(single.last_checkpoint / "model.safetensors", weight_dtype="fp32")
     b = load_dit(last / "model.safetensors", weight_dtype="fp32")
     names = [n for n, _ in a.named_parameters()]

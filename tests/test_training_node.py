@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamidv_core.checkpoints import save_dit
-from dreamidv_core.configs import tiny_config
-from dreamidv_core.dit import DreamIDVTransformer, init_random_
+from dreamidv_core.weights.checkpoints import save_dit
+from dreamidv_core.models.configs import tiny_config
+from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import InputError
-from dreamidv_core.vae import WanVAE, WanVAEConfig
+from dreamidv_core.models.vae import WanVAE, WanVAEConfig
 from tests.node_helpers import model_folders, progress_updates
 from tests.synthetic_data import write_synthetic_dataset
 

@@ -3,10 +3,10 @@ gradients, and the Identity-Coherence RL chunk weights (tiny DiT / tiny VAE, CPU
 import pytest
 import torch
 
-from dreamidv_core.configs import tiny_config
-from dreamidv_core.dit import DreamIDVTransformer, init_random_
-from dreamidv_core.samplers import shift_sigmas
-from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
+from dreamidv_core.models.configs import tiny_config
+from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
+from dreamidv_core.sampling.samplers import shift_sigmas
+from dreamidv_core.models.vae import TINY_VAE_CONFIG, WanVAE
 from training.irl import chunk_frame_indices, identity_coherence_weights, irl_loss
 from training.objective import (FlowMatchingObjective, TrainingConditioning, encode_conditioning,
                                 prepare_conditions)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dreamidv_core.errors import Cancelled, InputError
-from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
+from dreamidv_core.models.vae import TINY_VAE_CONFIG, WanVAE
 from tests.synthetic_data import write_synthetic_dataset, write_synthetic_sample
 from training.__main__ import main
 from training.dataset import collate

@@ -8,7 +8,8 @@ import torch
 
 from dreamidv_core.errors import Cancelled, CheckpointError, InputError
 from training import checkpoint as ckpt
-from training.lora import apply_lora_file, lora_state_dict, save_lora
+from dreamidv_core.weights.lora import apply_lora_file
+from training.lora import lora_state_dict, save_lora
 from training.toy import ToyDataset, tiny_model, toy_flow_loss
 from training.trainer import TrainConfig, train
 
@@ -138,7 +139,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert len(one) == 3
     assert one == pytest.approx(two, rel=1e-5, abs=1e-6)
     # both saved the same full model, loadable by the swap workflow's loader
-    from dreamidv_core.checkpoints import load_dit
+    from dreamidv_core.weights.checkpoints import load_dit
     a = load_dit(tmp_path / "single" / "step_000003" / "model.safetensors", weight_dtype="fp32")
     b = load_dit(tmp_path / "dist" / "step_000003" / "model.safetensors", weight_dtype="fp32")
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
@@ -147,7 +148,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
 # ---------------------------------------------------------------------------- identity-report validation
 def _validation_setup(tmp_path):
-    from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
+    from dreamidv_core.models.vae import TINY_VAE_CONFIG, WanVAE
     from tests.synthetic_data import write_synthetic_dataset
     from training.dataset import DreamIDVDataset
 
@@ -160,8 +161,8 @@ def _validation_setup(tmp_path):
 
 
 def test_identity_report_validation_uses_the_report_code_and_logs_metrics(tmp_path, uninterrupted):
-    from dreamidv_core.identity_report import identity_report
-    from dreamidv_core.swap import SwapSettings, swap_face
+    from dreamidv_core.eval.identity_report import identity_report
+    from dreamidv_core.pipelines.swap import SwapSettings, swap_face
     from training.stages import colour_identity_encoder
     from training.validation import embedder_from_encoder, make_identity_validator
 

@@ -1,4 +1,4 @@
-"""Tests of the Wan 2.1 video VAE (dreamidv_core.vae)."""
+"""Tests of the Wan 2.1 video VAE (dreamidv_core.models.vae)."""
 import json
 import os
 import subprocess
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dreamidv_core.errors import CheckpointError, InputError
-from dreamidv_core.state_dict_io import save_safetensors
-from dreamidv_core.vae import (TINY_VAE_CONFIG, WAN21_VAE_CONFIG, WanVAE, choose_tile, decode_peak_bytes,
-                               is_wan_vae_state_dict, load_wan_vae)
-from dreamidv_core.vae_tiling import cache_floats_per_pixel, make_grid, tile_spans
+from dreamidv_core.io.state_dict import save_safetensors
+from dreamidv_core.models.vae import (TINY_VAE_CONFIG, WAN21_VAE_CONFIG, WanVAE, choose_tile, decode_peak_bytes,
+                                      is_wan_vae_state_dict, load_wan_vae)
+from dreamidv_core.models.vae_tiling import cache_floats_per_pixel, make_grid, tile_spans
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ATOL = 2e-5  # fp32, outputs of magnitude ~1
@@ -148,7 +148,7 @@ def test_invalid_inputs_raise_input_error(tiny_vae):
 
 _MEMORY_PROBE = textwrap.dedent("""
     import json, torch
-    from dreamidv_core.vae import WanVAE, TINY_VAE_CONFIG
+    from dreamidv_core.models.vae import WanVAE, TINY_VAE_CONFIG
 
     def reset_peak():
         with open("/proc/self/clear_refs", "w") as fh:
@@ -365,7 +365,7 @@ def test_peak_estimate_and_auto_tiles(tiny_vae, tile_case):
 
 _TILED_MEMORY_PROBE = textwrap.dedent("""
     import json, torch
-    from dreamidv_core.vae import WanVAE, TINY_VAE_CONFIG, decode_peak_bytes
+    from dreamidv_core.models.vae import WanVAE, TINY_VAE_CONFIG, decode_peak_bytes
 
     def reset_peak():
         with open("/proc/self/clear_refs", "w") as fh:

@@ -8,14 +8,18 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from dreamidv_core.configs import tiny_config
-from dreamidv_core.dit import DreamIDVTransformer, init_random_
+from dreamidv_core.models.configs import tiny_config
+from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import Cancelled, InputError
-from dreamidv_core.samplers import SAMPLERS, flow_sigmas
-from dreamidv_core.swap import SwapSettings, encode_reference, make_guided_model, pose_tokens_for, swap_face
-from dreamidv_core.video_ops import prepare_frames
-from dreamidv_core.windows import (FrameSource, WindowedModel, blend_weights, clip_face_mask, clip_frame_count,
-                                   padded_frame_count, plan_windows)
+from dreamidv_core.sampling.samplers import SAMPLERS, flow_sigmas
+from dreamidv_core.models.frame_grid import padded_frame_count
+from dreamidv_core.pipelines.clip_stream import FrameSource, clip_face_mask
+from dreamidv_core.pipelines.swap import SwapSettings, plan_for, pose_tokens_for, swap_face
+from dreamidv_core.preprocess.identity_bundle import encode_reference
+from dreamidv_core.preprocess.video_ops import prepare_frames
+from dreamidv_core.sampling.guidance import make_guided_model
+from dreamidv_core.pipelines.plan import clip_frame_count
+from dreamidv_core.sampling.windows import WindowedModel, blend_weights, plan_windows
 
 S = 32  # frame size: 32x32 at a 32x32 area, no resize; latent 4x4
 
@@ -227,7 +231,7 @@ def test_background_strength_one_keeps_the_source_latent_outside_the_mask(models
     pixels = prepare_frames(video, frames, S, S, "video")
     pixels = torch.cat([pixels, pixels[:, -1:].expand(-1, lay.frames - frames, -1, -1)], dim=1)
     z_src = vae.encode(pixels.mul(2).sub(1)[None])[0]
-    face = clip_face_mask(FrameSource(mask, frames, S, S, "mask"), lay)
+    face = clip_face_mask(FrameSource(mask, kept.plan, "mask"))
     outside = (face == 0)[None].expand_as(z_src)
     assert outside.any() and (~outside).any()
     torch.testing.assert_close(kept.latent[outside], z_src[outside], rtol=0, atol=1e-4)
@@ -243,7 +247,7 @@ def released_single_pass(dit, vae, video, mask, pose, ref, context, s):
     count = len(video)
     video_latent = vae.encode(prepare_frames(video, count, s.width, s.height, "video").mul(2).sub(1)[None])[0]
     mask_latent = vae.encode(prepare_frames(mask, count, s.width, s.height, "mask")[None])[0]
-    ref_latent = encode_reference(vae, ref, video.shape[2], video.shape[1], s)
+    ref_latent = encode_reference(vae, ref, (video.shape[2], video.shape[1]), (s.width, s.height))
     tokens = dit.pose_tokens(prepare_frames(pose, count, s.width, s.height, "pose")[None])
     y = torch.cat([video_latent, mask_latent])
     refs = torch.cat([ref_latent, torch.zeros_like(ref_latent)])
@@ -294,7 +298,7 @@ def test_pose_tokens_by_pieces_equal_the_whole_clip_pass(models):
     dit, _ = models
     _, _, pose, _ = clip(27)
     s = SwapSettings(width=S, height=S, window=9, overlap=4)
-    pieces = pose_tokens_for(dit, pose, 27, s)
+    pieces = pose_tokens_for(dit, pose, plan_for(pose, s))
     padded = np.concatenate([pose, pose[-1:].repeat(2, 0)])
     whole = dit.pose_tokens(prepare_frames(padded, 29, S, S, "pose")[None])
     assert pieces.device.type == "cpu"

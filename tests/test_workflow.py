@@ -96,7 +96,7 @@ def _dwpose_models(folder: Path) -> None:
 def _sam2_model(folder: Path) -> dict:
     """A random-weight SAM 2.1 tiny checkpoint and a copy of its config at image size 256 (CPU speed)."""
     import torch
-    from dreamidv_core import segmentation
+    from dreamidv_core.preprocess import segmentation
 
     bundled = segmentation.resolve_config(segmentation.bundled_config("sam2.1", "t"))
     text = bundled.read_text()
@@ -112,10 +112,10 @@ def _sam2_model(folder: Path) -> dict:
 def build_tiny_models(models: Path) -> dict:
     """Tiny random-weight models in ComfyUI model folders; returns the file names to choose."""
     import torch
-    from dreamidv_core.checkpoints import save_dit
-    from dreamidv_core.configs import tiny_config
-    from dreamidv_core.dit import DreamIDVTransformer, init_random_
-    from dreamidv_core.vae import WanVAE, WanVAEConfig
+    from dreamidv_core.weights.checkpoints import save_dit
+    from dreamidv_core.models.configs import tiny_config
+    from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
+    from dreamidv_core.models.vae import WanVAE, WanVAEConfig
     from safetensors.torch import save_file
     from tests.onnx_models import build_pack
 
@@ -124,7 +124,7 @@ def build_tiny_models(models: Path) -> dict:
     dit = init_random_(DreamIDVTransformer(tiny_config("full", text_dim=4096)), seed=0)
     save_dit(dit, models / "diffusion_models" / "dreamidv.safetensors")
     # ComfyUI's VAELoader reads a Wan 2.1 VAE of any width ("decoder.head.0.gamma") but always with
-    # num_res_blocks=2, so the tiny VAE keeps 2 (dreamidv_core.vae.TINY_VAE_CONFIG has 1).
+    # num_res_blocks=2, so the tiny VAE keeps 2 (dreamidv_core.models.vae.TINY_VAE_CONFIG has 1).
     torch.manual_seed(0)
     vae = WanVAE(WanVAEConfig(dim=8, num_res_blocks=2))
     with torch.no_grad():
@@ -245,6 +245,36 @@ def test_object_info_lists_every_pack_node(server):
                 for inp, spec in node["input"].get(group, {}).items():
                     opts = spec[1] if len(spec) > 1 else {}
                     assert opts.get("tooltip"), f"{name}.{inp} has no tooltip"
+
+
+def test_node_schemas_stay_compatible_with_saved_workflows(server):
+    """Node ids, input names and types, widget order and output slots of the v0.2.0 snapshot still hold
+    (tests/node_schema.py says what may change: appended widgets and outputs, widened input types)."""
+    from tests.node_schema import SNAPSHOT, compatibility_problems, pack_schemas
+
+    snapshot = json.loads(SNAPSHOT.read_text())
+    current = pack_schemas(server.object_info())
+    assert len(snapshot) >= 16
+    assert compatibility_problems(snapshot, current) == []
+
+
+def test_schema_check_sees_a_breaking_change():
+    from tests.node_schema import compatibility_problems
+
+    old = {"N": {"inputs": [["a", "INT", "required"], ["b", "FLOAT", "required"], ["v", "IMAGE", "required"]],
+                 "outputs": [["x", "IMAGE"]]}}
+    assert compatibility_problems(old, old) == []
+    grown = {"N": {"inputs": old["N"]["inputs"][:2] + [["v", "IMAGE,VIDEO", "required"], ["c", "INT", "optional"]],
+                   "outputs": [["x", "IMAGE"], ["y", "VIDEO"]]}}
+    assert compatibility_problems(old, grown) == []
+    swapped = {"N": {"inputs": [["b", "FLOAT", "required"], ["a", "INT", "required"], ["v", "IMAGE", "required"]],
+                     "outputs": [["x", "IMAGE"]]}}
+    assert any("widgets" in p for p in compatibility_problems(old, swapped))
+    retyped = {"N": {"inputs": [["a", "FLOAT", "required"], ["b", "FLOAT", "required"], ["v", "MASK", "required"]],
+                     "outputs": []}}
+    problems = compatibility_problems(old, retyped)
+    assert any("'a'" in p for p in problems) and any("'v'" in p for p in problems) and any("slot 0" in p for p in problems)
+    assert compatibility_problems(old, {}) == ["N: node id is gone"]
 
 
 def test_bundled_workflow_is_served_as_template(server):

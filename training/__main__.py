@@ -2,17 +2,17 @@
 
 Config keys:
 
-- ``model``: a DiT checkpoint path (:func:`dreamidv_core.checkpoints.load_dit`, ``weight_dtype``
+- ``model``: a DiT checkpoint path (:func:`dreamidv_core.weights.checkpoints.load_dit`, ``weight_dtype``
   default fp32), or ``"tiny"`` (``tiny_config('full', text_dim=32)``, ``model_seed``) for tests;
 - ``dataset``: a dataset folder (training/DATASET.md) or ``{"root", "width", "height", "frames", "seed"}``
   (defaults 832, 480, 81, 0); ``"toy"`` + ``dataset_size`` + ``loss: "toy"`` is the trainer's smoke test;
-- ``vae``: a Wan 2.1 VAE file (:func:`dreamidv_core.vae.load_wan_vae`) or ``"tiny"`` (``vae_seed``);
-- ``context``: a precomputed text-context file (:func:`dreamidv_core.text_context.load_precomputed_context`)
+- ``vae``: a Wan 2.1 VAE file (:func:`dreamidv_core.models.vae.load_wan_vae`) or ``"tiny"`` (``vae_seed``);
+- ``context``: a precomputed text-context file (:func:`dreamidv_core.pipelines.text_context.load_precomputed_context`)
   or ``"random:<dim>"`` (``context_seed``, 8 tokens) for tests;
 - ``stages``: the curriculum, ``[{"stage": "synthetic"|"real"|"irl", "steps": n}, ...]``; or ``stage``:
   one stage run for ``train.steps`` steps; ``stage = "ivs"`` trains an Identity-Anchored Video Synthesizer
   (:mod:`training.ivs`) on a folder of talking-head clips: ``model`` is IVS weights, or a DreamID-V /
-  Wan2.1-T2V file to start one from (:func:`dreamidv_core.ivs.load_ivs`), ``ivs.text_dropout`` (0.1);
+  Wan2.1-T2V file to start one from (:func:`dreamidv_core.pipelines.ivs.load_ivs`), ``ivs.text_dropout`` (0.1);
 - ``identity_encoder``: ``"insightface:<pack folder>"`` (ArcFace) or ``"colour"`` (test stand-in); needed
   by ``irl``;
 - ``objective``: :class:`training.objective.FlowMatchingObjective` settings (shift, identity_dropout,
@@ -107,7 +107,7 @@ def build_model(cfg: dict):
     elif not isinstance(spec, str) or not spec:
         raise InputError(f"model: expected a DiT checkpoint path or 'tiny', got {spec!r}")
     else:
-        from dreamidv_core.checkpoints import load_dit
+        from dreamidv_core.weights.checkpoints import load_dit
         model = load_dit(spec, weight_dtype=cfg.get("weight_dtype", "fp32"))
     tokens = int(cfg.get("id_tokens", 0))
     if tokens > 0 and getattr(model, "id_projection", None) is None:
@@ -122,7 +122,7 @@ def build_ivs_model(cfg: dict, spec):
         return tiny_model(int(cfg.get("model_seed", 0)), variant="ivs", text_dim=32)
     if not isinstance(spec, str) or not spec:
         raise InputError(f"model: expected IVS, DreamID-V or Wan2.1-T2V weights (a file) or 'tiny', got {spec!r}")
-    from dreamidv_core.ivs import load_ivs
+    from dreamidv_core.weights.checkpoints import load_ivs
     model, report = load_ivs(spec, weight_dtype=cfg.get("weight_dtype", "fp32"), seed=int(cfg.get("model_seed", 0)))
     if report is not None and int(os.environ.get("RANK", "0")) == 0:
         print(report.summary(), flush=True)
@@ -158,13 +158,13 @@ def build_vae(cfg: dict):
     spec = cfg.get("vae")
     if spec == "tiny":
         import torch
-        from dreamidv_core.vae import TINY_VAE_CONFIG, WanVAE
+        from dreamidv_core.models.vae import TINY_VAE_CONFIG, WanVAE
         torch.manual_seed(int(cfg.get("vae_seed", 0)))
         return WanVAE(TINY_VAE_CONFIG).eval()
     if not isinstance(spec, str) or not spec:
         raise InputError(f"vae: expected a Wan 2.1 VAE file (Wan2.1_VAE.pth / wan_2.1_vae.safetensors) or 'tiny', "
                          f"got {spec!r}")
-    from dreamidv_core.vae import load_wan_vae
+    from dreamidv_core.models.vae import load_wan_vae
     return load_wan_vae(spec)
 
 
@@ -181,7 +181,7 @@ def build_context(cfg: dict, text_dim: int):
         return torch.randn(8, dim, generator=torch.Generator().manual_seed(int(cfg.get("context_seed", 0))))
     if not isinstance(spec, str) or not spec:
         raise InputError(f"context: expected a precomputed text-context file or 'random:<dim>', got {spec!r}")
-    from dreamidv_core.text_context import load_precomputed_context
+    from dreamidv_core.pipelines.text_context import load_precomputed_context
     return load_precomputed_context(spec, text_dim=text_dim)
 
 

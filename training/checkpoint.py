@@ -4,7 +4,7 @@ A checkpoint is a folder ``<root>/step_000123/`` holding
 
 - ``model.safetensors``: the trained tensors (only the trainable ones, or the full model), with
   metadata ``step``, ``trains`` (what trains), ``train_config`` (JSON) and, for a full model, the
-  DiT config under ``dreamidv_config`` so :func:`dreamidv_core.checkpoints.load_dit` loads it;
+  DiT config under ``dreamidv_config`` so :func:`dreamidv_core.weights.checkpoints.load_dit` loads it;
 - ``optimizer.safetensors`` (or ``optimizer_rank<r>.safetensors`` per rank when the optimizer state is
   sharded): every optimizer state tensor under ``state.<param index>.<key>``;
 - ``rng.safetensors``: torch CPU / CUDA / numpy generator states;
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from dreamidv_core.errors import CheckpointError
-from dreamidv_core.state_dict_io import read_state_dict
+from dreamidv_core.io.state_dict import read_state_dict
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 STATE_FILE = "state.json"

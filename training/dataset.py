@@ -4,7 +4,7 @@
 videos readable, equal frame counts and sizes, at least 5 frames) and raises
 :class:`dreamidv_core.errors.InputError` naming the sample folder and the problem.
 
-``DreamIDVDataset`` returns each sample prepared exactly as the sampler (``dreamidv_core.swap``)
+``DreamIDVDataset`` returns each sample prepared exactly as the sampler (``dreamidv_core.pipelines.swap``)
 prepares its inputs (area resize to at most width*height, centre crop to multiples of 16):
 
 ===========  ==================  ==========  =============================================
@@ -38,13 +38,12 @@ import torch
 from torch.utils.data import Dataset
 
 from dreamidv_core.errors import InputError
-from dreamidv_core.video_io import read_image, read_video
-from dreamidv_core.video_ops import prepare_frames, prepare_reference
+from dreamidv_core.models.frame_grid import MIN_FRAMES, TEMPORAL_STRIDE
+from dreamidv_core.io.video import read_image, read_video
+from dreamidv_core.preprocess.video_ops import prepare_frames, prepare_reference
 
 FORMAT_VERSION = 1
 DIRECTIONS = ("forward", "backward")
-MIN_FRAMES = 5
-TEMPORAL = 4  # frames per VAE temporal chunk after the first
 IDENTITY_FILE, RECORD_FILE = "identity.png", "record.json"
 VIDEO_FILES = ("driving.mp4", "mask.mp4", "target.mp4")
 POSE_VIDEO, KEYPOINTS_FILE = "pose.mp4", "keypoints.json"
@@ -73,7 +72,7 @@ def _fail(folder: Path, problem: str) -> InputError:
 
 def floor_4n1(frames: int) -> int:
     """The largest 4n+1 <= frames (frames >= 1)."""
-    return (frames - 1) // TEMPORAL * TEMPORAL + 1
+    return (frames - 1) // TEMPORAL_STRIDE * TEMPORAL_STRIDE + 1
 
 
 def probe_video(path: Path, folder: Path):
@@ -200,7 +199,7 @@ class DreamIDVDataset(Dataset):
 
     def __init__(self, root, width: int, height: int, frames: Optional[int] = None, seed: int = 0,
                  samples: Optional[List[SampleInfo]] = None):
-        if frames is not None and (frames < MIN_FRAMES or (frames - 1) % TEMPORAL):
+        if frames is not None and (frames < MIN_FRAMES or (frames - 1) % TEMPORAL_STRIDE):
             raise InputError(f"window frames must be 4n+1 and at least {MIN_FRAMES} (5, 9, 13, ...), got {frames}")
         self.root = Path(root)
         self.samples = scan_dataset(root) if samples is None else list(samples)
@@ -246,7 +245,7 @@ class DreamIDVDataset(Dataset):
     def _pose(self, s: SampleInfo, driving: np.ndarray, start: int, length: int) -> np.ndarray:
         if s.pose_source == "video":
             return self._video(s, POSE_VIDEO, start, length)
-        from dreamidv_core.pose.extract import extract_keypoints
+        from dreamidv_core.preprocess.pose.extract import extract_keypoints
 
         data = json.loads((s.path / KEYPOINTS_FILE).read_text(encoding="utf-8"))[start:start + length]
         try:

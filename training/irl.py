@@ -20,16 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from dreamidv_core.errors import InputError
+from dreamidv_core.models.frame_grid import TEMPORAL_STRIDE
 
 __all__ = ["chunk_frame_indices", "decode_chunk_frames", "identity_coherence_weights", "irl_loss"]
 
-TEMPORAL = 4
 
 
 def chunk_frame_indices(chunk: int, frames_per_chunk: int = 1) -> List[int]:
     """Offsets inside a decoded chunk to score: chunk 0 has 1 frame, later chunks 4 (evenly spread,
     the last frame first when only one is taken)."""
-    n = 1 if chunk == 0 else TEMPORAL
+    n = 1 if chunk == 0 else TEMPORAL_STRIDE
     k = max(1, min(int(frames_per_chunk), n))
     if k == 1:
         return [n - 1]
@@ -52,7 +52,7 @@ def decode_chunk_frames(latent: torch.Tensor, vae, frames_per_chunk: int = 1) ->
         video = vae.decode(latent)
         keep(0, video[:, :, :1])
         for c in range(1, latent.shape[2]):
-            keep(c, video[:, :, 1 + TEMPORAL * (c - 1):1 + TEMPORAL * c])
+            keep(c, video[:, :, 1 + TEMPORAL_STRIDE * (c - 1):1 + TEMPORAL_STRIDE * c])
     return picked
 
 

@@ -5,7 +5,7 @@ Data (training/DATASET.md, "IVS clip dataset"): a folder of clip folders, each w
 window per clip (deterministic per seed, epoch, index), prepared like the sampler's inputs.
 
 Objective: the clip's own first and last frames condition the model exactly as
-:func:`dreamidv_core.ivs.flf_conditioning` does at inference (``y`` = 4 mask channels + the VAE latent of
+:func:`dreamidv_core.pipelines.ivs.flf_conditioning` does at inference (``y`` = 4 mask channels + the VAE latent of
 ``[first, 0..., last]``), the pose video drives the pose attention, and the DiT learns the flow-matching
 velocity of the whole clip's latent (:class:`training.objective.FlowMatchingObjective`, the released
 convention; no reference latent). ``text_dropout`` replaces the text context by the empty context for a
@@ -25,9 +25,11 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from dreamidv_core.errors import InputError
-from dreamidv_core.ivs import check_ivs_model, flf_mask, flf_pixel_mask
-from dreamidv_core.video_io import read_video
-from dreamidv_core.video_ops import prepare_frames
+from dreamidv_core.models.frame_grid import MIN_FRAMES, TEMPORAL_STRIDE
+from dreamidv_core.models.ivs import flf_mask, flf_pixel_mask
+from dreamidv_core.pipelines.ivs import check_ivs_model
+from dreamidv_core.io.video import read_video
+from dreamidv_core.preprocess.video_ops import prepare_frames
 from .dataset import floor_4n1, probe_video
 from .objective import FlowMatchingObjective, TrainingConditioning, frozen_vae_for
 from .trainer import TrainConfig, TrainResult, collate, train
@@ -35,7 +37,6 @@ from .trainer import TrainConfig, TrainResult, collate, train
 __all__ = ["IVSClipDataset", "scan_ivs_clips", "ivs_dataset", "make_ivs_loss_fn", "train_ivs", "CLIP_FILES"]
 
 CLIP_FILES = ("video.mp4", "pose.mp4")
-MIN_FRAMES = 5
 
 
 def scan_ivs_clips(root) -> List[Dict]:
@@ -69,7 +70,7 @@ class IVSClipDataset(Dataset):
     """
 
     def __init__(self, root, width: int = 832, height: int = 480, frames: Optional[int] = 81, seed: int = 0):
-        if frames is not None and (frames < MIN_FRAMES or (frames - 1) % 4):
+        if frames is not None and (frames < MIN_FRAMES or (frames - 1) % TEMPORAL_STRIDE):
             raise InputError(f"frames must be 4n+1 and at least {MIN_FRAMES}, got {frames}")
         self.clips = scan_ivs_clips(root)
         short = [c for c in self.clips if frames is not None and c["frames"] < frames]
@@ -115,7 +116,7 @@ def ivs_dataset(root, width: int, height: int, frames: Optional[int], seed: int 
 def encode_ivs_batch(vae, video: torch.Tensor):
     """video [B, 3, F, H, W] in [-1, 1] (F = 4n+1) -> (z [B, 16, F', h, w], y [B, 20, F', h, w]): the
     clip's latent and the FLF conditioning of its own first and last frames (as at inference)."""
-    if video.dim() != 5 or video.shape[1] != 3 or (video.shape[2] - 1) % 4 or video.shape[2] < MIN_FRAMES:
+    if video.dim() != 5 or video.shape[1] != 3 or (video.shape[2] - 1) % TEMPORAL_STRIDE or video.shape[2] < MIN_FRAMES:
         raise InputError(f"IVS batch video must be [B, 3, 4n+1 >= 5, H, W], got {list(video.shape)}")
     z = vae.encode(video)
     known = torch.zeros_like(video)
@@ -166,7 +167,7 @@ def train_ivs(model: nn.Module, root, config: TrainConfig, vae, context: torch.T
               height: int = 480, frames: Optional[int] = 81, text_dropout: float = 0.1,
               objective: Optional[FlowMatchingObjective] = None, progress=None, cancel=None,
               dataset_seed: int = 0) -> TrainResult:
-    """Train an IVS (``dreamidv_core.ivs``) in place on the clip folder ``root`` with :func:`training.trainer.train`."""
+    """Train an IVS (``dreamidv_core.pipelines.ivs``) in place on the clip folder ``root`` with :func:`training.trainer.train`."""
     check_ivs_model(model)
     data = ivs_dataset(root, width, height, frames, dataset_seed)
     return train(model, data, make_ivs_loss_fn(vae, context, objective, text_dropout), config,

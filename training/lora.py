@@ -6,8 +6,8 @@ a no-op at the start) and a forward hook adding ``scale * lora_B(lora_A(x))`` wi
 ``scale = alpha / rank``. Parameter names become ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``.
 
 A LoRA file (safetensors) holds those two tensors per module plus ``<module>.alpha`` (a scalar), and
-metadata ``lora_rank``, ``lora_alpha``, ``lora_targets``. :func:`apply_lora_file` merges it into a
-plain model's weights: ``W += strength * alpha / rank * B @ A``.
+metadata ``lora_rank``, ``lora_alpha``, ``lora_targets``. Applying such a file at inference belongs to the
+core: :func:`dreamidv_core.weights.lora.apply_lora_file`.
 """
 from __future__ import annotations
 
@@ -20,12 +20,11 @@ from typing import Dict, List, Sequence, Union
 import torch
 import torch.nn as nn
 
-from dreamidv_core.errors import CheckpointError, InputError
-from dreamidv_core.state_dict_io import read_state_dict, save_safetensors, strip_prefix
+from dreamidv_core.errors import InputError
+from dreamidv_core.io.state_dict import save_safetensors
 
 DEFAULT_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "ffn.0", "ffn.2")
 _HOOK_ATTR = "_lora_hook_handle"
-LORA_PREFIXES = ("diffusion_model.", "model.diffusion_model.", "model.")
 
 
 def parse_targets(targets: Union[str, Sequence[str]]) -> List[str]:
@@ -133,47 +132,3 @@ def remove_lora(model: nn.Module, merge: bool = True) -> None:
             delattr(mod, attr)
         for attr in (_HOOK_ATTR, "lora_scale", "lora_rank", "lora_alpha"):
             mod.__dict__.pop(attr, None)
-
-
-def apply_lora_file(dit: nn.Module, path, strength: float = 1.0) -> List[str]:
-    """Merge a LoRA file into ``dit``'s weights in place: ``W += strength * alpha/rank * B @ A``.
-
-    Returns the patched module names. Raises :class:`CheckpointError` naming the file when it is not a
-    LoRA file or does not fit the model (unknown module, wrong shapes)."""
-    reader = read_state_dict(path)
-    names = list(reader)
-    prefix = strip_prefix(names, LORA_PREFIXES) or ""
-    groups: Dict[str, Dict[str, str]] = {}
-    for n in names:
-        base = n[len(prefix):]
-        for suffix in (".lora_A.weight", ".lora_B.weight", ".alpha"):
-            if base.endswith(suffix):
-                groups.setdefault(base[: -len(suffix)], {})[suffix] = n
-                break
-        else:
-            raise CheckpointError(path, f"not a LoRA file: tensor '{n}' is not <module>.lora_A.weight / "
-                                        "<module>.lora_B.weight / <module>.alpha")
-    if not groups:
-        raise CheckpointError(path, "holds no LoRA tensors")
-    modules = dict(dit.named_modules())
-    patched = []
-    for mod_name, parts in sorted(groups.items()):
-        if ".lora_A.weight" not in parts or ".lora_B.weight" not in parts:
-            raise CheckpointError(path, f"module '{mod_name}' lacks its lora_A or lora_B tensor")
-        mod = modules.get(mod_name)
-        if mod is None or not isinstance(getattr(mod, "weight", None), torch.Tensor) or mod.weight.dim() != 2:
-            raise CheckpointError(path, f"LoRA for '{mod_name}', which is not a linear layer of this model "
-                                        "(a LoRA trained for another model?)")
-        a = reader[parts[".lora_A.weight"]].float()
-        b = reader[parts[".lora_B.weight"]].float()
-        rank = a.shape[0]
-        if b.shape[1] != rank or (b.shape[0], a.shape[1]) != tuple(mod.weight.shape):
-            raise CheckpointError(path, f"LoRA for '{mod_name}' gives a {b.shape[0]}x{a.shape[1]} update; the "
-                                        f"layer is {tuple(mod.weight.shape)} (a LoRA trained for another model?)")
-        alpha = float(reader[parts[".alpha"]]) if ".alpha" in parts else float(rank)
-        with torch.no_grad():
-            w = mod.weight
-            delta = (b.to(w.device) @ a.to(w.device)) * (strength * alpha / rank)
-            w.copy_((w.float() + delta).to(w.dtype))
-        patched.append(mod_name)
-    return patched

@@ -1,17 +1,17 @@
 """Flow-matching training objective in the released DreamID-V convention, with identity dropout.
 
-Convention (the one :mod:`dreamidv_core.samplers` integrates):
+Convention (the one :mod:`dreamidv_core.sampling.samplers` integrates):
 
 * ``x_sigma = (1 - sigma) * z + sigma * eps`` with ``z`` the normalised VAE latent of the supervision
   video and ``eps ~ N(0, I)``; the DiT predicts the velocity ``v = eps - z``;
 * training sigmas are ``u ~ U(0, 1)`` (or logit-normal) passed through the sampler's time shift
-  ``shift * u / (1 + (shift - 1) * u)`` (:func:`dreamidv_core.samplers.shift_sigmas`), so training sees
+  ``shift * u / (1 + (shift - 1) * u)`` (:func:`dreamidv_core.sampling.samplers.shift_sigmas`), so training sees
   noise levels where the released 20-step schedule spends its steps;
 * the model timestep is ``sigma * 1000`` as a float. The sampler feeds ``trunc(sigma * 1000)``
-  (:func:`dreamidv_core.samplers.sigma_to_timestep`); the sinusoidal embedding is smooth in t, so the
+  (:func:`dreamidv_core.sampling.samplers.sigma_to_timestep`); the sinusoidal embedding is smooth in t, so the
   float timestep trains the same function at the integer points and between them.
 
-The conditioning is built exactly as :func:`dreamidv_core.swap.swap_face` builds it: ``y`` = [VAE(video in
+The conditioning is built exactly as :func:`dreamidv_core.pipelines.swap.swap_face` builds it: ``y`` = [VAE(video in
 [-1, 1]), VAE(mask in [0, 1], not normalised)], the reference image latent (replaced by zeros - the
 sampler's unconditional identity-guidance row - for a fraction ``identity_dropout`` of the samples), the
 PoseGuider tokens of the pose video and the text context. :func:`prepare_conditions` is the
@@ -27,9 +27,9 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from dreamidv_core.dit import DiTConditions, DreamIDVTransformer
+from dreamidv_core.models.dit import DiTConditions, DreamIDVTransformer
 from dreamidv_core.errors import InputError
-from dreamidv_core.samplers import NUM_TRAIN_TIMESTEPS, shift_sigmas
+from dreamidv_core.sampling.samplers import NUM_TRAIN_TIMESTEPS, shift_sigmas
 
 __all__ = ["FlowMatchingObjective", "TrainingConditioning", "ChunkLoss", "prepare_conditions",
            "encode_conditioning"]
@@ -47,7 +47,7 @@ class TrainingConditioning:
     pose: [B, 3, F, H, W] pose video in [0, 1] (full model; ignored by the faster one), or
     pose_tokens: [B, F' * h/2 * w/2, C] precomputed PoseGuider tokens (a frozen pose branch);
     id_embedding: [B, E] identity (ArcFace) embedding of each sample's reference, for a model with an
-    ID-token projection (:mod:`dreamidv_core.id_projection`).
+    ID-token projection (:mod:`dreamidv_core.models.id_projection`).
     """
 
     context: Context
@@ -76,7 +76,7 @@ def encode_conditioning(vae, video: torch.Tensor, mask: torch.Tensor, reference:
 
     video: [B, 3, F, H, W] in [0, 1] (F = 4n+1, H, W multiples of 16); mask: [B, 1 or 3, F, H, W] in [0, 1];
     reference: [B, 3, H, W] in [0, 1], already letterboxed and resized like the video
-    (:func:`dreamidv_core.video_ops.prepare_reference`); pose: [B, 3, F, H, W] in [0, 1].
+    (:func:`dreamidv_core.preprocess.video_ops.prepare_reference`); pose: [B, 3, F, H, W] in [0, 1].
     """
     if video.dim() != 5 or mask.dim() != 5 or reference.dim() != 4:
         raise InputError(f"encode_conditioning: expected video [B,3,F,H,W], mask [B,1|3,F,H,W], reference [B,3,H,W]; "

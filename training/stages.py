@@ -59,7 +59,7 @@ def insightface_identity_encoder(pack_dir, provider: str = "CPU", dim: int = 512
     a frame without a detected face embeds to zeros (cosine 0: the largest IRL weight)."""
     import numpy as np
 
-    from dreamidv_core.identity_report import insightface_embedder
+    from dreamidv_core.eval.identity_report import insightface_embedder
 
     embed = insightface_embedder(pack_dir, provider)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from dreamidv_core.configs import tiny_config
-from dreamidv_core.dit import DreamIDVTransformer, init_random_
+from dreamidv_core.models.configs import tiny_config
+from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
 
 
 class ToyDataset(Dataset):

@@ -240,7 +240,7 @@ def save_training_state(config: TrainConfig, dist_ctx: _Dist, model, trainable, 
                     "train_config": json.dumps(asdict(config))}
             cfg = getattr(model, "cfg", None)
             if full and cfg is not None and hasattr(cfg, "to_dict"):
-                from dreamidv_core.checkpoints import CONFIG_METADATA_KEY
+                from dreamidv_core.weights.checkpoints import CONFIG_METADATA_KEY
                 meta[CONFIG_METADATA_KEY] = json.dumps(cfg.to_dict())
             writer.write_tensors(ckpt.MODEL_FILE, model_tensors, meta)
             if config.trainable == "lora":

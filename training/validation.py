@@ -1,12 +1,12 @@
 """Validation during training with the identity report: swap a few held-out samples with the model being
-trained and score the result with :func:`dreamidv_core.identity_report.identity_report` (the code the
+trained and score the result with :func:`dreamidv_core.eval.identity_report.identity_report` (the code the
 identity-report node and command use).
 
 :func:`make_identity_validator` -> ``validator(model) -> metrics dict``; the trainer calls it every
 ``TrainConfig.validate_every`` steps (model in eval mode, no grad, back to train mode after), logs the
 numbers to ``<checkpoint_dir>/metrics.jsonl`` and keeps them in ``TrainResult.validation``.
 
-Per sample: :func:`dreamidv_core.swap.swap_face` on the sample's driving video, mask and pose with its
+Per sample: :func:`dreamidv_core.pipelines.swap.swap_face` on the sample's driving video, mask and pose with its
 identity image as the reference (``steps`` sampler steps), then the report of the swapped frames
 against the same identity image. Metrics: the mean over samples of the report's mean similarity, the
 lowest per-frame similarity over all samples, the mean frame-to-frame change of the similarity and
@@ -85,8 +85,8 @@ def make_identity_validator(items: Sequence[dict], vae, context: torch.Tensor, e
     [L, text_dim]; embedder: an identity-report embedder (``insightface_embedder``) or a training identity
     encoder (torch, wrapped with :func:`embedder_from_encoder`); steps: sampler steps per swap.
     """
-    from dreamidv_core.identity_report import identity_report
-    from dreamidv_core.swap import SwapSettings, swap_face
+    from dreamidv_core.eval.identity_report import identity_report
+    from dreamidv_core.pipelines.swap import SwapSettings, swap_face
 
     if not items:
         raise InputError("validation: no validation samples")

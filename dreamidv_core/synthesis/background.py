@@ -15,21 +15,20 @@ generated person recomposed over it.
    ``mode="inpaint"`` (moving camera) skips the plate: per-frame inpainting + the same smoothing.
 
 :func:`recompose`: ``V'_g = M_g * V_g + (1 - M_g) * V_bg`` (soft masks allowed, optional dilation and
-feathering of M_g as in :mod:`dreamidv_core.composite`), chunk by chunk into a preallocated output.
+feathering of M_g as in :mod:`dreamidv_core.preprocess.composite`), chunk by chunk into a preallocated output.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from ..composite import composite, dilate, feather
-from ..errors import Cancelled, InputError
+from ..errors import InputError
+from ..preprocess.composite import composite, dilate, feather
+from ..progress import Cancel, Progress, check_cancel, reporter
 
 MODES = ("plate", "inpaint")
-Progress = Optional[Callable[[int, int], None]]
-Cancel = Optional[Callable[[], bool]]
 
 
 def _frames(x, what: str) -> torch.Tensor:
@@ -62,11 +61,6 @@ def _masks(mask, frames: torch.Tensor, what: str, count: Optional[int] = None) -
     return mask[:count].detach()
 
 
-def _check(cancel: Cancel) -> None:
-    if cancel is not None and cancel():
-        raise Cancelled("background recomposition cancelled")
-
-
 def person_holes(mask: torch.Tensor, dilation: int, threshold: float = 0.5) -> torch.Tensor:
     """mask [k, H, W] (soft 0..1) -> bool [k, H, W]: the person region grown by ``dilation`` pixels."""
     return dilate(mask.cpu().float() >= threshold, dilation) > 0.5
@@ -80,7 +74,7 @@ def background_plate(frames: torch.Tensor, mask: torch.Tensor, dilation: int = 8
     total = torch.zeros(h, w, 3, dtype=torch.float64)
     count = torch.zeros(h, w, dtype=torch.float64)
     for s in range(0, frames.shape[0], chunk):
-        _check(cancel)
+        check_cancel(cancel, "background recomposition")
         rgb = _rgb(frames[s:s + chunk])
         visible = (~person_holes(mask[s:s + chunk], dilation)).double()
         total += (rgb.double() * visible[..., None]).sum(0)
@@ -127,9 +121,10 @@ def clean_background(frames: torch.Tensor, mask: torch.Tensor, dilation: int = 8
         plate, seen = background_plate(frames, mask, dilation, chunk, cancel)
         plate, seen = plate.numpy(), seen.numpy()
     out = torch.empty(count, h, w, 3, dtype=torch.float32)
+    report = reporter(progress)
     prev = prev_hole = None
     for s in range(0, count, chunk):
-        _check(cancel)
+        check_cancel(cancel, "background recomposition")
         rgb = _rgb(frames[s:s + chunk]).numpy()
         holes = person_holes(mask[s:s + chunk], dilation).numpy()
         for k in range(rgb.shape[0]):
@@ -146,8 +141,7 @@ def clean_background(frames: torch.Tensor, mask: torch.Tensor, dilation: int = 8
                 filled[both] = (1 - smoothing) * filled[both] + smoothing * prev[both]
             out[s + k] = torch.from_numpy(filled)
             prev, prev_hole = filled, hole
-            if progress:
-                progress(s + k + 1, count)
+            report("recompose", s + k + 1, count)
     return out
 
 
@@ -171,7 +165,7 @@ def recompose(generated: torch.Tensor, generated_mask: torch.Tensor, background:
     mask = _masks(generated_mask, gen, "generated clip person mask", count)
     out = torch.empty(count, gen.shape[1], gen.shape[2], 3, dtype=torch.float32)
     for s in range(0, count, chunk):
-        _check(cancel)
+        check_cancel(cancel, "background recomposition")
         e = min(count, s + chunk)
         m = mask[s:e].cpu().float().clamp(0, 1)
         if dilation > 0 or feather_radius > 0:

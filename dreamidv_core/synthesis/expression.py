@@ -1,6 +1,6 @@
 """Expression adaptation: I_g's face shape driven by the real clip's expression and head pose.
 
-This is exactly the MediaPipe source of the pose extraction (:func:`dreamidv_core.pose.extract_mediapipe`)
+This is exactly the MediaPipe source of the pose extraction (:func:`dreamidv_core.preprocess.pose.extract_mediapipe`)
 with the generated identity image I_g as its reference: every frame's landmarks are retargeted (the
 frame's expression relative to the clip's most neutral frame, moved onto I_g's neutral mesh, then
 placed with the frame's head pose). This module only names the stage and its errors.
@@ -8,8 +8,8 @@ placed with the frame's head pose). This module only names the stage and its err
 from __future__ import annotations
 
 from ..errors import InputError
-from ..pose import extract_mediapipe
-from ..pose.extract import PoseResult, frame_at
+from ..preprocess.pose import extract_mediapipe
+from ..preprocess.pose.extract import PoseResult, frame_at
 
 
 def _reference(identity) -> object:
@@ -25,7 +25,7 @@ def _reference(identity) -> object:
 
 def adapt_expression(frames, landmarker, identity, progress=None, cancel=None) -> PoseResult:
     """frames: the real clip [F, H, W, C]; identity: I_g [H, W, C] / [1, H, W, C]; landmarker: a
-    :class:`dreamidv_core.pose.mediapipe_face.FaceLandmarker` (or any callable RGB uint8 -> face or None).
+    :class:`dreamidv_core.preprocess.pose.mediapipe_face.FaceLandmarker` (or any callable RGB uint8 -> face or None).
     -> PoseResult (pose [F, H, W, 3] 0..1 at the clip's size, mask [F, H, W], keypoints, filled, info).
     InputError when I_g shows no face (checked before the clip is read) or the clip shows none."""
     ref = _reference(identity)

@@ -6,8 +6,8 @@ from typing import Tuple
 import torch
 
 from ..errors import InputError
+from ..models.frame_grid import MIN_FRAMES
 
-MIN_FRAMES = 5  # the shortest clip DreamID-V (and the training dataset) accepts
 
 
 def check_clip(frames, what: str = "clip", min_frames: int = MIN_FRAMES) -> int:

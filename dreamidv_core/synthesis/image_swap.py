@@ -1,11 +1,11 @@
 """One image's face swapped to the identity I_g with the DreamID-V model itself.
 
 DreamID-V is a video model (clips of 4n+1 >= 5 frames), so the image is repeated to a still clip of
-5 frames with its face mask (and pose drawing), swapped with :func:`dreamidv_core.swap.swap_face`,
+5 frames with its face mask (and pose drawing), swapped with :func:`dreamidv_core.pipelines.swap.swap_face`,
 and **frame 0** of the result is kept: with the Wan VAE's causal layout, latent frame 0 encodes video
 frame 0 alone, so frame 0 is the one decoded from a latent of that single image (frames 1-4 share
 one latent frame). The model's frame (resized and centre-cropped to multiples of 16 within the area)
-is pasted back onto the source image (:func:`dreamidv_core.geometry.paste_back`), so the result has
+is pasted back onto the source image (:func:`dreamidv_core.preprocess.geometry.paste_back`), so the result has
 the source image's size and every pixel outside the model's crop is the source's.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 
 from ..errors import InputError
-from ..geometry import paste_back, source_crop_box
-from ..swap import SwapSettings, swap_face
+from ..preprocess.geometry import paste_back, source_crop_box
+from ..pipelines.swap import SwapSettings, swap_face
 
 STILL_FRAMES = 5  # the shortest clip the model takes (latent frame 0 + one 4-frame latent)
 
@@ -46,7 +46,7 @@ def swap_image(dit, vae, image, mask, reference, context: torch.Tensor, pose=Non
 
     image: [1, H, W, 3] or [H, W, 3] float 0..1 (uint8 accepted); mask: its face mask [1, H, W] / [H, W]
     in 0..1; pose: its pose drawing [1, H, W, 3] (the full model needs it); reference: the identity image
-    I_g [H, W, 3] (or ``ref_latent`` from :func:`dreamidv_core.swap.encode_reference`); context: umT5 text
+    I_g [H, W, 3] (or ``ref_latent`` from :func:`dreamidv_core.preprocess.identity_bundle.encode_reference`); context: umT5 text
     context [L, text_dim]. ``settings.frame_num`` is ignored. Returns [1, H, W, 3] float32 0..1.
     """
     img = _image(image, "image")

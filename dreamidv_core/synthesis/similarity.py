@@ -2,7 +2,7 @@
 
 An *encoder* is any callable ``encoder(images uint8 [N, H, W, 3]) -> list of N embeddings`` (a 1-D
 float array each, or ``None`` for an image without a face). :func:`analyzer_encoder` makes one from
-:class:`dreamidv_core.identity.FaceAnalyzer` (the largest face's ArcFace embedding); tests pass a
+:class:`dreamidv_core.preprocess.identity.FaceAnalyzer` (the largest face's ArcFace embedding); tests pass a
 controllable stand-in.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..video_ops import to_uint8_frames
+from ..io.video import to_uint8_frames
 
 Encoder = Callable[[np.ndarray], Sequence[Optional[np.ndarray]]]
 

@@ -38,14 +38,15 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ..errors import Cancelled, InputError
-from ..video_io import write_video
-from ..video_ops import to_uint8_frames
-from .frames import MIN_FRAMES
+from ..errors import InputError
+from ..models.frame_grid import MIN_FRAMES
+from ..io.video import write_video
+from ..io.video import to_uint8_frames
+from ..progress import Cancel, Progress, check_cancel, reporter
 from .similarity import Encoder, identity_similarity
 
 DIRECTIONS = ("forward", "backward")
@@ -166,8 +167,7 @@ def write_quadruplet(root, prefix: str, real_video, generated, generated_identit
                      forward_mask=None, forward_pose=None, backward_mask=None, backward_pose=None,
                      generated_recomposed=None, real_identity=None,
                      settings: QuadrupletSettings = QuadrupletSettings(),
-                     progress: Optional[Callable[[int, int], None]] = None,
-                     cancel: Optional[Callable[[], bool]] = None) -> List[SampleReport]:
+                     progress: Progress = None, cancel: Cancel = None) -> List[SampleReport]:
     """Write the samples of one SyncID-Pipe run (see the module docstring) -> one report per direction.
 
     real_video V_r [F, H, W, C]; generated V_g [G, H, W, C] (G >= 5 frames; G <= F: the first G frames of
@@ -235,8 +235,7 @@ def write_quadruplet(root, prefix: str, real_video, generated, generated_identit
 
     real_u8 = frames_of(real_video, "real clip")
     for step, d in enumerate(todo):
-        if cancel is not None and cancel():
-            raise Cancelled("quadruplet writer cancelled")
+        check_cancel(cancel, "the quadruplet writer")
         name = names[d]
         if d == "forward":
             ident = _identity_png(generated_identity, "generated identity image I_g")
@@ -276,8 +275,7 @@ def write_quadruplet(root, prefix: str, real_video, generated, generated_identit
                                                 sims))
                 else:
                     raise
-        if progress:
-            progress(step + 1, len(todo))
+        reporter(progress)("write", step + 1, len(todo))
     return reports
 
 

@@ -1,0 +1,1 @@
+"""Measuring swaps: the identity report."""

@@ -1,0 +1,1 @@
+"""Safe file I/O: weight files read lazily without running pickles, atomic writes, video files."""

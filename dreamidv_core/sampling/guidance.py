@@ -1,0 +1,56 @@
+"""Guidance: how the conditional and unconditional DiT evaluations of a step become one velocity.
+
+* identity guidance (DreamID-V's swap): ``c + g * (c - u)``, ``u`` the pass with a zeroed reference;
+* text guidance (the IVS, Wan's CFG): ``u + g * (c - u)``, ``u`` the pass with the negative text.
+
+Each ``*_guided_model`` returns a ``model(x, sigma) -> v`` for the samplers of :mod:`.samplers`.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .samplers import sigma_to_timestep
+
+
+def identity_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reference identity guidance ``cond + scale * (cond - uncond)`` (not in place).
+
+    Note: unlike usual CFG, ``scale=0`` returns ``cond``; the reference's 5.0 extrapolates
+    6x cond - 5x uncond.
+    """
+    return cond + scale * (cond - uncond)
+
+
+def make_guided_model(dit, cond, guidance: float, batch: bool):
+    """model(x, sigma) -> guided velocity, for the samplers. x: [1, 16, F', h, w]."""
+
+    def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        t = sigma_to_timestep(sigma).to(x.device).reshape(1).float()
+        if cond.num_refs < 2:
+            return dit(x, t, cond, refs=[0])
+        if batch:
+            c, u = dit(x.expand(2, -1, -1, -1, -1), t, cond, refs=[0, 1]).chunk(2)
+        else:
+            c = dit(x, t, cond, refs=[0])
+            u = dit(x, t, cond, refs=[1])
+        return identity_guidance(c, u, guidance)
+
+    return model
+
+
+def text_guided_model(dit, cond, negative_kv, guidance: float):
+    """model(x [1, 16, F, h, w], sigma) -> velocity: ``c``, or ``u + g * (c - u)`` where ``u`` uses ``cond``
+    with the negative text K/V ``negative_kv`` (per block; ``None``: no guidance, one pass)."""
+    uncond = None if negative_kv is None else replace(cond, context_kv=negative_kv)
+
+    def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        t = sigma_to_timestep(sigma).to(x.device).reshape(1).float()
+        c = dit(x, t, cond)
+        if uncond is None:
+            return c
+        u = dit(x, t, uncond)
+        return u + guidance * (c - u)
+
+    return model
