@@ -87,10 +87,17 @@ def _id_projection_fields(reader: StateDictReader, prefix: str, names) -> Dict[s
     return {"id_tokens": tokens, "id_embed_dim": embed}
 
 
+# Layers the reference computes in float32 inside ``autocast(dtype=float32)`` whatever the run's dtype (the
+# timestep embedding and projection, the output head): their weights stay float32 in every storage dtype, so
+# a bf16 load computes exactly what the reference's bf16 run does (they are small: ~16 M values at 1.3B).
+FP32_LAYERS = ("time_embedding.", "time_projection.", "head.head.")
+
+
 def storage_dtype(name: str, tensor_shape: Tuple[int, ...], weight_dtype: torch.dtype) -> torch.dtype:
     """Matrices take the requested weight dtype (fp8 only for linear weights, convs then bf16);
-    vectors, modulation tables and gates stay float32 (tiny, and kept exact as in the reference)."""
-    if len(tensor_shape) < 2 or name.endswith("modulation"):
+    vectors, modulation tables, gates and the :data:`FP32_LAYERS` stay float32 (kept exact as in the
+    reference)."""
+    if len(tensor_shape) < 2 or name.endswith("modulation") or name.startswith(FP32_LAYERS):
         return torch.float32
     if weight_dtype == torch.float8_e4m3fn and len(tensor_shape) != 2:
         return torch.bfloat16
