@@ -220,8 +220,7 @@ def test_schema_tooltips_and_workflow_matches(pack):
 WF_NODES = {
     1: ("DreamIDVModelLoader", [0, 0], [330, 200], None, {"model_name": "dreamidv.safetensors"}),
     2: ("VAELoader", [0, 250], [330, 60], None, {"vae_name": "wan_2.1_vae.safetensors"}),
-    3: ("DreamIDVTextContext", [0, 350], [330, 110], None,
-        {"text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "precomputed_context": "none"}),
+    3: ("DreamIDVTextContext", [0, 350], [330, 110], None, {"text_encoder": "auto", "precomputed_context": "none"}),
     4: ("DreamIDVIRLFineTune", [380, 0], [360, 560], None,
         {"stage": "curriculum", "dataset_folder": "dreamidv_dataset", "trains": "lora"}),
     5: ("PreviewImage", [790, 0], [500, 340], "Loss curve", {}),

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from ..errors import InputError
-from ..models.frame_grid import CROP_MULTIPLE, MIN_FRAMES, PATCH, SPATIAL_STRIDE
+from ..models.frame_grid import MIN_FRAMES, PATCH, SPATIAL_STRIDE
 from ..preprocess.geometry import CropBox, source_crop_box
-from ..preprocess.video_ops import output_size
+from ..preprocess.video_ops import model_frame_size
 from ..sampling.windows import WindowLayout, plan_windows
 
 
@@ -51,16 +51,8 @@ class ClipPlan:
               width: int = 832, height: int = 480, window: int = 81, overlap: int = 16) -> "ClipPlan":
         """The plan of a clip of ``available`` frames of ``source_width`` x ``source_height``, swapped whole
         (``frame_num`` None) or its first ``frame_num`` frames, at a ``width`` x ``height`` area."""
-        if min(source_width, source_height) <= 0:
-            raise InputError(f"the video's frames are {source_width}x{source_height}; they must not be empty")
-        if min(width, height) <= 0:
-            raise InputError(f"the area must be positive, got {width}x{height}")
+        size = model_frame_size(source_height, source_width, width, height)
         frames = clip_frame_count(available, frame_num)
-        size = output_size(source_height, source_width, width, height)
-        if min(size) < CROP_MULTIPLE:
-            raise InputError(f"frames of {source_width}x{source_height} are too small for the {width}x{height} area: "
-                             f"they become {size[1]}x{size[0]}, and the model needs at least "
-                             f"{CROP_MULTIPLE}x{CROP_MULTIPLE}")
         return cls(source_size=(source_width, source_height), frames=frames, area=(width, height), size=size,
                    crop=source_crop_box(source_height, source_width, width, height),
                    layout=plan_windows(frames, window, overlap))
