@@ -330,6 +330,9 @@ def test_graph_to_dataset_to_training(server, tmp_path):
         assert set(record["identity_similarity"]) >= {"identity_target", "identity_driving"}
     summary = [o["text"] for o in entry["outputs"].values() if "text" in o]
     assert summary and "2 written" in str(summary), summary
+    # what the canvas shows: the writer's summary in the core "Preview as Text" node wired to it
+    preview = next(nid for nid, (type_, *_rest) in WF_NODES.items() if type_ == "PreviewAny")
+    assert "2 written" in str(entry["outputs"][str(preview)]["text"]), entry["outputs"]
     assert (server.output_dir / "syncid_test").is_dir(), "the V_g preview was not saved"
     # a second run (the writer re-runs: ComfyUI would serve an identical prompt from its cache) skips both
     rerun = synthesis_prompt(server)

@@ -33,12 +33,14 @@ SAMPLE_RATE = 16000
 
 # ----------------------------------------------------------------------------------- test inputs
 def write_clip(path: Path, frames: np.ndarray, fps: int = FPS, audio: bool = True) -> Path:
-    """uint8 [F, H, W, 3] -> H.264 mp4 (+ an AAC 440 Hz tone as long as the video) with PyAV."""
+    """uint8 [F, H, W, 3] -> H.264 mp4 (+ an AAC 440 Hz tone as long as the video) with PyAV (4:4:4 for an odd
+    width or height, which 4:2:0 cannot hold)."""
     import av
 
     with av.open(str(path), "w") as out:
         vs = out.add_stream("libx264", rate=fps)
-        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        odd = frames.shape[1] % 2 or frames.shape[2] % 2
+        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p" if odd else "yuv420p"
         vs.options = {"crf": "1", "preset": "ultrafast"}
         streams = [vs]
         if audio:
@@ -65,11 +67,11 @@ def write_clip(path: Path, frames: np.ndarray, fps: int = FPS, audio: bool = Tru
     return path
 
 
-def face_frames(count: int = FRAMES, face: bool = True) -> np.ndarray:
+def face_frames(count: int = FRAMES, face: bool = True, size=(H, W)) -> np.ndarray:
     """A moving face marker (tests/onnx_models.paint_face) on a grey background."""
     from tests.onnx_models import paint_face
 
-    frames = np.full((count, H, W, 3), 90, np.uint8)
+    frames = np.full((count, *size, 3), 90, np.uint8)
     if face:
         for i in range(count):
             paint_face(frames[i], 4 + (i % 2), 3, green=30, seed=1)
@@ -154,6 +156,8 @@ def server(comfyui_dir, tmp_path_factory):
     write_clip(s.input_dir / "noface.mp4", face_frames(face=False))
     write_clip(s.input_dir / "short.mp4", face_frames(4))
     write_clip(s.input_dir / "long.mp4", face_frames(LONG_FRAMES))
+    write_clip(s.input_dir / "odd.mp4", face_frames(size=(H - 1, W - 1)))  # 63x47: valid, but odd
+    write_clip(s.input_dir / "thin.mp4", face_frames(size=(16, 400)))  # nothing left of it at the 64x48 area
     from tests.onnx_models import paint_face
 
     ref = np.full((96, 128, 3), 90, np.uint8)  # fits the 128 detection size at scale 1
@@ -324,6 +328,19 @@ def test_bundled_workflow_runs_and_keeps_fps_and_audio(server, video, count, win
     print(f"[workflow] swap of {count} frames {W}x{H} through /prompt: {run_s:.1f} s")
 
 
+def test_bundled_workflow_saves_a_clip_of_odd_size(server):
+    """A valid 63x47 clip used to be swapped completely and then fail at Save Video (libx264 needs even
+    sizes); the sampler's frames_in_source and the composite now come out 62x46 and the video is saved."""
+    import av
+
+    entry = server.run(swap_prompt(server, video="odd.mp4", prefix="dreamidv_test/odd"), timeout=180)
+    files = saved_videos(entry, server)
+    assert len(files) == 1 and files[0].is_file(), entry.get("outputs")
+    with av.open(str(files[0])) as c:
+        frame = next(c.decode(video=0))
+        assert (frame.width, frame.height) == (W - 2, H - 2)
+
+
 async def _interrupt_during_sampling(server: ComfyServer, prompt: dict, sampler_ids: set) -> dict:
     import aiohttp
 
@@ -379,6 +396,7 @@ def test_interrupt_during_sampling_then_next_prompt_runs(server):
     ("reference_without_face", {"reference": "noface.png"}, ("face", "reference")),
     ("video_without_face", {"video": "noface.mp4", "pose_model": "dw_noface.onnx"}, ("face",)),
     ("fewer_than_5_frames", {"video": "short.mp4"}, ("5", "frame")),
+    ("400x16_clip", {"video": "thin.mp4"}, ("400x16", "too small", "area")),
 ])
 def test_bad_input_fails_with_clear_error_and_no_output(server, case, changes, words):
     prefix = f"dreamidv_test/bad_{case}"
