@@ -58,10 +58,9 @@ def swap_settings(args):
     from .io.files import check_output_file
     from .pipelines.swap import SwapSettings
 
-    problems = numeric_problems(str, ("--fps", args.fps, "float>?", 0, None),
-                                ("--offload-blocks", args.offload_blocks, "int", 0, None))
-    if args.fps is not None and problems:
-        problems[0] += " (leave --fps out to keep the source's frame rate)"
+    problems = [p + " (leave --fps out to keep the source's frame rate)"
+                for p in numeric_problems(str, ("--fps", args.fps, "float>?", 0, None))]
+    problems += numeric_problems(str, ("--offload-blocks", args.offload_blocks, "int", 0, None))
     settings = SwapSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
                             shift=args.shift, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
                             window=args.window, overlap=args.overlap, background_strength=args.background_strength,

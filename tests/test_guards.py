@@ -386,3 +386,12 @@ def test_tomli_is_declared_for_python_310_only(repo_root):
     assert any(d.replace(" ", "").startswith("tomli") and "python_version<'3.11'" in d.replace(" ", "") for d in deps)
     assert "tomli>=1.1; python_version < '3.11'" in (repo_root / "requirements.txt").read_text()
 
+
+
+def test_ivs_settings_are_checked_before_any_work():
+    from dreamidv_core.pipelines.ivs import IVSSettings, sample_ivs_latent
+
+    with pytest.raises(InputError, match="steps must be >= 1, got 0; shift must be > 0, got 0.0"):
+        sample_ivs_latent(None, None, None, None, None, None, IVSSettings(steps=0, shift=0.0))
+    with pytest.raises(InputError, match="guidance must be a finite number, got nan"):
+        IVSSettings(guidance=float("nan")).validate()

@@ -76,13 +76,14 @@ def to_uint8_frames(frames, what: str) -> np.ndarray:
 def even_size(frames, what: str = "frames"):
     """[F, H, W, ...] frames (torch or numpy) without their last row and/or column when the height or width is
     odd: H.264 in yuv420p (this pack's writer, ComfyUI's Save Video) only encodes even sizes. Logged when
-    something is dropped; the same object when nothing is."""
+    something is dropped (a contiguous copy); the same object when nothing is."""
     h, w = int(frames.shape[1]), int(frames.shape[2])
     if h % 2 == 0 and w % 2 == 0:
         return frames
     log.info("DreamID-V: %s trimmed from %dx%d to %dx%d (video encoders need an even width and height)", what, w, h,
              w - w % 2, h - h % 2)
-    return frames[:, :h - h % 2, :w - w % 2]
+    kept = frames[:, :h - h % 2, :w - w % 2]
+    return kept.contiguous() if isinstance(kept, torch.Tensor) else np.ascontiguousarray(kept)
 
 
 def read_video(path, max_frames: Optional[int] = None) -> Tuple[np.ndarray, float]:
