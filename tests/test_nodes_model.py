@@ -494,10 +494,12 @@ def test_text_context_defaults_to_auto_which_is_never_a_missing_file(model_dirs,
     assert loader.auto_text_encoder() == "umt5_xxl_fp8_e4m3fn_scaled.safetensors"  # the catalogue's order
 
 
-def test_every_node_output_has_a_tooltip_and_the_pack_prefix(pack):
+def test_every_node_input_and_output_has_a_tooltip_and_the_pack_prefix(pack):
     for node in pack.nodes.all_nodes():
         schema = node.define_schema()
         assert schema.display_name.startswith("DreamID-V"), schema.display_name
+        missing = [i.id for i in schema.inputs if not i.tooltip]
+        assert not missing, f"{schema.node_id}: inputs without a tooltip: {missing}"
         missing = [o.display_name or o.id for o in schema.outputs if not o.tooltip]
         assert not missing, f"{schema.node_id}: outputs without a tooltip: {missing}"
 
