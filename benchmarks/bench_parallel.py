@@ -127,7 +127,7 @@ def worker(args) -> None:
     config = ParallelConfig(ulysses=u, cfg_parallel=c, fsdp=f)
     mesh = init_mesh(config, one_job=True) if procs > 1 else Mesh(device=torch.device(args.device))
     if args.device == "cpu":
-        torch.set_num_threads(max(1, args.threads // procs))
+        torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     cfg = model_config(args)
     device = mesh.device
@@ -195,7 +195,7 @@ def timed(args, layout: str) -> dict:
         if procs > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
                    *cmd[1:]]
-        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // procs)))
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         if done.returncode != 0:
             raise SystemExit(f"{layout}: failed\n{done.stderr[-3000:]}")
@@ -213,7 +213,8 @@ def main() -> None:
     ap.add_argument("--grid", default="5x16x24", help="latent frames x height x width of the timed clip")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the ranks")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per rank (a busy 2-core machine makes two "
+                                                           "threads per process spin-wait)")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--volumes-only", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

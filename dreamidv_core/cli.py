@@ -210,8 +210,7 @@ def cmd_swap_parallel(args) -> int:
 
     files = {"video": args.video, "reference": args.reference}
     files.update({k: getattr(args, k) for k in ("mask", "pose") if getattr(args, k)})
-    mesh = init_mesh(_parallel_config(args), one_job=True)
-    try:
+    with init_mesh(_parallel_config(args), one_job=True) as mesh:
         models = _swap_models(args, mesh)
         start = time.time()
 
@@ -224,9 +223,7 @@ def cmd_swap_parallel(args) -> int:
                         extract=None if args.mask else _extractor(args), fps=args.fps, progress=progress)
         if mesh.is_main:
             print(f"wrote {args.out}: {note.split(' -> ')[0]}")
-        return 0
-    finally:
-        mesh.close()
+    return 0
 
 
 def cmd_swap_batch(args) -> int:
@@ -234,15 +231,12 @@ def cmd_swap_batch(args) -> int:
     from .parallel.mesh import init_mesh
     from .pipelines.swap_batch import run_swap_batch, swap_jobs
 
-    mesh = init_mesh(_parallel_config(args))
-    try:
+    with init_mesh(_parallel_config(args)) as mesh:
         jobs = mesh.run_on_main(lambda: swap_jobs(args.inputs, args.reference, args.frame_num, args.size),
                                 f"reading the jobs of {args.inputs}")
         report = run_swap_batch(mesh, None, jobs, args.out_dir, swap_settings(args), extract=_extractor(args),
                                 fps=args.fps, load=lambda: _swap_models(args, mesh))
-        return 1 if report is not None and report.failed else 0
-    finally:
-        mesh.close()
+    return 1 if report is not None and report.failed else 0
 
 
 def cmd_syncid_batch(args) -> int:
@@ -252,16 +246,13 @@ def cmd_syncid_batch(args) -> int:
     from .parallel.mesh import init_mesh
     from .synthesis.batch import run_syncid_batch, syncid_jobs
 
-    mesh = init_mesh()
-    try:
+    with init_mesh() as mesh:
         jobs = mesh.run_on_main(lambda: syncid_jobs(args.clips, args.identities, args.frame_num, args.size),
                                 f"reading the jobs of {args.clips}")
         with torch.no_grad():
             report = run_syncid_batch(mesh, None, jobs, args.out_dir, _syncid_settings(args),
                                       load=lambda: _syncid_models(args, mesh))
-        return 1 if report is not None and report.failed else 0
-    finally:
-        mesh.close()
+    return 1 if report is not None and report.failed else 0
 
 
 def _syncid_settings(args):

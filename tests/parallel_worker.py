@@ -28,10 +28,10 @@ BASE = SwapSettings(width=SIZE, height=SIZE, steps=2, seed=3, guidance=4.0)
 # 13 frames: 4 latent frames in 3 windows of 2 (27 tokens each); 4 steps with a step cache that skips 6 of 24
 LONG = replace(BASE, window=5, overlap=4, steps=4, step_cache=0.5)
 SCENARIOS = {
-    "cfg": (ParallelConfig(cfg_parallel=True), 5, BASE),
+    "cfg": (ParallelConfig(cfg_parallel=True), 5, replace(BASE, background_strength=0.5)),
     "u2": (ParallelConfig(ulysses=2), 5, replace(BASE, cache_pose_kv=False)),
     "u2_long": (ParallelConfig(ulysses=2), 13, LONG),
-    "u4": (ParallelConfig(ulysses=4), 5, BASE),
+    "u4": (ParallelConfig(ulysses=4), 5, replace(BASE, batch_guidance=True)),
     "u2_cfg": (ParallelConfig(ulysses=2, cfg_parallel=True), 5, BASE),
     "u2_cfg_long": (ParallelConfig(ulysses=2, cfg_parallel=True), 13, replace(LONG, cache_pose_kv=True)),
     "u2_fsdp": (ParallelConfig(ulysses=2, fsdp=True), 5, BASE),

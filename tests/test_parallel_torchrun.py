@@ -137,3 +137,20 @@ def test_swap_batch_spreads_clips_and_a_killed_run_resumes(tmp_path, batch_input
         a, b = read_video(out / f"clip{k}.mp4")[0], read_video(alone / f"clip{k}.mp4")[0]
         other = read_video(alone / f"clip{(k + 2) % CLIPS}.mp4")[0]
         assert np.abs(a.astype(float) - b).mean() < 0.5 < np.abs(a.astype(float) - other).mean(), k
+
+
+def test_swap_batch_in_groups_of_two_reports_a_bad_clip_and_goes_on(tmp_path, batch_inputs):
+    """One group of two ranks (guidance-parallel): the leader cannot read a clip; both ranks report it and go on
+    to the next clip together (no rank waits for the other)."""
+    jobs = Path(batch_inputs[batch_inputs.index("--inputs") + 1])
+    (jobs.parent / "broken.mp4").write_bytes(b"not a video")
+    jobs.write_text("video,reference,mask,pose,name\nbroken.mp4,face.png,m0.mp4,p0.mp4,bad\n"
+                    "v1.mp4,face.png,m1.mp4,p1.mp4,good\n")
+    out = tmp_path / "grouped"
+    code, stdout, stderr = torchrun.run(["-m", "tests.cli_worker", *batch_inputs, "--out-dir", str(out),
+                                         "--cfg-parallel"], 2, 300, "swap-batch --cfg-parallel")
+    assert code != 0, stdout  # a failed clip makes the run's exit status non-zero
+    assert "on 1 group of 2 ranks (guidance-parallel)" in stdout
+    assert "2 clips: 1 done, 0 skipped (finished before), 1 failed" in stdout
+    assert re.search(r"failed: bad: failed .*broken.mp4: not a readable video", stdout)
+    assert sorted(p.name for p in out.iterdir()) == ["good.mp4"]

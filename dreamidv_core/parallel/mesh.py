@@ -267,6 +267,15 @@ class Mesh:
         dist.broadcast_object_list(box, src=0, device=self.comm_device)
         return box[0]
 
+    def __enter__(self) -> "Mesh":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Leave the process group after a run that ended normally. After an error it is left as it is: the
+        process ends, and torchrun stops the others (tearing down a group that others still wait in can hang)."""
+        if exc_type is None:
+            self.close()
+
     def close(self) -> None:
         if self.active:
             import torch.distributed as dist
