@@ -7,7 +7,8 @@ DiT evaluation (in turn on the same ranks, or one per rank with ``cfg``).
 
     python benchmarks/bench_parallel.py                      # volumes + CPU/gloo timings (mid-size random model)
     python benchmarks/bench_parallel.py --volumes-only
-    python benchmarks/bench_parallel.py --device cuda --procs 1,2,4,8 --released --grid 21x60x104 --dtype bf16
+    python benchmarks/bench_parallel.py --device cuda --procs 1,2,4,8 --released --grid 21x60x104 --dtype bf16 \
+        --steps 5
                                                              # on a GPU node: NCCL, the 1.3B model at 480p, 81 frames
 
 A CPU says little about GPUs: on this 2-core machine 2 or 4 processes share two cores, so the timings show the
@@ -34,6 +35,12 @@ LAYOUTS = {  # name: (processes, ulysses, cfg_parallel, fsdp)
     "u2+fsdp": (2, 2, False, True),
     "u4": (4, 4, False, False),
     "u2_cfg": (4, 2, True, False),
+    "u3": (3, 3, False, False),  # the rest: for GPU nodes (--procs 1,2,4,6,8,12)
+    "u6": (6, 6, False, False),
+    "u3_cfg": (6, 3, True, False),
+    "u4_cfg": (8, 4, True, False),
+    "u12": (12, 12, False, False),
+    "u6_cfg": (12, 6, True, False),
 }
 
 
@@ -91,11 +98,6 @@ def print_volumes(cases) -> None:
             v = step_volume(cfg, grid, u, c, f, itemsize)
             print(f"{label:34s} {tokens(grid):6d} {name:>8s} {mb(v['ulysses']):>11s} {mb(v['head']):>9s} "
                   f"{mb(v['guidance']):>9s} {mb(v['fsdp']):>9s} {mb(v['total']):>10s}")
-        for u in (3, 6, 12):
-            if cfg.num_heads % u == 0:
-                v = step_volume(cfg, grid, u, False, False, itemsize)
-                print(f"{label:34s} {tokens(grid):6d} {'u' + str(u):>8s} {mb(v['ulysses']):>11s} {mb(v['head']):>9s} "
-                      f"{'-':>9s} {'-':>9s} {mb(v['total']):>10s}")
     print()
 
 

@@ -155,6 +155,12 @@ def run_syncid_batch(mesh: Mesh, models: Optional[SyncIDModels], jobs: List[Job]
     if mesh.group_size != 1:
         raise InputError("syncid-batch runs one clip per rank (data parallel): drop --ulysses / --cfg-parallel")
     pending, finished = plan_jobs(mesh, jobs, lambda j: marker_path(root, j.name).is_file())
-    if pending and models is None:
+    loaded = pending and models is None
+    if loaded:
         models = load()
-    return run_jobs(mesh, pending, lambda j: syncid_job(models, j, root, settings), finished, log=log, what="clips")
+    try:
+        return run_jobs(mesh, pending, lambda j: syncid_job(models, j, root, settings), finished, log=log,
+                        what="clips")
+    finally:
+        if loaded:
+            models.close()

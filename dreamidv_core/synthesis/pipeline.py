@@ -53,6 +53,12 @@ class SyncIDModels:
     encoder: Encoder
     sam2: Optional[object] = None
 
+    def close(self) -> None:
+        """Release what holds native resources (MediaPipe's landmarker)."""
+        close = getattr(self.landmarker, "close", None)
+        if close is not None:
+            close()
+
 
 @dataclass
 class SyncIDSettings:
