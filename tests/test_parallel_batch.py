@@ -125,6 +125,9 @@ def test_swap_batch_reports_a_bad_clip_goes_on_and_a_rerun_retries_only_it(tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["c0.mp4", "c1.mp4", "c2.mp4"]
     assert all((out / n).stat().st_mtime_ns == t for n, t in done.items())
     assert main(args) == 0 and "0 to do" in capsys.readouterr().out  # nothing left: no model is even loaded
+    (tmp_path / "same.csv").write_text("video,reference,mask,pose\nv0.mp4,f.png,m0.mp4,m0.mp4\n")
+    assert main(["swap-batch", "--inputs", str(tmp_path / "same.csv"), "--out-dir", str(tmp_path), *cli_models]) == 2
+    assert "v0.mp4 would be one of its clip's input files" in capsys.readouterr().err  # never written over
 
 
 def test_swap_with_a_parallel_layout_outside_torchrun_says_how_to_start_it(tmp_path, cli_models, capsys):

@@ -194,6 +194,11 @@ def run_swap_batch(mesh: Mesh, models: Optional[SwapModels], jobs: List[Job], ou
     """Every job whose ``<out_dir>/<name>.mp4`` does not exist yet (module docstring): a line per clip, a
     summary. ``models``, or ``load()`` to load them only when some clip is left to do. Returns the report on rank 0
     (None elsewhere)."""
+    clash = [str(swap_output(out_dir, j)) for j in jobs
+             if swap_output(out_dir, j).resolve() in {Path(f).resolve() for f in j.files.values()}]
+    if clash:
+        raise InputError(f"--out-dir {out_dir}: the output {clash[0]} would be one of its clip's input files"
+                         f"{f' (and {len(clash) - 1} more)' if len(clash) > 1 else ''}; choose another --out-dir")
     pending, finished = plan_jobs(mesh, jobs, lambda j: swap_output(out_dir, j).is_file())
     if pending and models is None:
         models = load()
