@@ -11,6 +11,8 @@ are no import cycles (``tests/test_import_graph.py`` checks it):
   ID-projection files, the catalogue of model files;
 * :mod:`.sampling` — samplers over ``model(x, sigma)``, guidance, windows for long clips, step cache,
   block offload;
+* :mod:`.parallel` — several processes on one job under ``torchrun``: process groups, Ulysses sequence
+  parallelism, guidance-parallel, FSDP weight sharding, resumable batches spread over the ranks;
 * :mod:`.preprocess` — frames, geometry, pose and face mask, the reference identity, SAM 2
   segmentation, the background composite;
 * :mod:`.pipelines` — whole jobs: the clip plan, streaming a clip through the VAE, the swap, the IVS,

@@ -1,6 +1,9 @@
-"""Command line: ``python -m dreamidv_core {swap,convert,text-context,check-models,identity-report}``.
+"""Command line: ``python -m dreamidv_core {swap,swap-batch,syncid-batch,convert,text-context,check-models,
+identity-report}``.
 
-The swap needs no ComfyUI: it reads the weights from a folder laid out like ``ComfyUI/models``.
+The swap needs no ComfyUI: it reads the weights from a folder laid out like ``ComfyUI/models``. Under ``torchrun``
+``swap`` runs one clip on several processes (``--ulysses``, ``--cfg-parallel``, ``--dit-fsdp``) and
+``swap-batch`` / ``syncid-batch`` spread many clips over them (:mod:`dreamidv_core.parallel`).
 """
 from __future__ import annotations
 
@@ -49,10 +52,12 @@ def resolve_swap_files(args):
 
 
 def cmd_swap(args) -> int:
+    if parallel_swap_requested(args):  # under torchrun, or a parallel flag: one clip on a group of processes
+        return cmd_swap_parallel(args)
     import torch
 
     from .weights.checkpoints import load_dit
-    from .pipelines.swap import SwapSettings, swap_face
+    from .pipelines.swap import swap_face
     from .pipelines.text_context import get_text_context, load_precomputed_context
     from .models.vae import load_wan_vae
     from .io.video import VideoReader, VideoWriter, read_image
@@ -83,10 +88,7 @@ def cmd_swap(args) -> int:
         from .sampling.offload import enable_block_offload
 
         print(enable_block_offload(dit, args.offload_blocks, device).describe())
-    settings = SwapSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
-                            shift=args.shift, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
-                            window=args.window, overlap=args.overlap, background_strength=args.background_strength,
-                            step_cache=args.step_cache, batch_guidance=args.batch_guidance, vae_tile=args.vae_tile)
+    settings = swap_settings(args)
     start = time.time()
 
     def progress(stage, i, n):
@@ -103,6 +105,16 @@ def cmd_swap(args) -> int:
                            progress=progress, sink=sink)
     print(f"wrote {args.out}: {result.frames_used} frames at {args.fps or fps:g} fps")
     return 0
+
+
+def swap_settings(args):
+    """The swap's settings from the command line (``swap`` and ``swap-batch``)."""
+    from .pipelines.swap import SwapSettings
+
+    return SwapSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
+                        shift=args.shift, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
+                        window=args.window, overlap=args.overlap, background_strength=args.background_strength,
+                        step_cache=args.step_cache, batch_guidance=args.batch_guidance, vae_tile=args.vae_tile)
 
 
 def extract_pose_and_mask(args, video, reference):
@@ -151,6 +163,144 @@ def cmd_check_models(args) -> int:
     return check_main(["--models-dir", args.models_dir] + (["--strict"] if args.strict else []))
 
 
+# ------------------------------------------------------------------------------------------------ several processes
+def parallel_swap_requested(args) -> bool:
+    from .parallel.process import torchrun_world
+
+    return torchrun_world() > 1 or args.ulysses > 1 or args.cfg_parallel or args.dit_fsdp
+
+
+def _parallel_config(args):
+    from .parallel.mesh import ParallelConfig
+
+    return ParallelConfig(ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fsdp=args.dit_fsdp)
+
+
+def _swap_models(args, mesh):
+    """The swap's models on every rank of a torchrun job (pipelines.swap_batch.load_swap_models)."""
+    from .pipelines.swap_batch import load_swap_models
+    from .pipelines.text_context import get_text_context, load_precomputed_context
+
+    dit_path, vae_path, encoder, tokenizer = resolve_swap_files(args)
+    device = _device(args.device)
+    if mesh.active and args.device != "auto" and mesh.is_main:
+        print(f"--device {args.device} is ignored under torchrun: each process takes cuda:LOCAL_RANK (or the CPU)")
+
+    def context():
+        if args.context:
+            return load_precomputed_context(args.context)
+        print(f"text context from {encoder} (cached after the first run)")
+        return get_text_context(encoder, tokenizer, device=device if not mesh.active else mesh.device)
+
+    return load_swap_models(mesh, dit_path, vae_path, context, weight_dtype=args.weight_dtype, attention=args.attention,
+                            device=device, offload_blocks=args.offload_blocks, settings=swap_settings(args))
+
+
+def _extractor(args):
+    """(video, reference) -> (mask, pose) with MediaPipe, for clips given without mask and pose videos."""
+    return lambda video, reference: extract_pose_and_mask(args, video, reference)
+
+
+def cmd_swap_parallel(args) -> int:
+    """``swap`` on a group of processes: ``torchrun --nproc_per_node=N -m dreamidv_core swap ... --ulysses U
+    [--cfg-parallel] [--dit-fsdp]`` with N = U (x 2 with --cfg-parallel)."""
+    from .parallel.batch import Job
+    from .parallel.mesh import init_mesh
+    from .pipelines.swap_batch import swap_job
+
+    files = {"video": args.video, "reference": args.reference}
+    files.update({k: getattr(args, k) for k in ("mask", "pose") if getattr(args, k)})
+    with init_mesh(_parallel_config(args), one_job=True) as mesh:
+        models = _swap_models(args, mesh)
+        start = time.time()
+
+        def progress(stage, i, n):
+            print(f"\r{stage} {i}/{n}  {time.time() - start:6.1f}s", end="\n" if i == n else "", flush=True)
+
+        if mesh.is_main:
+            print(f"swapping on {mesh.world} process{'es' if mesh.world > 1 else ''}: {mesh.config.describe()}")
+        note = swap_job(mesh, models, Job("clip", files), args.out, swap_settings(args),
+                        extract=None if args.mask else _extractor(args), fps=args.fps, progress=progress)
+        if mesh.is_main:
+            print(f"wrote {args.out}: {note.split(' -> ')[0]}")
+    return 0
+
+
+def cmd_swap_batch(args) -> int:
+    """Many clips over the processes: a line per clip, a summary; rerun to continue an interrupted run."""
+    from .parallel.mesh import init_mesh
+    from .pipelines.swap_batch import run_swap_batch, swap_jobs
+
+    with init_mesh(_parallel_config(args)) as mesh:
+        jobs = mesh.run_on_main(lambda: swap_jobs(args.inputs, args.reference, args.frame_num, args.size),
+                                f"reading the jobs of {args.inputs}")
+        report = run_swap_batch(mesh, None, jobs, args.out_dir, swap_settings(args), extract=_extractor(args),
+                                fps=args.fps, load=lambda: _swap_models(args, mesh))
+    return 1 if report is not None and report.failed else 0
+
+
+def cmd_syncid_batch(args) -> int:
+    """The SyncID-Pipe over a folder of real clips, one clip per process (data parallel)."""
+    import torch
+
+    from .parallel.mesh import init_mesh
+    from .synthesis.batch import run_syncid_batch, syncid_jobs
+
+    with init_mesh() as mesh:
+        jobs = mesh.run_on_main(lambda: syncid_jobs(args.clips, args.identities, args.frame_num, args.size),
+                                f"reading the jobs of {args.clips}")
+        with torch.no_grad():
+            report = run_syncid_batch(mesh, None, jobs, args.out_dir, _syncid_settings(args),
+                                      load=lambda: _syncid_models(args, mesh))
+    return 1 if report is not None and report.failed else 0
+
+
+def _syncid_settings(args):
+    from .synthesis.pipeline import SyncIDSettings
+    from .synthesis.writer import DIRECTIONS, QuadrupletSettings
+
+    low, high = args.min_identity_target, args.max_identity_driving
+    writer = QuadrupletSettings(directions=DIRECTIONS if args.directions == "both" else (args.directions,),
+                                min_identity_target=None if low <= -1 else low,
+                                max_identity_driving=None if high >= 1 else high,
+                                similarity_stride=args.similarity_stride)
+    return SyncIDSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
+                          shift=args.shift, identity_guidance=args.guidance, ivs_guidance=args.ivs_guidance,
+                          seed=args.seed, sampler=args.sampler, window=args.window, overlap=args.overlap,
+                          background_mode=args.background_mode, writer=writer)
+
+
+def _syncid_models(args, mesh):
+    from .synthesis.batch import load_syncid_models
+
+    return load_syncid_models(mesh, args.models_dir, dit=args.dit, ivs=args.ivs, vae=args.vae,
+                              text_encoder=args.text_encoder, tokenizer=args.tokenizer, context=args.context,
+                              landmarker=args.landmarker, insightface_dir=args.insightface_dir,
+                              insightface_pack=args.insightface_pack, provider=args.provider, sam2=args.sam2,
+                              weight_dtype=args.weight_dtype, device=_device(args.device))
+
+
+def add_parallel_options(parser) -> None:
+    parser.add_argument("--ulysses", "--ulysses-size", type=int, default=1, metavar="N",
+                        help="sequence parallelism: each clip's tokens split over N processes (N divides the 12 heads: "
+                             "2, 3, 4, 6, 12); under torchrun")
+    parser.add_argument("--cfg-parallel", action="store_true",
+                        help="the two identity-guidance passes on two processes (doubles the processes per clip)")
+    parser.add_argument("--dit-fsdp", action="store_true",
+                        help="shard the DiT blocks' weights over the processes of a clip (FSDP): less memory per GPU")
+
+
+def options_of(parser, skip=(), only=None) -> argparse.ArgumentParser:
+    """A parent parser with ``parser``'s options (``only`` those named, if given) except those in ``skip``."""
+    parent = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        names = set(action.option_strings)
+        if names and not names & set(skip) and (only is None or names & set(only)) \
+                and not isinstance(action, argparse._HelpAction):
+            parent._add_action(action)
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m dreamidv_core", description="DreamID-V video face swap")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -190,6 +340,47 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     sw.add_argument("--fps", type=float, help="output frame rate (default: the source's)")
     sw.set_defaults(func=cmd_swap)
+    add_parallel_options(sw)
+
+    per_clip = ("--video", "--reference", "--mask", "--pose", "--out")
+    sb = sub.add_parser("swap-batch", parents=[options_of(sw, per_clip)],
+                        help="swap many clips, spread over the processes of a torchrun job; resumable",
+                        description="Swap every clip of a folder or list. Under torchrun the processes form groups of "
+                                    "--ulysses (x 2 with --cfg-parallel) ranks, each group swapping its share of the "
+                                    "clips. Outputs are written atomically; a rerun skips the finished ones.")
+    sb.add_argument("--inputs", required=True, help="a folder of videos (each with a same-named reference image, or "
+                                                    "--reference) or a .csv/.jsonl list: video, reference, "
+                                                    "[mask, pose, name, seed]")
+    sb.add_argument("--reference", help="one face photo for every clip without its own")
+    sb.add_argument("--out-dir", required=True, help="where <name>.mp4 go (existing ones are skipped)")
+    sb.set_defaults(func=cmd_swap_batch)
+
+    shared = ("--models-dir", "--dit", "--vae", "--text-encoder", "--tokenizer", "--context", "--landmarker", "--size",
+              "--frame-num", "--steps", "--shift", "--guidance", "--seed", "--sampler", "--window", "--overlap",
+              "--weight-dtype", "--device")
+    sy = sub.add_parser("syncid-batch", parents=[options_of(sw, only=shared)],
+                        help="SyncID-Pipe training data from a folder of real clips; resumable",
+                        description="For every real clip: expression adaptation onto a new face I_g, DreamID-V on the "
+                                    "first/last frames (--guidance), the IVS (--window, --overlap), background "
+                                    "recomposition, then the forward and backward samples (training/DATASET.md). One "
+                                    "clip per process under torchrun.")
+    sy.add_argument("--clips", required=True, help="a folder of real clips or a .csv/.jsonl list: clip, identity, "
+                                                   "[real_identity, name, seed]")
+    sy.add_argument("--identities", help="with a folder of clips: a folder of new face images I_g (clip k gets face "
+                                         "k mod their number)")
+    sy.add_argument("--out-dir", required=True, help="the dataset folder")
+    sy.add_argument("--ivs", help="IVS DiT (default: found in <models-dir>/diffusion_models: dreamidv_ivs.safetensors)")
+    sy.add_argument("--insightface-dir", help="folder holding models/<pack> (default <models-dir>/insightface)")
+    sy.add_argument("--sam2", help="SAM 2 checkpoint: grow the masks to the tracked head")
+    sy.add_argument("--insightface-pack", default="antelopev2", choices=("antelopev2", "buffalo_l"))
+    sy.add_argument("--provider", default="CPU", help="onnxruntime provider for ArcFace (CPU, CUDA)")
+    sy.add_argument("--ivs-guidance", type=float, default=1.0, help="IVS text guidance (1: one pass)")
+    sy.add_argument("--background-mode", default="plate", choices=("plate", "inpaint"))
+    sy.add_argument("--directions", default="both", choices=("both", "forward", "backward"))
+    sy.add_argument("--min-identity-target", type=float, default=0.3, help="reject below (-1: off)")
+    sy.add_argument("--max-identity-driving", type=float, default=0.5, help="reject above (1: off)")
+    sy.add_argument("--similarity-stride", type=int, default=1)
+    sy.set_defaults(func=cmd_syncid_batch)
 
     cv = sub.add_parser("convert", help="convert an official .pth (DiT or VAE) to safetensors")
     cv.add_argument("src")
