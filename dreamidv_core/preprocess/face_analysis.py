@@ -98,10 +98,13 @@ def is_detector(session: OnnxSession) -> bool:
 
 
 def is_recognizer(session: OnnxSession) -> bool:
-    """ArcFace: a square input of at least 112 pixels, a multiple of 16, and one output."""
+    """ArcFace, in insightface's routing order: not a detector, not a 192x192 landmark model, not the
+    two-input 128x128 swapper; one square input of at least 112 pixels (a multiple of 16) and one output."""
     dims = _dims(session.inputs[0]) if session.inputs else []
-    return (len(session.outputs) == 1 and len(dims) == 4 and dims[2] is not None and dims[2] == dims[3]
-            and dims[2] >= 112 and dims[2] % 16 == 0)
+    if is_detector(session) or len(dims) != 4 or dims[2] is None or dims[2] != dims[3]:
+        return False
+    return (len(session.inputs) == 1 and len(session.outputs) == 1 and dims[2] != 192 and dims[2] >= 112
+            and dims[2] % 16 == 0)
 
 
 def pack_models(pack_dir: Path, provider: str = "auto") -> Tuple[OnnxSession, OnnxSession]:
@@ -116,7 +119,7 @@ def pack_models(pack_dir: Path, provider: str = "auto") -> Tuple[OnnxSession, On
         candidates = [name] if name in found else [n for n in found if n not in OTHER_TASK_FILES]
         for cand in candidates:
             session = make_session(pack_dir / cand, provider, "face", what)
-            if test(session) and not (role == "recognition" and is_detector(session)):
+            if test(session):
                 chosen[role] = session
                 break
     missing = [role for role, s in chosen.items() if s is None]
