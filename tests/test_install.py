@@ -38,7 +38,7 @@ def project() -> dict:
 
 
 def name_of(requirement: str) -> str:
-    return re.split(r"[<>=!~;\[ ]", requirement, 1)[0].lower()
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower()
 
 
 def test_requirements_txt_and_pyproject_dependencies_agree():
