@@ -221,9 +221,10 @@ def test_nodes_register_and_optional_nodes_give_install_commands_with_extras_hid
     assert len(seen["nodes"]) >= 16 and "DreamIDVIdentityEncoder" in seen["nodes"]
     assert seen["loaded_hidden"] == []
     runs = seen["runs"]
+    ort = f'"{optional.onnxruntime_package()}>=1.16"'  # onnxruntime-gpu where torch is a CUDA build
     expected = {"pose mediapipe": '"mediapipe>=0.10.30,<0.10.32"', "expression": '"mediapipe>=0.10.30,<0.10.32"',
-                "pose dwpose": '"onnxruntime>=1.16"', "identity": '"onnxruntime>=1.16"', "report": '"onnxruntime>=1.16"',
-                "writer": '"onnxruntime>=1.16"', "composite sam2": "--no-deps --no-build-isolation sam2==1.1.0",
+                "pose dwpose": ort, "identity": ort, "report": ort,
+                "writer": ort, "composite sam2": "--no-deps --no-build-isolation sam2==1.1.0",
                 "recompose sam2": "--no-deps --no-build-isolation sam2==1.1.0"}
     for name, command in expected.items():
         got = runs[name]
