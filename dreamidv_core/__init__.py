@@ -4,6 +4,7 @@ The folders name the roles; each module imports only from the folders above it i
 are no import cycles (``tests/test_import_graph.py`` checks it):
 
 * :mod:`.errors`, :mod:`.progress` — the exceptions and the progress/cancel protocol everything uses;
+* :mod:`.optional` — the optional dependencies (extras): importing one, or the exact command to install it;
 * :mod:`.io` — safe reading and atomic writing of files: weight files (no pickle ever runs), videos;
 * :mod:`.models` — the networks: the DreamID-V DiT and its layers, attention, PoseGuider, ArcFace ID
   projection, configs, the frame grid, umT5, the Wan 2.1 VAE (blocks, tiling), the IVS;

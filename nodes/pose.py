@@ -59,9 +59,8 @@ class DreamIDVPoseExtract(io.ComfyNode):
                                default=DET_FILE, tooltip=f"dwpose only: person detector in models/dwpose ({DET_FILE})."),
                 io.Combo.Input("pose_model", options=model_file_choices("dwpose", ".onnx", POSE_FILE),
                                default=POSE_FILE, tooltip=f"dwpose only: pose estimator in models/dwpose ({POSE_FILE})."),
-                io.Combo.Input("provider", options=["CPU", "CUDA"], default="CPU",
-                               tooltip="dwpose only: onnxruntime device. CUDA needs onnxruntime-gpu (falls "
-                               "back to CPU, noted in 'info', otherwise)."),
+                common.onnx_provider_input("dwpose only: the two DWPose models (the build and device used are "
+                                           "noted in 'info')"),
             ],
             outputs=[
                 io.Image.Output("pose", display_name="pose", tooltip="Pose video for the DreamID-V PoseGuider."),
@@ -75,7 +74,7 @@ class DreamIDVPoseExtract(io.ComfyNode):
 
     @classmethod
     def execute(cls, frames, source, reference=None, keypoints=None, mediapipe_model=MEDIAPIPE_FILE,
-                detector_model=DET_FILE, pose_model=POSE_FILE, provider="CPU") -> io.NodeOutput:
+                detector_model=DET_FILE, pose_model=POSE_FILE, provider="auto") -> io.NodeOutput:
         if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[0] == 0:
             raise InputError(f"frames: expected IMAGE frames [F, H, W, C], got "
                              f"{list(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__}")

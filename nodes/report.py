@@ -34,8 +34,7 @@ class DreamIDVIdentityReport(io.ComfyNode):
                                tooltip="Or a reference photo (its largest face); used when no identity is given."),
                 io.Combo.Input("insightface_pack", options=list(face_core.PACK_NAMES), default="antelopev2",
                                tooltip="insightface model pack in models/insightface/models/<pack>/."),
-                io.Combo.Input("provider", options=list(face_core.PROVIDERS), default="CPU",
-                               tooltip="onnxruntime device for insightface."),
+                common.onnx_provider_input("face detection and ArcFace"),
             ],
             outputs=[io.String.Output("report", display_name="report", tooltip="The numbers, as JSON."),
                      io.Image.Output("plot", display_name="plot", tooltip="Similarity per frame, mean and minimum.")],
@@ -43,7 +42,7 @@ class DreamIDVIdentityReport(io.ComfyNode):
 
     @classmethod
     def execute(cls, frames, identity=None, reference=None, insightface_pack="antelopev2",
-                provider="CPU") -> io.NodeOutput:
+                provider="auto") -> io.NodeOutput:
         ref = identity if identity is not None and getattr(identity, "embedding", None) is not None else reference
         if ref is None:
             raise InputError("identity report: connect an identity or a reference image")

@@ -199,8 +199,7 @@ class DreamIDVIRLFineTune(io.ComfyNode):
                 io.Combo.Input("insightface_pack", options=list(face_core.PACK_NAMES), default="antelopev2",
                                optional=True,
                                tooltip="ArcFace for the irl stage: insightface pack in models/insightface/models/<pack>/."),
-                io.Combo.Input("provider", options=list(face_core.PROVIDERS), default="CPU", optional=True,
-                               tooltip="onnxruntime device for insightface (irl stage)."),
+                common.onnx_provider_input("ArcFace (irl stage)", optional=True),
                 io.Int.Input("validate_every", default=0, min=0, max=1000000, optional=True,
                              tooltip="0: off. N: before training, every N steps and at the end, swap the first "
                                      f"{VALIDATION_SAMPLES} dataset samples ({VALIDATION_STEPS} sampler steps) and "
@@ -223,7 +222,7 @@ class DreamIDVIRLFineTune(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, positive, stage, dataset_folder, steps, learning_rate, trains, lora_rank,
                 width, height, frames, seed, checkpoint_folder, resume, insightface_pack="antelopev2",
-                provider="CPU", validate_every=0) -> io.NodeOutput:
+                provider="auto", validate_every=0) -> io.NodeOutput:
         if not isinstance(model, LoadedDiT):
             raise InputError(f"model: expected the output of DreamIDVModelLoader, got {type(model).__name__}")
         if trains not in TRAINS:

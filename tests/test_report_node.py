@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_models as om  # noqa: E402
 
-pytest.importorskip("insightface")
+pytest.importorskip("onnxruntime", reason="the face extra (onnxruntime) is not installed")
 
 
 @pytest.fixture

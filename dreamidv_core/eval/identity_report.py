@@ -5,7 +5,8 @@ Pure numpy/PIL (no ComfyUI); the IRL trainer uses the same code for validation w
 * ``embedder``: any callable ``images uint8 [n, H, W, 3] -> n items``, each an embedding ``[D]``
   (L2-normalised; it is normalised again here) or ``None`` when the image has no face. A 2-D array
   ``[n, D]`` is accepted too (a row of NaN = no face). :func:`insightface_embedder` builds one on
-  :mod:`dreamidv_core.preprocess.identity` (insightface pack folder, largest face, ArcFace embedding).
+  :mod:`dreamidv_core.preprocess.face_analysis` (onnxruntime on an insightface pack folder, largest face,
+  ArcFace embedding; the insightface package is not needed).
 * ``landmarker``: optional callable ``frame uint8 [H, W, 3] -> [K, 2] landmarks (x, y) or None``;
   :func:`insightface_landmarker` gives insightface's 5 points of the largest face.
 
@@ -35,6 +36,7 @@ import numpy as np
 from ..errors import DreamIDVError, InputError
 from ..io.video import to_uint8_frames
 from ..progress import Progress, reporter
+from ..preprocess.onnx_session import PROVIDER_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--insightface", required=True,
                     help="insightface folder (holding models/<pack>/) or the pack folder itself")
     ap.add_argument("--pack", default="antelopev2", help="insightface model pack (default antelopev2)")
-    ap.add_argument("--provider", default="CPU", choices=["CPU", "CUDA"])
+    ap.add_argument("--provider", default="auto", choices=list(PROVIDER_CHOICES),
+                    help="onnxruntime device (auto: the best the installed onnxruntime build offers)")
     ap.add_argument("--det-size", type=int, default=640, help="face detection size (multiple of 32)")
     ap.add_argument("--driving", help="the driving video: adds the landmark pose/expression error")
     ap.add_argument("--max-frames", type=int, help="read at most this many frames")

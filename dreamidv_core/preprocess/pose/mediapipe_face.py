@@ -11,7 +11,8 @@ from typing import Optional
 
 import numpy as np
 
-from ...errors import CheckpointError, DreamIDVError
+from ... import optional
+from ...errors import CheckpointError
 from .face_geometry import load_metadata, metric_mesh
 
 
@@ -33,15 +34,14 @@ class FaceLandmarker:
     call ``close()``."""
 
     def __init__(self, task_path: str):
+        optional.require("mediapipe", "MediaPipe face landmarker (pose source 'mediapipe')",
+                         "mediapipe.tasks.python.vision")
         if not os.path.isfile(task_path):
             raise CheckpointError(task_path, "file not found")
         self.meta = load_metadata(task_path)
-        try:
-            import mediapipe as mp
-            from mediapipe.tasks.python import BaseOptions, vision
-        except ImportError as exc:
-            raise DreamIDVError("the MediaPipe source needs the 'mediapipe' package "
-                                "(pip install mediapipe)") from exc
+        import mediapipe as mp
+        from mediapipe.tasks.python import BaseOptions, vision
+
         self._mp = mp
         options = vision.FaceLandmarkerOptions(
             base_options=BaseOptions(model_asset_path=str(task_path)),
