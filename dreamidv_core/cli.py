@@ -68,11 +68,15 @@ def cmd_swap(args) -> int:
     video = VideoReader(args.video, max_frames=args.frame_num)
     fps = video.fps
     reference = read_image(args.reference)
+    present = None
     if args.mask:
+        if args.target != "largest" or args.target_photo:
+            raise DreamIDVError("--target / --target-photo choose the person when the mask is made here; with --mask "
+                                "the mask already marks the person to swap")
         mask = VideoReader(args.mask, max_frames=args.frame_num)
         pose = VideoReader(args.pose, max_frames=args.frame_num) if args.pose else None
     else:
-        mask, pose = extract_pose_and_mask(args, video, reference)
+        mask, pose, present = extract_pose_and_mask(args, video, reference)
     if args.context:
         context = load_precomputed_context(args.context)
     else:
@@ -89,21 +93,20 @@ def cmd_swap(args) -> int:
 
         print(enable_block_offload(dit, args.offload_blocks, device).describe())
     settings = swap_settings(args)
+    plan = swap_plan(args, video, mask, settings)
+    if plan.track is not None:
+        print(plan.track.describe())
     start = time.time()
 
     def progress(stage, i, n):
         print(f"\r{stage} {i}/{n}  {time.time() - start:6.1f}s", end="\n" if i == n else "", flush=True)
 
     with VideoWriter(args.out, args.fps or fps) as writer:
-
-        def sink(frames, start):
-            if start != writer.frames_written:
-                raise RuntimeError(f"decoded frames arrive out of order ({start} after {writer.frames_written})")
-            writer.write(frames.numpy())
-
+        sink = output_sink(writer, video, plan, present)
         result = swap_face(dit, vae, video, mask, reference, context.to(device), pose=pose, settings=settings,
-                           progress=progress, sink=sink)
-    print(f"wrote {args.out}: {result.frames_used} frames at {args.fps or fps:g} fps")
+                           progress=progress, sink=sink, plan=plan)
+    size = "{}x{}".format(*plan.source_size) if plan.track is not None else f"{plan.size[1]}x{plan.size[0]}"
+    print(f"wrote {args.out}: {result.frames_used} frames {size} at {args.fps or fps:g} fps")
     return 0
 
 
@@ -117,22 +120,94 @@ def swap_settings(args):
                         step_cache=args.step_cache, batch_guidance=args.batch_guidance, vae_tile=args.vae_tile)
 
 
+def swap_plan(args, video, mask, settings):
+    """The clip's plan: whole frame (as released), or ``--face-crop`` windows around the mask's face."""
+    from .pipelines.plan import face_crop_plan
+    from .pipelines.swap import plan_for
+
+    if not args.face_crop:
+        return plan_for(video, settings)
+    base = plan_for(video, settings)
+    return face_crop_plan(mask, *base.source_size, len(video), settings.frame_num, settings.width, settings.height,
+                          settings.window, settings.overlap, margin=args.crop_margin)
+
+
+def output_sink(writer, video, plan, present):
+    """Where decoded frames go: in face-crop mode pasted back into the full-resolution source frames (the
+    output has the source's size); whole frame: written at the model's size as released, except frames
+    without the target (``present`` False), which are the source frame prepared the same way."""
+    import torch
+
+    from .pipelines.clip_stream import FrameSource
+
+    source = FrameSource(video, plan, "video") if plan.track is None else None
+
+    def sink(frames, start):
+        if start != writer.frames_written:
+            raise RuntimeError(f"decoded frames arrive out of order ({start} after {writer.frames_written})")
+        if plan.track is not None:
+            src = torch.from_numpy(video[start:start + frames.shape[0]]).float().div_(255)
+            frames = plan.paste_back(src, frames, start)
+        elif present is not None:
+            frames = frames.clone()
+            for k in range(frames.shape[0]):
+                if not present[start + k]:
+                    frames[k] = source(start + k, start + k + 1)[:, 0].permute(1, 2, 0)
+        writer.write(frames.numpy())
+
+    return sink
+
+
 def extract_pose_and_mask(args, video, reference):
-    """Pose video and face mask from the driving video with MediaPipe, retargeted onto the reference."""
+    """Pose video and face mask of the target person from the driving video with MediaPipe, retargeted onto
+    the reference -> (mask, pose, per-frame presence of the target)."""
     from .weights.model_files import find_model_files, format_missing
     from .preprocess.pose.extract import extract_mediapipe
     from .preprocess.pose.mediapipe_face import FaceLandmarker
 
-    task = args.landmarker or find_model_files(args.models_dir).path("face_landmarker")
+    report = find_model_files(args.models_dir)
+    task = args.landmarker or report.path("face_landmarker")
     if task is None:
-        raise DreamIDVError("no --mask given and no MediaPipe face landmarker to make one.\n"
-                            + format_missing(find_model_files(args.models_dir)))
-    print(f"pose and mask from the video with {task}")
-    with FaceLandmarker(str(task)) as landmarker:
-        result = extract_mediapipe(video, landmarker, reference=reference)
-    if result.filled:
-        print(result.info)
-    return result.mask, result.pose
+        raise DreamIDVError("no --mask given and no MediaPipe face landmarker to make one.\n" + format_missing(report))
+    spec, embed_face = target_choice(args, report)
+    print(f"pose and mask from the video with {task} (target: {args.target})")
+    with FaceLandmarker(str(task), num_faces=MAX_FACES, tile_levels=args.small_faces) as landmarker:
+        result = extract_mediapipe(video, landmarker, reference=reference, target=spec, embed_face=embed_face)
+    print(result.info)
+    return result.mask, result.pose, result.present
+
+
+MAX_FACES = 6  # faces looked for per frame; all are tracked and the target is chosen among them
+
+
+def target_choice(args, report):
+    """--target, --target-index, --target-photo, --min-similarity -> (TargetSpec, ArcFace embedder or None).
+    ArcFace (the insightface pack, --insightface or found in the models folder) is used when there is one."""
+    from .io.video import read_image
+    from .preprocess.tracking import TargetSpec, analyzer_embedder, analyzer_photo_embedding
+
+    pack = args.insightface or report.path("insightface")
+    analyzer = None
+    if pack is not None:
+        from .preprocess.identity import load_analyzer
+
+        try:
+            analyzer = load_analyzer(pack)
+        except DreamIDVError as exc:
+            if args.target == "similar" or args.insightface:
+                raise
+            print(f"ArcFace unavailable ({exc}); people are re-identified by position, size and motion")
+    if args.target == "similar":
+        if not args.target_photo:
+            raise DreamIDVError("--target similar needs --target-photo (a photo of the person to swap)")
+        if analyzer is None:
+            raise DreamIDVError("--target similar compares faces with ArcFace: put an insightface pack (antelopev2 or "
+                                f"buffalo_l) in {args.models_dir}/insightface/models/ or pass --insightface")
+    embedding = None
+    if args.target == "similar":
+        embedding = analyzer_photo_embedding(analyzer, read_image(args.target_photo))
+    spec = TargetSpec(args.target, args.target_index, embedding, args.min_similarity, args.bridge_frames)
+    return spec, (analyzer_embedder(analyzer) if analyzer is not None else None)
 
 
 def cmd_convert(args) -> int:
@@ -196,14 +271,22 @@ def _swap_models(args, mesh):
                             device=device, offload_blocks=args.offload_blocks, settings=swap_settings(args))
 
 
+def _refuse_face_crop(args) -> None:
+    if getattr(args, "face_crop", False):
+        raise DreamIDVError("--face-crop is not available with several processes or swap-batch yet: run the swap "
+                            "in one process (without --ulysses / --cfg-parallel / torchrun)")
+
+
 def _extractor(args):
-    """(video, reference) -> (mask, pose) with MediaPipe, for clips given without mask and pose videos."""
-    return lambda video, reference: extract_pose_and_mask(args, video, reference)
+    """(video, reference) -> (mask, pose) with MediaPipe (the tracked target), for clips given without mask and
+    pose videos. Frames without the target get an empty mask (they are swapped, not copied, in these modes)."""
+    return lambda video, reference: extract_pose_and_mask(args, video, reference)[:2]
 
 
 def cmd_swap_parallel(args) -> int:
     """``swap`` on a group of processes: ``torchrun --nproc_per_node=N -m dreamidv_core swap ... --ulysses U
     [--cfg-parallel] [--dit-fsdp]`` with N = U (x 2 with --cfg-parallel)."""
+    _refuse_face_crop(args)
     from .parallel.batch import Job
     from .parallel.mesh import init_mesh
     from .pipelines.swap_batch import swap_job
@@ -228,6 +311,7 @@ def cmd_swap_parallel(args) -> int:
 
 def cmd_swap_batch(args) -> int:
     """Many clips over the processes: a line per clip, a summary; rerun to continue an interrupted run."""
+    _refuse_face_crop(args)
     from .parallel.mesh import init_mesh
     from .pipelines.swap_batch import run_swap_batch, swap_jobs
 
@@ -339,6 +423,27 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--attention", default="sdpa", choices=("sdpa", "flash", "sage"))
     sw.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     sw.add_argument("--fps", type=float, help="output frame rate (default: the source's)")
+    sw.add_argument("--target", default="largest", choices=("largest", "index", "similar"),
+                    help="the person to swap, chosen once for the clip and tracked: the largest face over the clip, "
+                         "--target-index, or the face most similar to --target-photo (ArcFace)")
+    sw.add_argument("--target-index", type=int, default=0,
+                    help="with --target index: 0 = the leftmost person at first appearance")
+    sw.add_argument("--target-photo", help="with --target similar: a photo of the person to swap")
+    sw.add_argument("--min-similarity", type=float, default=0.3,
+                    help="with --target similar: the least ArcFace similarity accepted (else an error)")
+    sw.add_argument("--bridge-frames", type=int, default=3,
+                    help="target misses of at most N frames keep its nearest pose and mask; longer absences are "
+                         "passed through unchanged")
+    sw.add_argument("--insightface", help="insightface pack folder for ArcFace (default: found in "
+                                          "<models-dir>/insightface/models/)")
+    sw.add_argument("--small-faces", type=int, default=0, choices=(0, 1, 2, 3),
+                    help="also search MediaPipe tiles for faces down to ~1/6, 1/12, 1/24 of the frame's short side "
+                         "(wide shots, 4K; slower)")
+    sw.add_argument("--face-crop", action="store_true",
+                    help="swap a window around the face at the model's resolution and paste it back into the "
+                         "full-resolution frames (the output keeps the source's size)")
+    sw.add_argument("--crop-margin", type=float, default=1.0,
+                    help="with --face-crop: context around the face in face sizes on each side")
     sw.set_defaults(func=cmd_swap)
     add_parallel_options(sw)
 

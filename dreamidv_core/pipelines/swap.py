@@ -208,7 +208,7 @@ def encode_inputs(dit: DreamIDVTransformer, vae, video, mask, reference, plan: C
     mask_latent = encode_clip(vae, mask_src, lambda p: p, device, cancel)
     report("encode", 2, 3)
     if ref_latent is None:
-        ref_latent = encode_reference(vae, reference, plan.source_size, plan.area)
+        ref_latent = encode_reference(vae, reference, plan.reference_size, plan.area)
     report("encode", 3, 3)
 
     if dit.cfg.has_pose and pose_tokens is None:
