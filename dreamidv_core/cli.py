@@ -1,4 +1,4 @@
-"""Command line: ``python -m dreamidv_core {swap,convert,text-context,check-models,identity-report}``.
+"""Command line: ``python -m dreamidv_core {swap,convert,text-context,check-models,identity-report,evaluate}``.
 
 The swap needs no ComfyUI: it reads the weights from a folder laid out like ``ComfyUI/models``.
 """
@@ -218,6 +218,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .eval.identity_report import identity_report_main
 
         return identity_report_main(argv[1:])
+    if argv[:1] == ["evaluate"]:  # its own parser: the IDBench-V-like evaluation of swapped videos
+        from .eval.benchmark import evaluate_main
+
+        return evaluate_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -19,13 +19,17 @@ from .face_geometry import load_metadata, metric_mesh
 class FaceFrame:
     """One detected face: landmarks [478, 3] normalised (x, y, z), mesh [468, 3] metric in the face
     frame, pose [4, 4] face frame -> camera, expression = sum of the 51 blendshapes (neutral excluded),
-    width/height of the image it came from."""
+    width/height of the image it came from; blendshapes [51] (the scores without ``_neutral``, in the
+    model's order, names in ``FaceLandmarker.blendshape_names``) and matrix [4, 4] (MediaPipe's facial
+    transformation matrix, canonical face -> camera) when the landmarker gave them."""
     landmarks: np.ndarray
     mesh: np.ndarray
     pose: np.ndarray
     expression: float
     width: int
     height: int
+    blendshapes: Optional[np.ndarray] = None
+    matrix: Optional[np.ndarray] = None
 
 
 class FaceLandmarker:
@@ -36,6 +40,7 @@ class FaceLandmarker:
         if not os.path.isfile(task_path):
             raise CheckpointError(task_path, "file not found")
         self.meta = load_metadata(task_path)
+        self.blendshape_names: list = []  # filled by the first detection (the model's blendshape order)
         try:
             import mediapipe as mp
             from mediapipe.tasks.python import BaseOptions, vision
@@ -59,9 +64,13 @@ class FaceLandmarker:
         if len(result.face_landmarks) != 1 or len(result.face_blendshapes) != 1:
             return None
         lmks = np.array([[p.x, p.y, p.z] for p in result.face_landmarks[0]], np.float64)
-        expression = float(sum(c.score for c in result.face_blendshapes[0][1:]))
+        shapes = result.face_blendshapes[0][1:]
+        scores = np.array([c.score for c in shapes], np.float64)
+        self.blendshape_names = [c.category_name for c in shapes]
         mesh, pose = metric_mesh(lmks, w, h, self.meta)
-        return FaceFrame(lmks, mesh, pose, expression, w, h)
+        matrices = getattr(result, "facial_transformation_matrixes", None) or []
+        matrix = np.asarray(matrices[0], np.float64).reshape(4, 4) if len(matrices) == 1 else None
+        return FaceFrame(lmks, mesh, pose, float(sum(c.score for c in shapes)), w, h, scores, matrix)
 
     def close(self) -> None:
         det, self._detector = getattr(self, "_detector", None), None
