@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--probability", type=float, default=0.5, help="occlusion augmentation probability")
     ap.add_argument("--sample-steps", type=int, default=8)
-    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--guidance", default="4", help="identity guidance values at evaluation, e.g. 1,4 (released: 4)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model on a busy CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -154,28 +154,31 @@ def main(argv=None) -> int:
     vae, context = L.PoolVAE(), L.text_context()
     print(f"data: {len(train_items)} train clips without occluders, {len(test_items)} held-out clips with a test "
           f"occluder, 9 frames 64x48 ({time.time() - t0:.1f}s)", flush=True)
-    per: Dict[str, List[Dict[str, float]]] = {"plain": [], "occlusion": []}
+    guidances = [float(g) for g in str(args.guidance).split(",")]
+    per: Dict[str, List[Dict[str, float]]] = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name, aug in (("plain", None), ("occlusion", OcclusionAugmentation(args.probability, seed=seed))):
             t = time.time()
             model, losses = train_run(train_items, vae, context, args.steps, seed, args.lr, args.batch, aug)
-            r = evaluate(model, test_items, vae, context, args.sample_steps, args.guidance)
-            per[name].append(r)
-            print(f"seed {seed} {name:>9}: {args.steps} steps {time.time() - t:.0f}s, loss {np.mean(losses[-50:]):.3f}; "
-                  f"occ err {r['occ_err']:.1f}, occ kept {r['occ_kept']:.0%}, face err {r['face_err']:.1f}, "
-                  f"id sim {r['id_sim']:+.3f}", flush=True)
+            for g in guidances:
+                r = evaluate(model, test_items, vae, context, args.sample_steps, g)
+                per.setdefault(f"{name}, g {g:g}", []).append(r)
+                print(f"seed {seed} {name:>9} g {g:g}: {args.steps} steps {time.time() - t:.0f}s, loss "
+                      f"{np.mean(losses[-50:]):.3f}; occ err {r['occ_err']:.1f}, occ kept {r['occ_kept']:.0%}, "
+                      f"face err {r['face_err']:.1f}, id sim {r['id_sim']:+.3f}", flush=True)
     rows = reference_rows(test_items, vae)
     for name, rs in per.items():
         rows[f"{name} ({len(rs)} seeds)"] = {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}
-    print(f"\nheld-out {len(test_items)} clips; swap_face euler {args.sample_steps} steps, guidance {args.guidance}; "
-          f"augmentation probability {args.probability}; mean over seeds {args.seeds}")
+    print(f"\nheld-out {len(test_items)} clips; swap_face euler {args.sample_steps} steps, g = identity guidance; "
+          f"augmentation probability {args.probability}; {args.steps} steps; mean over seeds {args.seeds}")
     width = max(len(k) for k in rows) + 2
     print("".ljust(width) + "".join(h.rjust(11) for h in ("occ err", "occ kept", "face err", "id sim")))
     for name, r in rows.items():
         print(name.ljust(width) + f"{r['occ_err']:>11.1f}{r['occ_kept']:>11.0%}{r['face_err']:>11.1f}{r['id_sim']:>+11.3f}")
-    d = [b["occ_err"] - a["occ_err"] for a, b in zip(per["plain"], per["occlusion"])]
-    print(f"occlusion - plain, occ err per seed: {', '.join(f'{v:+.1f}' for v in d)} (lower in "
-          f"{sum(v < 0 for v in d)}/{len(d)} seeds)")
+    for g in guidances:
+        d = [b["occ_err"] - a["occ_err"] for a, b in zip(per[f"plain, g {g:g}"], per[f"occlusion, g {g:g}"])]
+        print(f"g {g:g}: occlusion - plain, occ err per seed: {', '.join(f'{v:+.1f}' for v in d)} (lower in "
+              f"{sum(v < 0 for v in d)}/{len(d)} seeds)")
     print(f"total {time.time() - t0:.0f}s")
     return 0
 
