@@ -10,6 +10,9 @@ checkpoint folder; ``resume`` continues the last run there). ComfyUI's Cancel st
 next step: the trainer saves a resumable checkpoint, then the node raises ComfyUI's interruption.
 ``validate_every`` > 0 adds the identity-report validation (:mod:`training.validation`): its mean
 similarity is drawn on the loss curve, every number goes to ``metrics.jsonl`` in each stage's folder.
+The appended recipe widgets (:func:`training_recipe`) switch on image-video hybrid training (``still_ratio``),
+the occlusion augmentation, the temporal TV penalty, the on-disk latent cache (under the checkpoint folder)
+and DataLoader workers; ``trains=modulation`` trains only the adaptive-norm modulation.
 """
 from __future__ import annotations
 
