@@ -275,15 +275,13 @@ def test_command_scores_a_folder_and_compares(truth, tmp_path, monkeypatch, caps
 
 
 @pytest.mark.shared_assets
-def test_mediapipe_observer_on_the_real_photo():
-    """Optional: the real MediaPipe landmarker gives a rotation, blendshapes and 478 landmarks, and a
-    rotated photo a head-pose error of about the rotation (in-plane)."""
-    from pathlib import Path
-
-    task = Path("/work/shared/assets/face_landmarker_v2_with_blendshapes.task")
-    photo = Path("/work/shared/assets/an_1.jpg")
+def test_mediapipe_observer_on_the_real_photo(shared_dir):
+    """Optional (../shared): the real MediaPipe landmarker gives a rotation, blendshapes and 478 landmarks,
+    and a rotated photo a head-pose error of about the rotation (in-plane)."""
+    task = shared_dir / "assets" / "face_landmarker_v2_with_blendshapes.task"
+    photo = shared_dir / "assets" / "an_1.jpg"
     if not task.is_file() or not photo.is_file():
-        pytest.skip("../shared assets (MediaPipe task, an_1.jpg) are not present")
+        pytest.skip(f"{shared_dir}/assets lacks the MediaPipe task or an_1.jpg")
     pytest.importorskip("mediapipe")
     from dreamidv_core.preprocess.pose.mediapipe_face import FaceLandmarker
 
