@@ -244,6 +244,7 @@ def test_clip_discovery_and_errors(truth, tmp_path):
         bench.discover_clips(lst)
 
 
+@pytest.mark.slow
 def test_command_scores_a_folder_and_compares(truth, tmp_path, monkeypatch, capsys):
     """``python -m dreamidv_core evaluate`` end to end on real mp4 files (H.264), the identity from the
     random-weight ONNX insightface pack of tests/onnx_models.py, then ``--compare``."""

@@ -45,6 +45,7 @@ def test_identity_report_node(node):
         node.execute(images, insightface_pack="buffalo_l", provider="CPU")
 
 
+@pytest.mark.slow
 def test_evaluate_node_graph_clip_folder_and_comparison(pack, tmp_path, monkeypatch):
     """DreamIDVEvaluate: the graph's own clip (IMAGE inputs), then a clip folder compared with the first
     results; tables and plots land in the results folders (relative: under ComfyUI's output folder)."""

@@ -39,6 +39,7 @@ def run(dataset, vae, steps=4, workers=0, cache=None):
     return train(tiny_model(text_dim=32), dataset, make_loss_fn("synthetic", vae, context, latent_cache=cache), cfg).losses
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_losses_as_the_loop():
     base = train(tiny_model(), ToyDataset(4), toy_flow_loss, TrainConfig(steps=3, lr=1e-3, seed=1)).losses
     with_workers = train(tiny_model(), ToyDataset(4), toy_flow_loss,
@@ -46,6 +47,7 @@ def test_workers_give_the_same_losses_as_the_loop():
     assert with_workers == base
 
 
+@pytest.mark.slow
 def test_latent_cache_is_written_once_then_read(data, vae, tmp_path):
     plain = run(DreamIDVDataset(data, 48, 32, 5), vae)
     cache = lc.LatentCache.for_vae(tmp_path / "cache", vae)

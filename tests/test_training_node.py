@@ -328,6 +328,7 @@ def test_ivs_stage_trains_an_ivs_model_only(pack, dirs, comfy_vae):
         finetune(pack, model, comfy_vae, dirs["data"], stage="synthetic")
 
 
+@pytest.mark.slow
 def test_recipe_widgets_hybrid_occlusion_tv_cache_and_modulation(pack, dirs, comfy_vae, tmp_path):
     """The appended widgets: a folder with still samples (one-frame clips through ComfyUI's Wan VAE), the
     occlusion augmentation, the TV penalty, the latent cache under the checkpoint folder and
