@@ -15,6 +15,11 @@ it is cut into micro-batches ("units") of ``batch_size`` samples, unit ``u`` goi
 resumed run repeats an uninterrupted one exactly, and N processes with grad_accum G/N compute the
 same losses as one process with grad_accum G (up to float summation order).
 
+Data: the keys of unit ``u`` come from the dataset's ``unit_keys`` when it has one
+(:class:`training.dataset.DreamIDVDataset`: ``(index, epoch)`` keys, still and video micro-batches mixed by
+``still_ratio``), else from :func:`sample_indices`. ``num_workers`` > 0 reads the micro-batches in DataLoader
+worker processes (:class:`UnitBatches`), which gives the same batches as reading them in the loop.
+
 Validation: ``validate_every`` > 0 runs a ``validator(model) -> metrics`` (the identity report of a few
 swaps, :mod:`training.validation`) before step 1, every N steps and at the end; ``metrics.jsonl`` in the
 checkpoint folder logs every step's loss and every validation.
@@ -212,7 +217,8 @@ class _UnitKeys:
     (a DataLoader ``batch_sampler``)."""
 
     def __init__(self, dataset, n_data, config, rank, units, start):
-        self.dataset, self.n_data, self.config, self.rank, self.units, self.start = dataset, n_data, config, rank, units, start
+        self.dataset, self.n_data, self.config = dataset, n_data, config
+        self.rank, self.units, self.start = rank, units, start
 
     def __iter__(self):
         cfg = self.config
