@@ -20,7 +20,7 @@ the tiny DiT, the linear stand-in VAE ``PoolVAE``, the pack's objective, trainer
 The ground truth through the stand-in VAE is the ceiling (the VAE blurs 4x4 pixel blocks and 4-frame
 groups); copying the driving video gets the occluder right and the face wrong.
 
-    python benchmarks/bench_occlusion.py                         # 3 seeds x 2 runs x 800 steps (~40 min on one busy core)
+    python benchmarks/bench_occlusion.py                         # 3 seeds x 2 runs x 1200 steps (~55 min, 1 busy core)
     python benchmarks/bench_occlusion.py --seeds 0 --steps 200   # quick look
 """
 from __future__ import annotations
@@ -136,15 +136,15 @@ def reference_rows(items, vae) -> Dict[str, Dict[str, float]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--train", type=int, default=256)
     ap.add_argument("--test", type=int, default=16)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--probability", type=float, default=0.5, help="occlusion augmentation probability")
+    ap.add_argument("--probability", type=float, default=0.8, help="occlusion augmentation probability")
     ap.add_argument("--sample-steps", type=int, default=8)
-    ap.add_argument("--guidance", default="4", help="identity guidance values at evaluation, e.g. 1,4 (released: 4)")
+    ap.add_argument("--guidance", default="1,4", help="identity guidance values at evaluation (released: 4)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model on a busy CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
