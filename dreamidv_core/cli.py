@@ -1,5 +1,5 @@
 """Command line: ``python -m dreamidv_core {swap,swap-batch,syncid-batch,convert,text-context,check-models,
-identity-report}``.
+identity-report,evaluate}``.
 
 The swap needs no ComfyUI: it reads the weights from a folder laid out like ``ComfyUI/models``. Under ``torchrun``
 ``swap`` runs one clip on several processes (``--ulysses``, ``--cfg-parallel``, ``--dit-fsdp``) and
@@ -514,6 +514,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .eval.identity_report import identity_report_main
 
         return identity_report_main(argv[1:])
+    if argv[:1] == ["evaluate"]:  # its own parser: the IDBench-V-like evaluation of swapped videos
+        from .eval.benchmark import evaluate_main
+
+        return evaluate_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -260,9 +260,7 @@ def identity_report(frames, reference, embedder: Embedder, driving=None, landmar
         raise InputError("identity report: the video has no frames")
     if driving is not None and landmarker is None:
         raise InputError("identity report: driving frames were given without a landmarker")
-    ref = reference_embedding(reference, embedder)
-    sims = np.full(n, np.nan)
-    cons = np.full(max(n - 1, 0), np.nan)
+    acc = IdentityAccumulator(reference, embedder, n)
     errors = None
     compared = 0
     if driving is not None and landmarker is not None:
@@ -271,25 +269,46 @@ def identity_report(frames, reference, embedder: Embedder, driving=None, landmar
             log.info("identity report: %d frames against %d driving frames; comparing the first %d",
                      n, len(driving), compared)
         errors = np.full(compared, np.nan)
-    prev = None
     report = reporter(progress)
     for i in range(n):
         image = _frame(frames, i, "video")
-        emb = _embed_one(embedder, image, f"video frame {i}", ref.size)
-        if emb is not None:
-            sims[i] = float(emb @ ref)
-            if prev is not None:
-                cons[i - 1] = float(emb @ prev)
-        prev = emb
+        acc.add(i, image)
         if i < compared:
             got = landmarker(image[0])
             want = landmarker(_frame(driving, i, "driving")[0])
             if got is not None and want is not None:
                 errors[i] = landmark_error(got, want)
         report("frames", i + 1, n)
-    return IdentityReport(similarities=sims, consecutive_cosines=cons, landmark_errors=errors,
-                          driving_frames=None if driving is None else len(driving),
-                          no_face_frames=[int(i) for i in np.flatnonzero(~np.isfinite(sims))])
+    return acc.report(errors, None if driving is None else len(driving))
+
+
+class IdentityAccumulator:
+    """The identity numbers of a video built one frame at a time (what :func:`identity_report` and the
+    evaluation, :mod:`dreamidv_core.eval.benchmark`, share): ``add(i, image uint8 [1, H, W, 3])`` for
+    i = 0 .. frames-1 in order, then :meth:`report`."""
+
+    def __init__(self, reference, embedder: Embedder, frames: int):
+        self.embedder = embedder
+        self.ref = reference_embedding(reference, embedder)
+        self.sims = np.full(frames, np.nan)
+        self.cons = np.full(max(frames - 1, 0), np.nan)
+        self.prev: Optional[np.ndarray] = None
+
+    def add(self, i: int, image: np.ndarray) -> Optional[np.ndarray]:
+        """Embed frame ``i`` -> its unit embedding (None: no face)."""
+        emb = _embed_one(self.embedder, image, f"video frame {i}", self.ref.size)
+        if emb is not None:
+            self.sims[i] = float(emb @ self.ref)
+            if self.prev is not None:
+                self.cons[i - 1] = float(emb @ self.prev)
+        self.prev = emb
+        return emb
+
+    def report(self, landmark_errors: Optional[np.ndarray] = None,
+               driving_frames: Optional[int] = None) -> "IdentityReport":
+        return IdentityReport(similarities=self.sims, consecutive_cosines=self.cons, landmark_errors=landmark_errors,
+                              driving_frames=driving_frames,
+                              no_face_frames=[int(i) for i in np.flatnonzero(~np.isfinite(self.sims))])
 
 
 # -------------------------------------------------------------------------------------------- plot

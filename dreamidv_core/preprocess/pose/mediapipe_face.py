@@ -31,13 +31,18 @@ from .face_geometry import load_metadata, metric_mesh
 class FaceFrame:
     """One detected face: landmarks [478, 3] normalised (x, y, z), mesh [468, 3] metric in the face
     frame, pose [4, 4] face frame -> camera, expression = sum of the 51 blendshapes (neutral excluded),
-    width/height of the image it came from."""
+    width/height of the image it came from; blendshapes [51] (the scores without ``_neutral``, in the
+    model's order, names in ``FaceLandmarker.blendshape_names``) and matrix [4, 4] (MediaPipe's facial
+    transformation matrix, canonical face -> camera) when the landmarker gave them (faces found in the whole
+    image; not those found in a tile, whose matrix would be the tile's camera)."""
     landmarks: np.ndarray
     mesh: np.ndarray
     pose: np.ndarray
     expression: float
     width: int
     height: int
+    blendshapes: Optional[np.ndarray] = None
+    matrix: Optional[np.ndarray] = None
 
 
 class FaceLandmarker:
@@ -52,6 +57,7 @@ class FaceLandmarker:
         if not os.path.isfile(task_path):
             raise CheckpointError(task_path, "file not found")
         self.meta = load_metadata(task_path)
+        self.blendshape_names: list = []  # filled by the first detection (the model's blendshape order)
         import mediapipe as mp
         from mediapipe.tasks.python import BaseOptions, vision
 
@@ -82,25 +88,33 @@ class FaceLandmarker:
         for x0, y0, side in views:
             if len(found) >= self.num_faces:
                 break
-            for lmks, expression in self._landmarks(image[y0:y0 + side, x0:x0 + side]):
+            for lmks, scores, _ in self._landmarks(image[y0:y0 + side, x0:x0 + side]):
                 full = tile_to_image(lmks, x0, y0, side, w, h)
                 if not cut_by_tile(lmks, x0, y0, side, w, h) and not any(
-                        _box_iou(full, seen) > 0.3 for seen, _ in found):
-                    found.append((full, expression))
+                        _box_iou(full, seen[0]) > 0.3 for seen in found):
+                    found.append((full, scores, None))
         faces = []
-        for lmks, expression in found:
+        for lmks, scores, matrix in found:
             mesh, pose = metric_mesh(lmks, w, h, self.meta)
-            faces.append(FaceFrame(lmks, mesh, pose, expression, w, h))
+            faces.append(FaceFrame(lmks, mesh, pose, float(scores.sum()), w, h, scores, matrix))
         return faces
 
     def _landmarks(self, image: np.ndarray):
-        """MediaPipe on one image -> [(landmarks [478, 3] normalised to it, expression)]."""
+        """MediaPipe on one image -> [(landmarks [478, 3] normalised to it, blendshape scores [51] without
+        ``_neutral``, facial transformation matrix [4, 4] or None)]."""
         mp_image = self._mp.Image(image_format=self._mp.ImageFormat.SRGB, data=np.ascontiguousarray(image))
         result = self._detector.detect(mp_image)
         if len(result.face_blendshapes) != len(result.face_landmarks):
             return []
-        return [(np.array([[p.x, p.y, p.z] for p in marks], np.float64), float(sum(c.score for c in shapes[1:])))
-                for marks, shapes in zip(result.face_landmarks, result.face_blendshapes)]
+        matrices = list(getattr(result, "facial_transformation_matrixes", None) or [])
+        out = []
+        for k, (marks, shapes) in enumerate(zip(result.face_landmarks, result.face_blendshapes)):
+            shapes = shapes[1:]
+            self.blendshape_names = [c.category_name for c in shapes]
+            matrix = np.asarray(matrices[k], np.float64).reshape(4, 4) if k < len(matrices) else None
+            out.append((np.array([[p.x, p.y, p.z] for p in marks], np.float64),
+                        np.array([c.score for c in shapes], np.float64), matrix))
+        return out
 
     def close(self) -> None:
         det, self._detector = getattr(self, "_detector", None), None
