@@ -372,6 +372,7 @@ def cmd_swap_parallel(args) -> int:
     """``swap`` on a group of processes: ``torchrun --nproc_per_node=N -m dreamidv_core swap ... --ulysses U
     [--cfg-parallel] [--dit-fsdp]`` with N = U (x 2 with --cfg-parallel)."""
     _refuse_face_crop(args)
+    swap_settings(args)  # the options and --out checked before the processes load anything
     from .parallel.batch import Job
     from .parallel.mesh import init_mesh
     from .pipelines.swap_batch import swap_job
@@ -397,8 +398,12 @@ def cmd_swap_parallel(args) -> int:
 def cmd_swap_batch(args) -> int:
     """Many clips over the processes: a line per clip, a summary; rerun to continue an interrupted run."""
     _refuse_face_crop(args)
+    from .io.files import ensure_folder
     from .parallel.mesh import init_mesh
     from .pipelines.swap_batch import run_swap_batch, swap_jobs
+
+    swap_settings(args)  # the options and --out-dir checked before the processes load anything
+    ensure_folder(args.out_dir, "--out-dir")
 
     with init_mesh(_parallel_config(args)) as mesh:
         jobs = mesh.run_on_main(lambda: swap_jobs(args.inputs, args.reference, args.frame_num, args.size),
@@ -412,9 +417,12 @@ def cmd_syncid_batch(args) -> int:
     """The SyncID-Pipe over a folder of real clips, one clip per process (data parallel)."""
     import torch
 
+    from .io.files import ensure_folder
     from .parallel.mesh import init_mesh
     from .synthesis.batch import run_syncid_batch, syncid_jobs
 
+    _check_syncid_options(args)  # the options and --out-dir checked before the processes load anything
+    ensure_folder(args.out_dir, "--out-dir")
     with init_mesh() as mesh:
         jobs = mesh.run_on_main(lambda: syncid_jobs(args.clips, args.identities, args.frame_num, args.size),
                                 f"reading the jobs of {args.clips}")
@@ -422,6 +430,25 @@ def cmd_syncid_batch(args) -> int:
             report = run_syncid_batch(mesh, None, jobs, args.out_dir, _syncid_settings(args),
                                       load=lambda: _syncid_models(args, mesh))
     return 1 if report is not None and report.failed else 0
+
+
+def _check_syncid_options(args) -> None:
+    """syncid-batch's numbers and device, each bad one named (an InputError) before any work."""
+    from .models.frame_grid import MIN_FRAMES
+    from .sampling.samplers import SAMPLERS
+
+    problems = numeric_problems(
+        str, ("--steps", args.steps, "int", 1, None), ("--shift", args.shift, "float>", 0, None),
+        ("--guidance", args.guidance, "float", None, None), ("--ivs-guidance", args.ivs_guidance, "float", None, None),
+        ("--seed", args.seed, "int", None, None), ("--size (width)", args.size[0], "int", 1, None),
+        ("--size (height)", args.size[1], "int", 1, None), ("--frame-num", args.frame_num, "int?", MIN_FRAMES, None),
+        ("--window", args.window, "int", MIN_FRAMES, None), ("--overlap", args.overlap, "int", 0, None),
+        ("--similarity-stride", args.similarity_stride, "int", 1, None))
+    if args.sampler not in SAMPLERS:
+        problems.append(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
+    if problems:
+        raise InputError("invalid options: " + "; ".join(problems))
+    _device(args.device)
 
 
 def _syncid_settings(args):

@@ -247,6 +247,36 @@ def test_cli_output_path_problems_are_found_before_any_work(tmp_path, models_dir
         assert words in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("command", ["swap-batch", "syncid-batch", "swap --ulysses 2"])
+def test_cli_batch_and_parallel_commands_check_options_and_outputs_first(tmp_path, models_dir, no_compute, capsys,
+                                                                         monkeypatch, command):
+    """swap-batch, syncid-batch and the parallel swap say a bad number, device or output before any process
+    group is made or any model loaded."""
+    from dreamidv_core.parallel import mesh
+
+    def refuse(*a, **k):
+        raise AssertionError("a process group was made before the options were checked")
+    monkeypatch.setattr(mesh, "init_mesh", refuse)
+    write_inputs(tmp_path)
+    if command.startswith("swap "):
+        base = swap_args(tmp_path, models_dir, "--ulysses", "2")
+        out = lambda target: [a if a != str(tmp_path / "o.mp4") else str(target) for a in base]  # noqa: E731
+        cases = [(base + ["--steps", "0"], "--steps must be >= 1, got 0"),
+                 (base + ["--device", "tpu7"], "--device 'tpu7' is not a device"),
+                 (out(tmp_path), "is an existing folder; give a file name")]
+    else:
+        io_opt = "--inputs" if command == "swap-batch" else "--clips"
+        base = [command, io_opt, str(tmp_path), "--models-dir", str(models_dir), "--size", "64*48", "--steps", "1"]
+        cases = [(base + ["--out-dir", str(tmp_path / "out"), "--steps", "0"], "--steps must be >= 1, got 0"),
+                 (base + ["--out-dir", str(tmp_path / "out"), "--shift", "nan"], "--shift must be a finite number"),
+                 (base + ["--out-dir", str(tmp_path / "face.png" / "out")], "face.png' is a file, not a folder")]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_refuses_a_plain_wan_t2v_file_naming_it_and_the_expected_one(tmp_path, models_dir, capsys):
     write_inputs(tmp_path)
     wan = init_random_(DreamIDVTransformer(tiny_config("wan_t2v", text_dim=4096)), seed=0)
