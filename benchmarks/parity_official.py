@@ -16,7 +16,8 @@ into ``sys.modules``.
 Checks (tiny random models unless real weights are given; same weights loaded into both sides):
   dit    DiT forward, fp32: conditional and zeroed-reference (identity-guidance) rows of one batched
          call, and the uncached pose-K/V path; bf16: ours in bf16 vs the official under bf16 autocast
-         (the official bf16-vs-fp32 error is printed as a yardstick). The official Projector hard-codes
+         (the official bf16-vs-fp32 error is printed as a yardstick); bf16 STORAGE: the checkpoint loaded with
+         ``load_dit``'s default (weights stored in bf16) vs the official under bf16 autocast. The official Projector hard-codes
          vid_dim=1536, so for the tiny model it is rebuilt with vid_dim=dim.
   unipc  final sample of our ``sample_unipc`` vs the official FlowUniPCMultistepScheduler step loop
          (12/20/50 steps, shift 5, state-dependent fake model) and the timesteps the model sees.
@@ -227,8 +228,32 @@ def check_dit(args, dev):
     out_b = ours(x[None], t.float(), ours.prepare(ctx, y, img[None], ours.pose_tokens(pose)))[0]
     ours.compute_dtype = torch.float32
     report("DiT", f"{what} official bf16 autocast vs its fp32 (info)", r_b, r_c, 1.0)
-    report("DiT", f"{what} ours bf16 vs official bf16 autocast", out_b, r_b, 5e-2)
+    report("DiT", f"{what} ours bf16 compute, fp32 storage vs official bf16 autocast{exact(out_b, r_b)}",
+           out_b, r_b, 5e-2)
     report("DiT", f"{what} ours bf16 vs official fp32", out_b, r_c, 5e-2)
+    # the loader's default: weights STORED in bf16 (load_dit weight_dtype="bf16") vs the official's fp32 weights
+    # under bf16 autocast; one call per guidance pass, as the sampler makes them by default (batch_guidance off:
+    # a batch of two rounds differently in bf16, on both sides)
+    with amp.autocast(dtype=torch.bfloat16):
+        r_bu = official_fwd(torch.zeros_like(img), torch.bfloat16)
+    stored = bf16_stored_copy(ours, dev)
+    tokens = stored.pose_tokens(pose)
+    for row, im, r in (("cond", img, r_b), ("zero-ref uncond", torch.zeros_like(img), r_bu)):
+        out_s = stored(x[None], t.float(), stored.prepare(ctx, y, im[None], tokens))[0]
+        report("DiT", f"{what} ours bf16 STORAGE {row} vs official bf16 autocast{exact(out_s, r)}", out_s, r, 0.0)
+
+
+def exact(a, b) -> str:
+    return " (bit-identical)" if torch.equal(a.float(), b.float()) else " (not bit-identical)"
+
+
+def bf16_stored_copy(model, dev):
+    """``model`` written to a checkpoint and read back by ``load_dit`` with its default bf16 storage."""
+    from dreamidv_core.weights.checkpoints import load_dit, save_dit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_dit(model, Path(tmp) / "dit.safetensors")
+        return load_dit(Path(tmp) / "dit.safetensors", device=dev)  # weight_dtype "bf16", compute bf16
 
 
 # --------------------------------------------------------------------------------------------- UniPC

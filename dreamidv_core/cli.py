@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .errors import DreamIDVError
+from .errors import DreamIDVError, InputError, numeric_problems
 
 
 def _size(text: str):
@@ -23,12 +23,62 @@ def _size(text: str):
         raise argparse.ArgumentTypeError(f"size must look like 832*480, got {text!r}") from None
 
 
-def _device(name: str):
+def _device(name: str, option: str = "--device") -> str:
+    """``auto`` -> cuda if available else cpu; anything else must name a device this PyTorch can use."""
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    choices = "use auto, cpu, cuda, cuda:N or mps"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"{option} '{name}' is not a device; {choices}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"{option} '{name}': no CUDA GPU is usable here (a CPU-only PyTorch, or no GPU/driver "
+                             "found); use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"{option} '{name}': there {'is' if count == 1 else 'are'} only {count} CUDA "
+                             f"device{'s' if count > 1 else ''} (cuda:0{f' .. cuda:{count - 1}' if count > 1 else ''})")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise InputError(f"{option} '{name}': Apple MPS is not available here; use --device cpu (or auto)")
+    elif dev.type != "cpu":
+        raise InputError(f"{option} '{name}': {dev.type} devices are not supported; {choices}")
+    return str(dev)
+
+
+def _option_name(setting: str) -> str:
+    """A SwapSettings field as the option that sets it."""
+    return {"width": "--size (width)", "height": "--size (height)"}.get(setting, "--" + setting.replace("_", "-"))
+
+
+def swap_settings(args):
+    """The swap's settings from the command line (``swap``, ``swap-batch``, the parallel swap), every option
+    checked before anything is read or computed (an InputError naming each bad option); ``swap``'s --out is
+    checked too."""
+    from .io.files import check_output_file
+    from .pipelines.swap import SwapSettings
+
+    problems = [p + " (leave --fps out to keep the source's frame rate)"
+                for p in numeric_problems(str, ("--fps", args.fps, "float>?", 0, None))]
+    problems += numeric_problems(str, ("--offload-blocks", args.offload_blocks, "int", 0, None))
+    settings = SwapSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
+                            shift=args.shift, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
+                            window=args.window, overlap=args.overlap, background_strength=args.background_strength,
+                            step_cache=args.step_cache, batch_guidance=args.batch_guidance, vae_tile=args.vae_tile)
+    try:
+        settings.validate(label=_option_name)
+    except InputError as exc:
+        problems.append(str(exc).replace("invalid swap settings: ", ""))
+    if problems:
+        raise InputError("invalid options: " + "; ".join(problems))
+    _device(args.device)
+    if getattr(args, "out", None) is not None:  # swap-batch has --out-dir instead (checked by cmd_swap_batch)
+        check_output_file(args.out, "--out")
+    return settings
 
 
 def resolve_swap_files(args):
@@ -56,12 +106,13 @@ def cmd_swap(args) -> int:
         return cmd_swap_parallel(args)
     import torch
 
-    from .weights.checkpoints import load_dit
+    from .weights.checkpoints import SWAP_VARIANTS, load_dit
     from .pipelines.swap import swap_face
     from .pipelines.text_context import get_text_context, load_precomputed_context
     from .models.vae import load_wan_vae
     from .io.video import VideoReader, VideoWriter, read_image
 
+    settings = swap_settings(args)
     dit_path, vae_path, encoder, tokenizer = resolve_swap_files(args)
     device = _device(args.device)
     # the videos are read lazily and the output written as it is decoded: memory does not grow with the clip
@@ -86,13 +137,12 @@ def cmd_swap(args) -> int:
     offload = args.offload_blocks and torch.device(device).type == "cuda"
     # with block offload the weights are read to the CPU and only the resident part moves to the GPU
     dit = load_dit(dit_path, weight_dtype=args.weight_dtype, device="cpu" if offload else device,
-                   attention_backend=args.attention)
+                   attention_backend=args.attention, variants=SWAP_VARIANTS)
     vae = load_wan_vae(vae_path, device=device)
     if offload:
         from .sampling.offload import enable_block_offload
 
         print(enable_block_offload(dit, args.offload_blocks, device).describe())
-    settings = swap_settings(args)
     plan = swap_plan(args, video, mask, settings)
     if plan.track is not None:
         print(plan.track.describe())
@@ -108,16 +158,6 @@ def cmd_swap(args) -> int:
     size = "{}x{}".format(*plan.source_size) if plan.track is not None else f"{plan.size[1]}x{plan.size[0]}"
     print(f"wrote {args.out}: {result.frames_used} frames {size} at {args.fps or fps:g} fps")
     return 0
-
-
-def swap_settings(args):
-    """The swap's settings from the command line (``swap`` and ``swap-batch``)."""
-    from .pipelines.swap import SwapSettings
-
-    return SwapSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
-                        shift=args.shift, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
-                        window=args.window, overlap=args.overlap, background_strength=args.background_strength,
-                        step_cache=args.step_cache, batch_guidance=args.batch_guidance, vae_tile=args.vae_tile)
 
 
 def swap_plan(args, video, mask, settings):
@@ -171,8 +211,10 @@ def extract_pose_and_mask(args, video, reference):
         raise DreamIDVError("no --mask given and no MediaPipe face landmarker to make one.\n" + format_missing(report))
     spec, embed_face = target_choice(args, report)
     print(f"pose and mask from the video with {task} (target: {args.target})")
+    with FaceLandmarker(str(task), num_faces=MAX_REFERENCE_FACES) as finder:
+        ref_face = choose_reference_face(finder.detect_all(reference), args.reference_face, reference.shape)
     with FaceLandmarker(str(task), num_faces=MAX_FACES, tile_levels=args.small_faces) as landmarker:
-        result = extract_mediapipe(video, landmarker, reference=reference, target=spec, embed_face=embed_face)
+        result = extract_mediapipe(video, landmarker, reference=ref_face, target=spec, embed_face=embed_face)
     print(result.info)
     return result.mask, result.pose, result.present
 
@@ -208,6 +250,49 @@ def target_choice(args, report):
         embedding = analyzer_photo_embedding(analyzer, read_image(args.target_photo))
     spec = TargetSpec(args.target, args.target_index, embedding, args.min_similarity, args.bridge_frames)
     return spec, (analyzer_embedder(analyzer) if analyzer is not None else None)
+
+
+MAX_REFERENCE_FACES = 8
+
+
+def _reference_face_choice(text: str):
+    if text == "largest":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--reference-face must be 'largest' or a face number (0 = leftmost), "
+                                         f"got {text!r}") from None
+
+
+def choose_reference_face(faces, choice, image_shape):
+    """The reference photo's face whose shape the pose is retargeted onto: ``choice`` 'largest' or an index
+    (0 = leftmost); says which face was used when the photo holds several."""
+    from .preprocess.identity import choose_face, sort_left_to_right
+    from .preprocess.identity_bundle import FaceBox
+
+    if not faces:
+        raise InputError("--reference: no face found by the MediaPipe face landmarker; use a photo with a clearly "
+                         "visible face")
+    h, w = image_shape[:2]
+    found = [FaceBox(bbox=(float(f.landmarks[:, 0].min() * w), float(f.landmarks[:, 1].min() * h),
+                           float(f.landmarks[:, 0].max() * w), float(f.landmarks[:, 1].max() * h)), score=1.0)
+             for f in faces]
+    boxes = sort_left_to_right(found)
+    faces = [faces[next(i for i, b in enumerate(found) if b is box)] for box in boxes]
+    mode, index = ("largest", 0) if choice == "largest" else ("index", int(choice))
+    if mode == "index" and not 0 <= index < len(boxes):
+        raise InputError(f"--reference-face {index}: the reference photo has {len(boxes)} face"
+                         f"{'s' if len(boxes) > 1 else ''} (0 = leftmost, up to {len(boxes) - 1})")
+    chosen = choose_face(boxes, mode, index, what="--reference photo").index
+    if len(boxes) > 1:
+        listed = "; ".join(f"face {i} at x {b.bbox[0]:.0f}-{b.bbox[2]:.0f}, y {b.bbox[1]:.0f}-{b.bbox[3]:.0f}"
+                           for i, b in enumerate(boxes))
+        how = "the largest; --reference-face N picks another" if mode == "largest" else "--reference-face"
+        print(f"reference photo: {len(boxes)} faces found, left to right ({listed}); using face {chosen} ({how}) "
+              "for the expression retargeting. The model sees the whole photo: crop it to that face for the "
+              "cleanest identity")
+    return faces[chosen]
 
 
 def cmd_convert(args) -> int:
@@ -287,6 +372,7 @@ def cmd_swap_parallel(args) -> int:
     """``swap`` on a group of processes: ``torchrun --nproc_per_node=N -m dreamidv_core swap ... --ulysses U
     [--cfg-parallel] [--dit-fsdp]`` with N = U (x 2 with --cfg-parallel)."""
     _refuse_face_crop(args)
+    swap_settings(args)  # the options and --out checked before the processes load anything
     from .parallel.batch import Job
     from .parallel.mesh import init_mesh
     from .pipelines.swap_batch import swap_job
@@ -312,8 +398,12 @@ def cmd_swap_parallel(args) -> int:
 def cmd_swap_batch(args) -> int:
     """Many clips over the processes: a line per clip, a summary; rerun to continue an interrupted run."""
     _refuse_face_crop(args)
+    from .io.files import ensure_folder
     from .parallel.mesh import init_mesh
     from .pipelines.swap_batch import run_swap_batch, swap_jobs
+
+    swap_settings(args)  # the options and --out-dir checked before the processes load anything
+    ensure_folder(args.out_dir, "--out-dir")
 
     with init_mesh(_parallel_config(args)) as mesh:
         jobs = mesh.run_on_main(lambda: swap_jobs(args.inputs, args.reference, args.frame_num, args.size),
@@ -327,9 +417,12 @@ def cmd_syncid_batch(args) -> int:
     """The SyncID-Pipe over a folder of real clips, one clip per process (data parallel)."""
     import torch
 
+    from .io.files import ensure_folder
     from .parallel.mesh import init_mesh
     from .synthesis.batch import run_syncid_batch, syncid_jobs
 
+    _check_syncid_options(args)  # the options and --out-dir checked before the processes load anything
+    ensure_folder(args.out_dir, "--out-dir")
     with init_mesh() as mesh:
         jobs = mesh.run_on_main(lambda: syncid_jobs(args.clips, args.identities, args.frame_num, args.size),
                                 f"reading the jobs of {args.clips}")
@@ -337,6 +430,25 @@ def cmd_syncid_batch(args) -> int:
             report = run_syncid_batch(mesh, None, jobs, args.out_dir, _syncid_settings(args),
                                       load=lambda: _syncid_models(args, mesh))
     return 1 if report is not None and report.failed else 0
+
+
+def _check_syncid_options(args) -> None:
+    """syncid-batch's numbers and device, each bad one named (an InputError) before any work."""
+    from .models.frame_grid import MIN_FRAMES
+    from .sampling.samplers import SAMPLERS
+
+    problems = numeric_problems(
+        str, ("--steps", args.steps, "int", 1, None), ("--shift", args.shift, "float>", 0, None),
+        ("--guidance", args.guidance, "float", None, None), ("--ivs-guidance", args.ivs_guidance, "float", None, None),
+        ("--seed", args.seed, "int", None, None), ("--size (width)", args.size[0], "int", 1, None),
+        ("--size (height)", args.size[1], "int", 1, None), ("--frame-num", args.frame_num, "int?", MIN_FRAMES, None),
+        ("--window", args.window, "int", MIN_FRAMES, None), ("--overlap", args.overlap, "int", 0, None),
+        ("--similarity-stride", args.similarity_stride, "int", 1, None))
+    if args.sampler not in SAMPLERS:
+        problems.append(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
+    if problems:
+        raise InputError("invalid options: " + "; ".join(problems))
+    _device(args.device)
 
 
 def _syncid_settings(args):
@@ -396,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "default: made with MediaPipe, as is the pose video")
     sw.add_argument("--pose", help="pose video of the driving video (with --mask; required by the full model)")
     sw.add_argument("--landmarker", help="MediaPipe face_landmarker .task (default: found in <models-dir>/mediapipe)")
+    sw.add_argument("--reference-face", type=_reference_face_choice, default="largest",
+                    help="with several faces in the reference photo: 'largest' (default) or the face number, "
+                         "0 = leftmost (the pose is retargeted onto that face; the choice is printed)")
     sw.add_argument("--out", required=True, help="output .mp4")
     sw.add_argument("--models-dir", default="models", help="a folder laid out like ComfyUI/models")
     sw.add_argument("--dit", help="DiT checkpoint (default: found in <models-dir>/diffusion_models)")

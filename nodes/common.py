@@ -13,7 +13,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from dreamidv_core.errors import CheckpointError
+from dreamidv_core.errors import CheckpointError, InputError
 from dreamidv_core.preprocess.onnx_session import PROVIDER_CHOICES
 
 CATEGORY = "DreamID-V"
@@ -78,6 +78,16 @@ def resolve_model_file(folder: str, name: str, expected: str) -> Path:
                               f"not found in {folder_hint(folder)}; put {expected} there (or point '{folder}' "
                               "at it in extra_model_paths.yaml)")
     return Path(path)
+
+
+def output_path(value: str, what: str, default: str = "") -> Path:
+    """A folder named in a node's text input: an absolute path as given (``~`` expanded), a relative one under
+    ComfyUI's output folder (where the pack's writers put datasets and checkpoints)."""
+    raw = (value or "").strip() or default
+    if not raw:
+        raise InputError(f"{what}: empty; give a folder (a relative path is under ComfyUI's output folder)")
+    path = Path(os.path.expanduser(raw))
+    return path if path.is_absolute() else Path(folder_paths.get_output_directory()) / path
 
 
 class FileStamp(NamedTuple):

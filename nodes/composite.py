@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from dreamidv_core.preprocess import composite as core
 from dreamidv_core.preprocess import segmentation
 from dreamidv_core.errors import CheckpointError
+from dreamidv_core.io.video import even_size
 
 from . import common
 
@@ -41,7 +42,7 @@ class BackgroundComposite(io.ComfyNode):
         configs = ["auto"] + segmentation.bundled_configs() + common.model_choices(SAM2_FOLDER, (".yaml",))
         return io.Schema(
             node_id="DreamIDVBackgroundComposite",
-            display_name="SAM2 background composite",
+            display_name="DreamID-V SAM2 Background Composite",
             category=common.CATEGORY,
             description="Segments the head with SAM2 (prompted by the face mask of the first frames and tracked "
                         "through the clip), feathers it and pastes the generated frames inside it over the original "
@@ -71,7 +72,9 @@ class BackgroundComposite(io.ComfyNode):
                                tooltip="Where SAM2 and the compositing run: 'auto' uses ComfyUI's device."),
             ],
             outputs=[
-                io.Image.Output("composited", display_name="frames", tooltip="The composited frames."),
+                io.Image.Output("composited", display_name="frames",
+                                tooltip="The composited frames, the source's size (an odd width or height loses its "
+                                        "last column or row, so video encoders accept it)."),
                 io.Mask.Output("blend_mask", display_name="mask", tooltip="The feathered blend mask (1 = generated)."),
             ],
         )
@@ -81,6 +84,9 @@ class BackgroundComposite(io.ComfyNode):
                 mask_dilation=8, feather=16, device="auto") -> io.NodeOutput:
         if face_mask.dim() == 2:
             face_mask = face_mask[None]
+        # the sampler's frames_in_source lose an odd last row/column (video encoders need even sizes): so do these
+        frames, generated, face_mask = (even_size(t, name) for t, name in
+                                        ((frames, "frames"), (generated, "generated"), (face_mask, "face_mask")))
         count = core.check_inputs(frames, generated, face_mask)  # fail before loading anything
         frames, face_mask = frames[:count], face_mask[:count]
         dev = sam2_device(device)

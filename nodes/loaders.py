@@ -26,7 +26,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from dreamidv_core.models.attention import BACKENDS
-from dreamidv_core.weights.checkpoints import WEIGHT_DTYPES, load_dit
+from dreamidv_core.weights.checkpoints import SWAP_VARIANTS, WEIGHT_DTYPES, load_dit
 from dreamidv_core.sampling.offload import disable_block_offload, enable_block_offload, offload_memory
 from dreamidv_core.errors import CheckpointError, InputError
 from dreamidv_core.weights.id_projection import apply_id_projection_file, is_id_projection_file
@@ -44,6 +44,7 @@ TEXT_FOLDER = "text_encoders"
 CONTEXT_FOLDER = "dreamidv"
 DEVICE_CHOICES = ("auto", "auto_offload", "cpu")
 NONE = "none"
+AUTO = "auto"  # the text encoder: the first umT5-XXL file of the catalogue found in text_encoders
 TOKENIZER_DIRS = ("google/umt5-xxl", "umt5-xxl", "umt5_xxl", "google_umt5-xxl")
 
 
@@ -180,7 +181,8 @@ def load_model(name: str, weight_dtype: str = "bf16", attention: str = "sdpa", d
     def load():
         load_device, offload_device = model_devices(device)
         try:
-            dit = load_dit(path, weight_dtype=weight_dtype, device=offload_device, attention_backend=attention)
+            dit = load_dit(path, weight_dtype=weight_dtype, device=offload_device, attention_backend=attention,
+                           variants=SWAP_VARIANTS)
         except CheckpointError as exc:
             raise CheckpointError(path, f"{exc.problem}. DreamIDVModelLoader needs a DreamID-V checkpoint in "
                                         f"{common.folder_hint(DIT_FOLDER)}: {expected_dit_names()}") from None
@@ -247,7 +249,10 @@ class DreamIDVModelLoader(io.ComfyNode):
                                        "'id_projection'), added to the model. The sampler then also uses the "
                                        "identity's ArcFace embedding."),
             ],
-            outputs=[common.DreamIDVModel.Output(display_name="model")],
+            outputs=[common.DreamIDVModel.Output(display_name="model",
+                                                 tooltip="The loaded DreamID-V model (full or faster, with the LoRA "
+                                                         "and ID projection applied), for the PoseGuider, the "
+                                                         "sampler and the fine-tune node.")],
         )
 
     @classmethod
@@ -304,6 +309,30 @@ def find_tokenizer(encoder: Path) -> Optional[Path]:
                                    "umt5_xxl_*.safetensors")
 
 
+def auto_text_encoder() -> Optional[str]:
+    """The first umT5-XXL file of the catalogue (README "Model files" order) among the text_encoders choices."""
+    choices = common.model_choices(TEXT_FOLDER)
+    for option in get_entry("text_encoder").options:
+        found = [c for c in choices if os.path.basename(c) == option[0]]
+        if found:
+            return found[0]
+    return None
+
+
+def text_encoder_choice(text_encoder: str) -> str:
+    """The combo value with 'auto' resolved; an InputError saying what to put where when nothing fits."""
+    if text_encoder == AUTO:
+        found = auto_text_encoder()
+        if found is None:
+            raise InputError(f"text_encoder 'auto': no umT5-XXL file in {common.folder_hint(TEXT_FOLDER)}; put "
+                             f"{expected_text_encoder_names()} there, or choose a precomputed_context")
+        return found
+    if not text_encoder or text_encoder == NONE:
+        raise InputError("DreamIDVTextContext: choose a text_encoder (" + expected_text_encoder_names() +
+                         f" in {common.folder_hint(TEXT_FOLDER)}) or a precomputed_context")
+    return text_encoder
+
+
 def context_conditioning(context: torch.Tensor) -> list:
     """[L, 4096] -> ComfyUI CONDITIONING [[cond [1, L, 4096] float32, {...}]]."""
     return [[context.to(torch.float32)[None], {"pooled_output": None, "dreamidv_tokens": int(context.shape[0])}]]
@@ -319,9 +348,11 @@ class DreamIDVTextContext(io.ComfyNode):
             description=f"The umT5-XXL context of DreamID-V's fixed prompt \"{DEFAULT_PROMPT}\", computed once per "
                         "encoder file and cached on disk (or read from a precomputed context file).",
             inputs=[
-                io.Combo.Input("text_encoder", options=[NONE] + common.model_choices(TEXT_FOLDER),
+                io.Combo.Input("text_encoder", options=[AUTO, NONE] + common.model_choices(TEXT_FOLDER),
+                               default=AUTO,
                                tooltip="umT5-XXL encoder in models/text_encoders: " + expected_text_encoder_names() +
-                                       ". Runs only once; later runs read the cache."),
+                                       ". 'auto': the first of these found there. Runs only once; later runs read "
+                                       "the cache. Not used when a precomputed_context is chosen."),
                 io.Combo.Input("precomputed_context", options=[NONE] + common.model_choices(CONTEXT_FOLDER),
                                default=NONE, optional=True,
                                tooltip="A context file in models/dreamidv ([L, 4096] tensor: the official "
@@ -330,7 +361,9 @@ class DreamIDVTextContext(io.ComfyNode):
                                tooltip="Where the encoder runs on a cache miss: cpu (slow, needs ~12 GB RAM for "
                                        "bf16) or auto (ComfyUI's GPU)."),
             ],
-            outputs=[io.Conditioning.Output(display_name="positive")],
+            outputs=[io.Conditioning.Output(display_name="positive",
+                                            tooltip="The umT5-XXL context of \"chang face\" as CONDITIONING, for "
+                                                    "the sampler (and the fine-tune and IVS nodes).")],
         )
 
     @classmethod
@@ -339,18 +372,19 @@ class DreamIDVTextContext(io.ComfyNode):
             return file_problem(CONTEXT_FOLDER, precomputed_context, "a [L, 4096] context file") or True
         if not text_encoder or text_encoder == NONE:
             return True  # execute explains what to choose
+        try:
+            text_encoder = text_encoder_choice(text_encoder)
+        except InputError as exc:
+            return str(exc)
         return file_problem(TEXT_FOLDER, text_encoder, expected_text_encoder_names()) or True
 
     @classmethod
-    def execute(cls, text_encoder, precomputed_context=NONE, encoder_device="cpu") -> io.NodeOutput:
+    def execute(cls, text_encoder=AUTO, precomputed_context=NONE, encoder_device="cpu") -> io.NodeOutput:
         if precomputed_context and precomputed_context != NONE:
             path = common.resolve_model_file(CONTEXT_FOLDER, precomputed_context, "a [L, 4096] context file")
             return io.NodeOutput(context_conditioning(load_precomputed_context(path, TEXT_DIM)))
-        if not text_encoder or text_encoder == NONE:
-            raise InputError("DreamIDVTextContext: choose a text_encoder (" +
-                             expected_text_encoder_names() + f" in {common.folder_hint(TEXT_FOLDER)}) "
-                             "or a precomputed_context")
-        encoder = common.resolve_model_file(TEXT_FOLDER, text_encoder, expected_text_encoder_names())
+        encoder = common.resolve_model_file(TEXT_FOLDER, text_encoder_choice(text_encoder),
+                                            expected_text_encoder_names())
         device = mm.get_torch_device() if encoder_device == "auto" else "cpu"
         context = get_text_context(encoder, find_tokenizer(encoder), cache_dir=context_cache_dir(), device=device)
         return io.NodeOutput(context_conditioning(context))

@@ -19,6 +19,7 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from dreamidv_core.errors import InputError
+from dreamidv_core.io.video import check_pixels, even_size
 from dreamidv_core.pipelines.adapters import PixelSpaceVAE, PoseTokenSet, context_from_conditioning, rgb_frames
 from dreamidv_core.pipelines.plan import ClipPlan, face_crop_plan
 from dreamidv_core.preprocess.face_crop import DEFAULT_MARGIN, mask_presence
@@ -228,9 +229,10 @@ class DreamIDVSampler(io.ComfyNode):
                                 tooltip="Swapped frames at model resolution (the resized, centre-cropped area; with "
                                         "face_crop: the face windows)."),
                 io.Image.Output(display_name="frames_in_source",
-                                tooltip="The swapped frames resized back into the source frames: same size as "
-                                        "the input video; pixels outside the model's crop (face_crop: outside the "
-                                        "face window) and frames whose mask is empty are the source's."),
+                                tooltip="The swapped frames resized back into the source frames: the input video's "
+                                        "size (an odd width or height loses its last column or row, so video "
+                                        "encoders accept it); pixels outside the model's crop (face_crop: outside "
+                                        "the face window) and frames whose mask is empty are the source's."),
                 io.Int.Output(display_name="frame_count",
                               tooltip="Frames used: the first frame_num frames, floored to 4n+1."),
             ],
@@ -243,6 +245,11 @@ class DreamIDVSampler(io.ComfyNode):
                 pose_tokens=None, face_crop=False, crop_margin=DEFAULT_MARGIN) -> io.NodeOutput:
         _check_model(model)
         dit = model.dit
+        settings = SwapSettings(width=width, height=height, frame_num=frame_num or None, steps=steps, shift=shift,
+                                guidance=identity_guidance, seed=seed, sampler=sampler, batch_guidance=batch_guidance,
+                                window=window, overlap=overlap, background_strength=background_strength,
+                                step_cache=step_cache, vae_tile=vae_tile or None,
+                                vae_tile_overlap=vae_tile_overlap).validate(label=_input_name)
         context = conditioning_context(positive, dit.cfg.text_dim)
         video = rgb_frames(video, "video")
         mask = _mask_frames(mask)
@@ -258,10 +265,6 @@ class DreamIDVSampler(io.ComfyNode):
         src_h, src_w = video.shape[1:3]
         plan = clip_plan((src_w, src_h), video.shape[0], frame_num, width, height, window, overlap, face_crop,
                          crop_margin, mask)
-        settings = SwapSettings(width=width, height=height, frame_num=frame_num or None, steps=steps, shift=shift,
-                                guidance=identity_guidance, seed=seed, sampler=sampler, batch_guidance=batch_guidance,
-                                window=window, overlap=overlap, background_strength=background_strength,
-                                step_cache=step_cache, vae_tile=vae_tile or None, vae_tile_overlap=vae_tile_overlap)
         tokens = None
         if dit.cfg.has_pose:
             if pose_tokens is None:
@@ -288,7 +291,8 @@ class DreamIDVSampler(io.ComfyNode):
             log.info("DreamID-V: step cache skipped %d of %d DiT evaluations", result.skipped, result.evaluations)
         frames = result.frames.to(mm.intermediate_device(), torch.float32)
         present = None if plan.track is not None else mask_presence(mask, plan.frames)
-        in_source = plan.paste_back(video[:plan.frames].to(frames.device), frames, present=present)
+        in_source = even_size(plan.paste_back(video[:plan.frames].to(frames.device), frames, present=present),
+                              "frames_in_source")
         return io.NodeOutput(frames, in_source, result.frames_used)
 
 
@@ -305,8 +309,13 @@ def identity_embedding(dit, identity, model_name: str):
     return emb
 
 
+def _input_name(setting: str) -> str:
+    """A SwapSettings field as the sampler's input that sets it."""
+    return {"guidance": "identity_guidance"}.get(setting, setting)
+
+
 def _mask_frames(mask) -> torch.Tensor:
-    """MASK [F, H, W] (or [H, W] for one frame) -> float32 [F, H, W] in [0, 1]."""
+    """MASK [F, H, W] (or [H, W] for one frame) -> float32 [F, H, W] in [0, 1] (NaN or 0..255 values refused)."""
     if not isinstance(mask, torch.Tensor):
         raise InputError(f"mask: expected a MASK tensor [frames, height, width], got {type(mask).__name__}")
     if mask.dim() == 2:
@@ -315,6 +324,7 @@ def _mask_frames(mask) -> torch.Tensor:
         mask = mask[..., 0]
     if mask.dim() != 3:
         raise InputError(f"mask: expected [frames, height, width], got {list(mask.shape)}")
+    check_pixels(mask, "mask")
     return mask.float().clamp(0, 1)
 
 

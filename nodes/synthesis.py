@@ -6,7 +6,6 @@ expression adaptation (the real clip's expressions on I_g's face) -> [IVS] -> ba
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -282,10 +281,7 @@ class DreamIDVBackgroundRecompose(io.ComfyNode):
 
 def dataset_root(folder: str) -> Path:
     """A relative dataset folder lives under ComfyUI's output directory; absolute paths are used as given."""
-    if not folder or not str(folder).strip():
-        raise InputError("dataset_folder: give a folder name (relative: under ComfyUI's output folder)")
-    path = Path(os.path.expanduser(str(folder).strip()))
-    return path if path.is_absolute() else Path(folder_paths.get_output_directory()) / path
+    return common.output_path(folder, "dataset_folder")
 
 
 class DreamIDVQuadrupletWriter(io.ComfyNode):

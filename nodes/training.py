@@ -57,19 +57,20 @@ def _stages():
 
 def resolve_checkpoint_folder(value: str) -> Path:
     """An absolute path as given; a relative one under ComfyUI's output folder."""
-    value = (value or "").strip() or DEFAULT_CHECKPOINT_DIR
-    path = Path(os.path.expanduser(value))
-    return path if path.is_absolute() else Path(folder_paths.get_output_directory()) / path
+    return common.output_path(value, "checkpoint_folder", DEFAULT_CHECKPOINT_DIR)
 
 
 def resolve_dataset_folder(value: str) -> Path:
-    """The dataset folder, or an InputError naming it and what was expected."""
+    """The dataset folder (an absolute path as given; a relative one under ComfyUI's output folder, where the
+    Quadruplet Writer writes), or an InputError naming it and what was expected."""
     raw = (value or "").strip()
     if not raw:
         raise InputError("dataset_folder: empty; give the folder of training samples (format: training/DATASET.md)")
-    path = Path(os.path.expanduser(raw))
+    path = common.output_path(raw, "dataset_folder")
     if not path.is_dir():
-        raise InputError(f"dataset_folder '{raw}' is not a folder; give a folder of sample folders "
+        where = "" if path == Path(os.path.expanduser(raw)) else f" (a relative path is read under ComfyUI's output " \
+                                                                   f"folder: {path})"
+        raise InputError(f"dataset_folder '{raw}' is not a folder{where}; give a folder of sample folders "
                          "(identity.png, driving.mp4, mask.mp4, target.mp4, record.json: training/DATASET.md)")
     return path
 
@@ -187,7 +188,9 @@ class DreamIDVIRLFineTune(io.ComfyNode):
                                        "(DreamIDVIVSLoader) on a folder of talking-head clips (training/DATASET.md)."),
                 io.String.Input("dataset_folder", default="",
                                 tooltip="Folder of sample folders (identity.png, driving.mp4, mask.mp4, target.mp4, "
-                                        "pose.mp4 or keypoints.json, record.json: see training/DATASET.md)."),
+                                        "pose.mp4 or keypoints.json, record.json: see training/DATASET.md). A "
+                                        "relative path is under ComfyUI's output folder (where the Quadruplet "
+                                        "Writer writes, e.g. dreamidv_dataset); an absolute path is used as given."),
                 io.Int.Input("steps", default=200, min=1, max=1000000,
                              tooltip="Optimizer steps (per stage for the curriculum)."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-6,
@@ -242,7 +245,9 @@ class DreamIDVIRLFineTune(io.ComfyNode):
                              tooltip="Worker processes that read and decode samples while the model trains "
                                      "(0: in the training loop)."),
             ],
-            outputs=[common.DreamIDVModel.Output(display_name="model"),
+            outputs=[common.DreamIDVModel.Output(display_name="model",
+                                                 tooltip="The tuned copy of the input model (the input is never "
+                                                         "changed), ready for the sampler."),
                      io.Image.Output("loss_curve", display_name="loss_curve", tooltip="Loss per step."),
                      io.String.Output("checkpoint", display_name="checkpoint",
                                       tooltip="The last checkpoint folder (model.safetensors / lora.safetensors).")],

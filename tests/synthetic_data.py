@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from dreamidv_core.io.state_dict import atomic_write
+from dreamidv_core.io.files import atomic_write
 from dreamidv_core.io.video import write_video
 
 FACE_COLOURS = [(230, 180, 140), (120, 200, 90), (90, 140, 230), (220, 90, 200), (240, 220, 70), (90, 220, 220)]

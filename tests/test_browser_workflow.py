@@ -2,10 +2,15 @@
 
 The page is opened as the templates browser opens a pack's example workflow
 (``/?template=dreamidv_swap&source=comfyui-dreamidv``); the test then reads the canvas through the
-page's own ``app`` object: every node of the bundled workflow is on the graph and none is of a type
-the frontend does not know (what ComfyUI would list in its "missing nodes" dialog). A screenshot is
+page's own ``app`` object: every node of the bundled workflow is on the graph, none is of a type
+the frontend does not know (what ComfyUI would list in its "missing nodes" dialog), and every node's
+saved size is at least what the frontend's ``computeSize`` gives it (no widget hidden). A screenshot is
 kept in ``test-artifacts/``. Chromium is driven over the DevTools protocol with aiohttp (a ComfyUI
 dependency), so no extra package is needed. Skips when chromium is absent.
+
+The workflows' pictures (``workflows/<name>.jpg``: the README's figures and the template browser's
+thumbnails) are drawn by the same page: ``python -m tests.test_browser_workflow`` renders every bundled
+workflow's canvas (the whole graph, at 0.7 zoom) and writes them.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from tests.comfy_harness import PACK_DIR, PACK_NAME, REPO_ROOT, ComfyServer
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
-WORKFLOWS = ("dreamidv_swap", "dreamidv_irl_finetune", "syncid_data_synthesis", "dreamidv_swap_two_people")  # every bundled workflow
+WORKFLOWS = tuple(sorted(p.stem for p in (PACK_DIR / "workflows").glob("*.json")))  # every bundled workflow
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 HEADLESS_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -39,7 +44,8 @@ GRAPH_JS = """(() => {
   const LG = window.LiteGraph || (app.graph.constructor && app.graph.constructor.LiteGraph);
   const registered = (LG && LG.registered_node_types) || {};
   const nodes = (app.graph._nodes || app.graph.nodes || []).map(n => ({
-      id: n.id, type: n.type, known: !!registered[n.type], errors: !!n.has_errors}));
+      id: n.id, type: n.type, known: !!registered[n.type], errors: !!n.has_errors,
+      min_size: n.computeSize ? Array.from(n.computeSize()) : null}));
   const dialogs = Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText.slice(0, 300));
   return {nodes, dialogs, n_registered: Object.keys(registered).length};
 })()"""
@@ -76,7 +82,29 @@ class CDP:
         return res.get("result", {}).get("value")
 
 
-async def _open_and_inspect(devtools_port: int, url: str, shot: Path, timeout: float = 90.0) -> dict:
+# Runs in the page: the whole graph drawn at ZOOM on the canvas (no DOM overlays), as a PNG data URL.
+THUMBNAIL_JS = """(async () => {
+  const app = window.app || (window.comfyAPI && window.comfyAPI.app && window.comfyAPI.app.app);
+  const canvas = app.canvas, el = canvas.canvas, g = app.graph;
+  const rects = (g._nodes || g.nodes).map(n => [n.pos[0], n.pos[1] - 30, n.pos[0] + n.size[0], n.pos[1] + n.size[1]])
+    .concat((g._groups || g.groups || []).map(r => { const b = r._bounding || r.bounding;
+      return [b[0], b[1], b[0] + b[2], b[1] + b[3]]; }));
+  const x0 = Math.min(...rects.map(r => r[0])) - 20, y0 = Math.min(...rects.map(r => r[1])) - 20;
+  const x1 = Math.max(...rects.map(r => r[2])) + 20, y1 = Math.max(...rects.map(r => r[3])) + 20;
+  const zoom = ZOOM, w = Math.ceil((x1 - x0) * zoom), h = Math.ceil((y1 - y0) * zoom);
+  el.width = w; el.height = h; el.style.width = w + 'px'; el.style.height = h + 'px';
+  canvas.ds.scale = zoom; canvas.ds.offset[0] = -x0; canvas.ds.offset[1] = -y0;
+  canvas.show_info = false; canvas.renderInfo = () => {};
+  canvas.setDirty(true, true); canvas.draw(true, true);
+  await new Promise(r => setTimeout(r, 500));
+  canvas.draw(true, true);
+  return el.toDataURL('image/png');
+})()"""
+THUMBNAIL_ZOOM, THUMBNAIL_WIDTH = 0.7, 1630
+
+
+async def _open_and_inspect(devtools_port: int, url: str, shot: Path, timeout: float = 90.0,
+                            thumbnail: Path = None) -> dict:
     import aiohttp
 
     async with aiohttp.ClientSession() as http:
@@ -101,7 +129,22 @@ async def _open_and_inspect(devtools_port: int, url: str, shot: Path, timeout: f
             await asyncio.sleep(1.0)  # let the canvas draw
             png = await cdp.call("Page.captureScreenshot", format="png")
             shot.write_bytes(base64.b64decode(png["data"]))
+            if thumbnail is not None:
+                data = await cdp.evaluate(THUMBNAIL_JS.replace("ZOOM", str(THUMBNAIL_ZOOM)))
+                write_thumbnail(base64.b64decode(data.split(",", 1)[1]), thumbnail)
             return state
+
+
+def write_thumbnail(png: bytes, path: Path) -> None:
+    """The canvas picture as a JPEG at most THUMBNAIL_WIDTH wide (the README figure and template thumbnail)."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    if img.width > THUMBNAIL_WIDTH:
+        img = img.resize((THUMBNAIL_WIDTH, round(img.height * THUMBNAIL_WIDTH / img.width)), Image.LANCZOS)
+    img.save(path, "JPEG", quality=88, optimize=True)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +156,31 @@ def browser_server(comfyui_dir, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+def open_in_chromium(exe: str, server: ComfyServer, name: str, shot: Path, thumbnail: Path = None) -> dict:
+    """Open bundled workflow ``name`` as the template browser does; -> the page's graph state."""
+    profile = Path(tempfile.mkdtemp(prefix="dreamidv-chromium-"))
+    url = f"{server.url}/?template={name}&source={PACK_NAME}"
+    proc = subprocess.Popen([exe, *HEADLESS_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
+                             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        port_file, t0 = profile / "DevToolsActivePort", time.monotonic()
+        while not port_file.is_file() or not port_file.read_text().strip():
+            assert proc.poll() is None, f"chromium exited with code {proc.returncode}"
+            assert time.monotonic() - t0 < 30, "chromium did not open its DevTools port within 30 s"
+            time.sleep(0.2)
+        devtools_port = int(port_file.read_text().split()[0])
+        return asyncio.run(_open_and_inspect(devtools_port, url, shot, thumbnail=thumbnail))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -127,27 +195,7 @@ def test_bundled_workflow_opens_in_chromium_with_no_missing_nodes(browser_server
     expected = json.loads(workflow.read_text())
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / f"browser_{name}.png"
-    profile = Path(tempfile.mkdtemp(prefix="dreamidv-chromium-"))
-    url = f"{browser_server.url}/?template={name}&source={PACK_NAME}"
-    proc = subprocess.Popen([exe, *HEADLESS_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        port_file, t0 = profile / "DevToolsActivePort", time.monotonic()
-        while not port_file.is_file() or not port_file.read_text().strip():
-            assert proc.poll() is None, f"chromium exited with code {proc.returncode}"
-            assert time.monotonic() - t0 < 30, "chromium did not open its DevTools port within 30 s"
-            time.sleep(0.2)
-        devtools_port = int(port_file.read_text().split()[0])
-        state = asyncio.run(_open_and_inspect(devtools_port, url, shot))
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        shutil.rmtree(profile, ignore_errors=True)
+    state = open_in_chromium(exe, browser_server, name, shot)
     print(f"[browser] workflow loaded in {state.get('load_s')} s; screenshot {shot}")
     assert shot.is_file() and shot.stat().st_size > 1000
     nodes = state.get("nodes") or []
@@ -159,3 +207,31 @@ def test_bundled_workflow_opens_in_chromium_with_no_missing_nodes(browser_server
     missing = sorted({n["type"] for n in nodes if not n["known"]})
     assert not missing, f"missing node types in the browser: {missing}"
     assert not any("missing" in d.lower() for d in state.get("dialogs", [])), state["dialogs"]
+    saved = {n["id"]: n["size"] for n in expected["nodes"]}
+    small = [f"node {n['id']} ({n['type']}): saved {saved[n['id']]}, needs {[round(v) for v in n['min_size']]}"
+             for n in nodes if n.get("min_size") and n["id"] in saved
+             and any(s + 1 < m for s, m in zip(saved[n["id"]], n["min_size"]))]
+    assert not small, "nodes saved smaller than the frontend draws them (widgets hidden): " + "; ".join(small)
+
+
+def main() -> int:
+    """Write workflows/<name>.jpg for every bundled workflow, drawn by the frontend in headless Chromium."""
+    import sys
+
+    exe = chromium_path()
+    if exe is None:
+        print("chromium is not installed", file=sys.stderr)
+        return 1
+    comfy = Path(os.environ.get("COMFYUI_DIR", REPO_ROOT / ".cache" / "ComfyUI"))
+    tmp = Path(tempfile.mkdtemp(prefix="dreamidv-thumbs-"))
+    ARTIFACTS.mkdir(exist_ok=True)
+    with ComfyServer(comfy, tmp / "base", tmp / "models") as server:
+        for path in sorted((PACK_DIR / "workflows").glob("*.json")):
+            thumb = path.with_suffix(".jpg")
+            open_in_chromium(exe, server, path.stem, ARTIFACTS / f"browser_{path.stem}.png", thumbnail=thumb)
+            print(f"wrote {thumb}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -157,3 +157,37 @@ def test_converter_writes_bf16_safetensors_that_load(tiny, tmp_path):
     loaded = load_dit(dst, weight_dtype="bf16", compute_dtype=torch.float32)
     assert loaded.cfg.variant == "full" and loaded.cfg.num_layers == 2
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp8_e4m3fn"])
+def test_layers_the_reference_computes_in_fp32_stay_fp32(tiny, tmp_path, dtype):
+    """time_embedding, time_projection and head.head run in fp32 in the reference (autocast(float32)):
+    their weights are stored in fp32 whatever the storage dtype (and in converted files)."""
+    from dreamidv_core.weights.checkpoints import FP32_LAYERS
+
+    path = tmp_path / "tiny.safetensors"
+    save_dit(tiny, path)
+    loaded = load_dit(path, weight_dtype=dtype)
+    kept = {n: p.dtype for n, p in loaded.named_parameters() if n.startswith(FP32_LAYERS)}
+    assert {"time_embedding.0.weight", "time_embedding.2.weight", "time_projection.1.weight",
+            "head.head.weight"} <= set(kept)
+    assert set(kept.values()) == {torch.float32}
+    if dtype != "fp8_e4m3fn":
+        converted = tmp_path / "converted.safetensors"
+        convert_to_safetensors(path, converted, dtype=dtype)
+        assert read_state_dict(converted).dtype("head.head.weight") == torch.float32
+
+
+def test_bf16_storage_is_bit_identical_to_bf16_compute_on_fp32_weights(tiny, tmp_path):
+    """The loader's default (bf16 storage) computes exactly what the reference's bf16 run does: fp32 weights
+    under bf16 autocast, i.e. our fp32-stored model computing in bf16 (benchmarks/parity_official.py shows
+    that one is bit-identical to the official code)."""
+    import copy
+
+    path = tmp_path / "tiny.safetensors"
+    save_dit(tiny, path)
+    stored = load_dit(path)  # weight_dtype "bf16", compute bf16
+    fp32_weights = copy.deepcopy(tiny)
+    fp32_weights.compute_dtype = torch.bfloat16
+    inp = make_inputs(tiny.cfg)
+    assert torch.equal(run(stored, inp), run(fp32_weights, inp))

@@ -192,3 +192,192 @@ def test_swap_from_lazy_reader_equals_in_memory_frames(tmp_path, tiny_swap_model
         b = swap_face(dit, vae, eager[0], eager[1], ref, context, pose=eager[2], settings=settings).frames
     assert a.shape == (13, 48, 64, 3)
     assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- up-front checks (issue 11)
+def swap_args(tmp_path, models_dir, *extra, out=None):
+    return ["swap", "--video", str(tmp_path / "video.mp4"), "--mask", str(tmp_path / "mask.mp4"),
+            "--pose", str(tmp_path / "pose.mp4"), "--reference", str(tmp_path / "face.png"),
+            "--context", str(tmp_path / "context.pth"), "--models-dir", str(models_dir),
+            "--out", str(out or tmp_path / "o.mp4"), "--size", "64*48", "--steps", "1", "--frame-num", "5",
+            "--weight-dtype", "fp32", "--device", "cpu", *extra]
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Fails the test if the swap loads a model: every check below must come before any work."""
+    from dreamidv_core.weights import checkpoints
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the options were checked")
+    monkeypatch.setattr(checkpoints, "load_dit", refuse)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (("--steps", "0"), "--steps must be >= 1, got 0"),
+    (("--shift", "0"), "--shift must be > 0, got 0.0"),
+    (("--guidance", "nan"), "--guidance must be a finite number, got nan"),
+    (("--device", "tpu7"), "--device 'tpu7' is not a device; use auto, cpu, cuda, cuda:N or mps"),
+    (("--fps", "-5"), "--fps must be > 0, got -5.0 (leave --fps out to keep the source's frame rate)"),
+    (("--fps", "0"), "--fps must be > 0, got 0.0"),
+    (("--frame-num", "3"), "--frame-num must be >= 5"),
+    (("--background-strength", "1.5"), "--background-strength must be <= 1"),
+])
+def test_cli_bad_numbers_are_messages_before_any_work(tmp_path, models_dir, no_compute, capsys, extra, words):
+    write_inputs(tmp_path)
+    rc = main(swap_args(tmp_path, models_dir, *extra))
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err and "Traceback" not in err, err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_cli_cuda_without_a_gpu_is_a_message(tmp_path, models_dir, no_compute, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    write_inputs(tmp_path)
+    assert main(swap_args(tmp_path, models_dir, "--device", "cuda:1")) == 2
+    assert "no CUDA GPU is usable here" in capsys.readouterr().err
+
+
+def test_cli_output_path_problems_are_found_before_any_work(tmp_path, models_dir, no_compute, capsys):
+    write_inputs(tmp_path)
+    for out, words in [(tmp_path / "face.png" / "o.mp4", "face.png' is a file, not a folder"),
+                       (tmp_path, "is an existing folder; give a file name")]:
+        assert main(swap_args(tmp_path, models_dir, out=out)) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", ["swap-batch", "syncid-batch", "swap --ulysses 2"])
+def test_cli_batch_and_parallel_commands_check_options_and_outputs_first(tmp_path, models_dir, no_compute, capsys,
+                                                                         monkeypatch, command):
+    """swap-batch, syncid-batch and the parallel swap say a bad number, device or output before any process
+    group is made or any model loaded."""
+    from dreamidv_core.parallel import mesh
+
+    def refuse(*a, **k):
+        raise AssertionError("a process group was made before the options were checked")
+    monkeypatch.setattr(mesh, "init_mesh", refuse)
+    write_inputs(tmp_path)
+    if command.startswith("swap "):
+        base = swap_args(tmp_path, models_dir, "--ulysses", "2")
+        out = lambda target: [a if a != str(tmp_path / "o.mp4") else str(target) for a in base]  # noqa: E731
+        cases = [(base + ["--steps", "0"], "--steps must be >= 1, got 0"),
+                 (base + ["--device", "tpu7"], "--device 'tpu7' is not a device"),
+                 (out(tmp_path), "is an existing folder; give a file name")]
+    else:
+        io_opt = "--inputs" if command == "swap-batch" else "--clips"
+        base = [command, io_opt, str(tmp_path), "--models-dir", str(models_dir), "--size", "64*48", "--steps", "1"]
+        cases = [(base + ["--out-dir", str(tmp_path / "out"), "--steps", "0"], "--steps must be >= 1, got 0"),
+                 (base + ["--out-dir", str(tmp_path / "out"), "--shift", "nan"], "--shift must be a finite number"),
+                 (base + ["--out-dir", str(tmp_path / "face.png" / "out")], "face.png' is a file, not a folder")]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_plain_wan_t2v_file_naming_it_and_the_expected_one(tmp_path, models_dir, capsys):
+    write_inputs(tmp_path)
+    wan = init_random_(DreamIDVTransformer(tiny_config("wan_t2v", text_dim=4096)), seed=0)
+    save_dit(wan, tmp_path / "wan2.1_t2v_1.3B.safetensors")
+    rc = main(swap_args(tmp_path, models_dir, "--dit", str(tmp_path / "wan2.1_t2v_1.3B.safetensors")))
+    err = capsys.readouterr().err
+    assert rc == 2 and "plain Wan2.1-T2V" in err and "dreamidv.safetensors" in err and "wan2.1_t2v_1.3B" in err
+
+
+def test_cli_bad_config_metadata_is_a_message(tmp_path, models_dir, capsys):
+    write_inputs(tmp_path)
+    dit = init_random_(DreamIDVTransformer(tiny_config("full", text_dim=4096)), seed=2)
+    save_safetensors(dit.state_dict(), tmp_path / "edited.safetensors", metadata={"dreamidv_config": "{oops"})
+    rc = main(swap_args(tmp_path, models_dir, "--dit", str(tmp_path / "edited.safetensors")))
+    err = capsys.readouterr().err
+    assert rc == 2 and "edited.safetensors" in err and "'dreamidv_config' metadata" in err and "Traceback" not in err
+
+
+def test_cli_output_is_readable_by_others_and_stale_partials_go(tmp_path, models_dir, capsys, caplog):
+    import logging
+    import os
+    import subprocess
+    import sys
+
+    from dreamidv_core.io import files
+
+    write_inputs(tmp_path)
+    out = tmp_path / "out" / "swapped.mp4"
+    out.parent.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out.parent / f".swapped.mp4.{files._host()}-{dead.pid}-abcd1234.partial"  # left by a killed run
+    stale.write_bytes(b"half a video")
+    old = os.umask(0o022)
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert main(swap_args(tmp_path, models_dir, out=out)) == 0, capsys.readouterr().err
+    finally:
+        os.umask(old)
+    assert not stale.exists() and "left by an interrupted run" in caplog.text
+    assert oct(out.stat().st_mode & 0o777) == oct(0o644)  # not mkstemp's 0600
+    assert sorted(p.name for p in out.parent.iterdir()) == ["swapped.mp4"]
+
+
+class _Face:
+    """A FaceFrame stand-in: landmarks of a face box (normalised)."""
+
+    def __init__(self, x0, y0, x1, y1, tag):
+        self.landmarks = np.array([[x0, y0, 0], [x1, y1, 0], [(x0 + x1) / 2, (y0 + y1) / 2, 0]], float)
+        self.tag = tag
+
+
+def test_reference_face_choice_largest_or_index_and_said(capsys):
+    from dreamidv_core.cli import choose_reference_face
+    from dreamidv_core.errors import InputError
+
+    small_right, big_left = _Face(0.6, 0.1, 0.8, 0.3, "small"), _Face(0.05, 0.1, 0.45, 0.7, "big")
+    faces = [small_right, big_left]  # MediaPipe's order is not left to right
+    assert choose_reference_face(faces, "largest", (100, 200, 3)).tag == "big"
+    out = capsys.readouterr().out
+    assert "2 faces found, left to right" in out and "using face 0 (the largest" in out
+    assert choose_reference_face(faces, 1, (100, 200, 3)).tag == "small"
+    assert "using face 1 (--reference-face)" in capsys.readouterr().out
+    with pytest.raises(InputError, match="--reference-face 2: the reference photo has 2 faces"):
+        choose_reference_face(faces, 2, (100, 200, 3))
+    assert choose_reference_face([small_right], "largest", (100, 200, 3)).tag == "small"
+    assert capsys.readouterr().out == ""  # one face: nothing to say
+
+
+def test_cli_reference_with_two_faces_retargets_onto_the_chosen_one(tmp_path, models_dir, capsys, monkeypatch):
+    """The CLI with MediaPipe (a stand-in landmarker): the chosen reference face is the one the pose is
+    retargeted onto, and the choice is printed."""
+    from dreamidv_core.preprocess.pose import extract, mediapipe_face
+
+    faces = [_Face(0.6, 0.1, 0.8, 0.3, "small"), _Face(0.05, 0.1, 0.45, 0.7, "big")]
+    seen = {}
+
+    class Landmarker:
+        def __init__(self, path, num_faces=1, tile_levels=0):
+            self.num_faces = num_faces
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def detect_all(self, image):
+            return faces
+
+    def fake_extract(video, landmarker, reference=None, **kw):
+        seen["reference"] = reference
+        n, h, w = len(video), *video[0].shape[:2]
+        return extract.PoseResult(np.zeros((n, h, w, 3), np.float32), np.ones((n, h, w), np.float32), [{}] * n)
+
+    monkeypatch.setattr(mediapipe_face, "FaceLandmarker", Landmarker)
+    monkeypatch.setattr(extract, "extract_mediapipe", fake_extract)
+    write_inputs(tmp_path)
+    (models_dir / "mediapipe").mkdir()
+    (models_dir / "mediapipe" / "face_landmarker_v2_with_blendshapes.task").write_bytes(b"stand-in")
+    args = [a for a in swap_args(tmp_path, models_dir, "--reference-face", "1")
+            if a not in (str(tmp_path / "mask.mp4"), str(tmp_path / "pose.mp4"), "--mask", "--pose")]
+    assert main(args) == 0, capsys.readouterr().err
+    assert seen["reference"].tag == "small" and "using face 1 (--reference-face)" in capsys.readouterr().out

@@ -267,3 +267,14 @@ def test_node_errors(pack, sam2_folder):
         node.execute(frames, gen[:, :, :30], face, "sam2.1_hiera_tiny.pt", "auto")
     with pytest.raises(CheckpointError, match="config not found"):
         node.execute(frames, gen, face, "sam2.1_hiera_tiny.pt", "absent.yaml")
+
+
+def test_node_takes_the_samplers_even_sized_frames_of_an_odd_source(pack, sam2_folder):
+    """A 55x39 source: the sampler's frames_in_source are 54x38 (video encoders need even sizes); the
+    composite takes them with the odd source frames and mask and returns 54x38 frames Save Video accepts."""
+    node = pack.nodes.composite.BackgroundComposite
+    frames, gen, face = _clip(n=3, h=39, w=55, box=(8, 30, 16, 40))
+    out, mask = node.execute(frames, gen[:, :38, :54], face, "sam2.1_hiera_tiny.pt", "tiny128.yaml",
+                             prompt_frames=1, device="cpu").result
+    assert out.shape == (3, 38, 54, 3) and mask.shape == (3, 38, 54)
+    assert pack.nodes.composite.BackgroundComposite.define_schema().display_name == "DreamID-V SAM2 Background Composite"

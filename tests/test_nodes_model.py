@@ -468,6 +468,77 @@ def test_loader_applies_an_id_projection_and_the_sampler_needs_the_embedding(mod
         assert frames.shape == base.shape and not torch.equal(frames, base)
 
 
+# ------------------------------------------------------------------------------------------ issue 11 guards
+def test_loader_names_a_plain_wan_t2v_file_and_the_expected_one(model_dirs, loader):
+    write_dit(model_dirs["diffusion_models"], "wan2.1_t2v_1.3B_fp16.safetensors", "wan_t2v")
+    with pytest.raises(CheckpointError) as err:
+        loader.DreamIDVModelLoader.execute("wan2.1_t2v_1.3B_fp16.safetensors", "fp32", "sdpa", "cpu")
+    msg = str(err.value)
+    assert "wan2.1_t2v_1.3B_fp16.safetensors" in msg and "plain Wan2.1-T2V" in msg and "dreamidv.safetensors" in msg
+
+
+def test_text_context_defaults_to_auto_which_is_never_a_missing_file(model_dirs, loader):
+    """The encoder combo's default is 'auto' (always in the list), so a workflow using a precomputed context
+    is not flagged for a missing encoder file; 'auto' takes the catalogue's first umT5 file found."""
+    schema = loader.DreamIDVTextContext.define_schema()
+    combo = next(i for i in schema.inputs if i.id == "text_encoder")
+    assert combo.default == "auto" and "auto" in combo.options
+    save_safetensors({"context": torch.randn(3, 4096)}, model_dirs["dreamidv"] / "context.safetensors")
+    assert loader.DreamIDVTextContext.validate_inputs("auto", "context.safetensors") is True
+    problem = loader.DreamIDVTextContext.validate_inputs("auto", "none")  # nothing there: said before a run
+    assert isinstance(problem, str) and "umt5_xxl_fp8_e4m3fn_scaled.safetensors" in problem
+    for name in ("umt5_xxl_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"):
+        (model_dirs["text_encoders"] / name).write_bytes(b"stand-in")
+    import folder_paths
+    folder_paths.filename_list_cache.clear()
+    assert loader.auto_text_encoder() == "umt5_xxl_fp8_e4m3fn_scaled.safetensors"  # the catalogue's order
+
+
+def test_every_node_input_and_output_has_a_tooltip_and_the_pack_prefix(pack):
+    for node in pack.nodes.all_nodes():
+        schema = node.define_schema()
+        assert schema.display_name.startswith("DreamID-V"), schema.display_name
+        missing = [i.id for i in schema.inputs if not i.tooltip]
+        assert not missing, f"{schema.node_id}: inputs without a tooltip: {missing}"
+        missing = [o.display_name or o.id for o in schema.outputs if not o.tooltip]
+        assert not missing, f"{schema.node_id}: outputs without a tooltip: {missing}"
+
+
+@pytest.mark.parametrize("case", ["video_0_255", "mask_0_255", "nan_outside_crop", "steps_0", "thin_clip"])
+def test_sampler_says_what_is_wrong_before_sampling(pack, models, tiny_vaes, monkeypatch, case):
+    _, faster = models
+    video, mask = clip()
+    kw, words = {}, ""
+    if case == "video_0_255":
+        video, words = video * 255, "these look like 0..255 pixels"
+    elif case == "mask_0_255":
+        mask, words = mask * 255, "mask: values go up to 255"
+    elif case == "nan_outside_crop":  # the crop of a 72x40 source at 64x32 leaves column 0 out
+        video[2, 5, 0] = float("nan")
+        words = "video: frame 2 contains NaN"
+    elif case == "steps_0":
+        kw, words = dict(steps=0), "steps must be >= 1, got 0"
+    else:
+        video, mask, words = torch.rand(5, 16, 400, 3), torch.zeros(5, 16, 400), "400x16 are too small for the 64x32 area"
+
+    def refuse(*a, **k):
+        raise AssertionError("sampling started")
+    monkeypatch.setattr(pack.nodes.sampler, "swap_face", refuse)
+    with pytest.raises(InputError) as err:
+        run(pack, faster, tiny_vaes[1], None, video, mask, **kw)
+    assert words in str(err.value)
+
+
+def test_sampler_frames_in_source_of_an_odd_source_are_even(pack, models, tiny_vaes):
+    _, faster = models
+    g = torch.Generator().manual_seed(0)
+    video, mask = torch.rand(5, 39, 71, 3, generator=g), torch.zeros(5, 39, 71)
+    mask[:, 8:30, 20:50] = 1
+    frames, in_source, _ = run(pack, faster, tiny_vaes[1], None, video, mask, steps=1)
+    assert in_source.shape == (5, 38, 70, 3)  # H.264 (Save Video) needs even sizes
+    assert frames.shape[1] % 16 == 0 and frames.shape[2] % 16 == 0
+
+
 # ------------------------------------------------------------------------------------------ face crop
 
 def test_pose_guider_and_sampler_in_face_crop_mode(pack, models, tiny_vaes, one_thread):

@@ -41,10 +41,9 @@ WF_NODES = {
     3: ("LoadImage", [0, 420], [300, 340], "New identity I_g (any text-to-image output works)",
         {"image": "identity_g.png"}),
     4: ("LoadImage", [0, 800], [300, 340], "Photo of the real person (another shot)", {"image": "real_person.png"}),
-    5: ("DreamIDVModelLoader", [340, 800], [330, 130], None, {"model_name": "dreamidv.safetensors"}),
-    6: ("VAELoader", [340, 970], [330, 60], None, {"vae_name": "wan_2.1_vae.safetensors"}),
-    7: ("DreamIDVTextContext", [340, 1070], [330, 110], None,
-        {"text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "precomputed_context": "none"}),
+    5: ("DreamIDVModelLoader", [0, 1260], [330, 130], None, {"model_name": "dreamidv.safetensors"}),
+    6: ("VAELoader", [0, 1540], [330, 60], None, {"vae_name": "wan_2.1_vae.safetensors"}),
+    7: ("DreamIDVTextContext", [0, 1650], [330, 110], None, {"text_encoder": "auto", "precomputed_context": "none"}),
     8: ("DreamIDVPoseExtract", [640, 0], [330, 200], "Face mask of V_r",
         {"source": "mediapipe", "mediapipe_model": "face_landmarker_v2_with_blendshapes.task"}),
     9: ("DreamIDVExpressionAdaptation", [640, 260], [330, 130], None,
@@ -58,14 +57,15 @@ WF_NODES = {
     14: ("DreamIDVIVSLoader", [1710, 540], [320, 150], None, {"model_name": "dreamidv_ivs.safetensors"}),
     15: ("DreamIDVIVSSampler", [1710, 0], [320, 400], "IVS: V_g from first/last frame + pose",
          {"width": 832, "height": 480, "steps": STEPS}),
-    16: ("DreamIDVBackgroundRecompose", [2070, 0], [340, 380], "V'_g: V_g over V_r's clean background",
+    16: ("DreamIDVBackgroundRecompose", [2110, 0], [340, 380], "V'_g: V_g over V_r's clean background",
          {"sam2_checkpoint": "sam2.1_hiera_tiny.pt", "sam2_config": "auto"}),
-    17: ("DreamIDVPoseExtract", [2070, 440], [330, 200], "Pose of V'_g onto the real person",
+    17: ("DreamIDVPoseExtract", [2110, 440], [330, 200], "Pose of V'_g onto the real person",
          {"source": "mediapipe", "mediapipe_model": "face_landmarker_v2_with_blendshapes.task"}),
-    18: ("DreamIDVQuadrupletWriter", [2450, 0], [360, 560], None,
+    18: ("DreamIDVQuadrupletWriter", [2500, 0], [360, 560], None,
          {"dataset_folder": "dreamidv_dataset", "sample_prefix": "clip_0001"}),
-    19: ("CreateVideo", [2070, 700], [270, 80], "Preview V_g", {}),
-    20: ("SaveVideo", [2070, 820], [400, 420], None, {"filename_prefix": "syncid/V_g"}),
+    19: ("CreateVideo", [2110, 700], [270, 80], "Preview V_g", {}),
+    20: ("SaveVideo", [2110, 820], [400, 420], None, {"filename_prefix": "syncid/V_g"}),
+    21: ("PreviewAny", [2500, 620], [360, 200], "Samples written / skipped / rejected", {}),
 }
 WF_CONTROL = {12: "fixed", 13: "fixed", 15: "fixed"}
 
@@ -120,15 +120,16 @@ WF_LINKS = [
     (15, "frames", 19, "images"),
     (2, "fps", 19, "fps"),
     (19, "VIDEO", 20, "video"),
+    (18, "summary", 21, "source"),  # the writer's counts on the canvas (newer frontends do not draw a node's ui text)
 ]
 
-WF_GROUPS = [
-    ("Inputs: real clip V_r, new identity I_g, real person's photo", [-20, -90, 340, 1250], "#3f789e"),
-    ("Models", [320, 710, 370, 500], "#88A"),
+WF_GROUPS = [  # rectangles are hints: a group holds the nodes whose centre lies in it (tests/build_workflow.py)
+    ("Inputs: V_r, I_g, real person's photo", [-20, -90, 620, 1250], "#3f789e"),
+    ("Models", [-20, 1200, 370, 600], "#88A"),
     ("Pose, expression adaptation, first/last frames", [620, -90, 710, 830], "#b06634"),
-    ("Image face swap of the first and last frames", [1330, -90, 360, 950], "#b58b2a"),
-    ("Identity-Anchored Video Synthesizer", [1690, -90, 360, 800], "#8A8"),
-    ("Background recomposition and writer", [2050, -90, 780, 1340], "#a1309b"),
+    ("Swap frames to I_g", [1330, -90, 360, 950], "#b58b2a"),
+    ("IVS: V_g from the frames", [1690, -90, 400, 800], "#8A8"),
+    ("Background recomposition and writer", [2090, -90, 800, 1340], "#a1309b"),
 ]
 
 
@@ -299,8 +300,9 @@ def test_bundled_synthesis_workflow_matches_node_schemas(server):
     """The committed file is what this module's layout makes from the live schemas."""
     expected = build_workflow(server.object_info())
     have = json.loads(WORKFLOW.read_text())
-    strip = lambda wf: ([{k: n[k] for k in ("id", "type", "inputs", "outputs", "widgets_values")}
-                         for n in wf["nodes"]], wf["links"])
+    # pos and size too: the saved layout is the builder's, made from the nodes' real sizes (no hidden widget)
+    strip = lambda wf: ([{k: n[k] for k in ("id", "type", "inputs", "outputs", "widgets_values", "pos", "size")}
+                         for n in wf["nodes"]], wf["links"], [g["bounding"] for g in wf["groups"]])
     assert strip(have) == strip(expected), "workflows/syncid_data_synthesis.json is stale: " \
                                            "python -m tests.test_synthesis_workflow"
 
@@ -329,6 +331,9 @@ def test_graph_to_dataset_to_training(server, tmp_path):
         assert set(record["identity_similarity"]) >= {"identity_target", "identity_driving"}
     summary = [o["text"] for o in entry["outputs"].values() if "text" in o]
     assert summary and "2 written" in str(summary), summary
+    # what the canvas shows: the writer's summary in the core "Preview as Text" node wired to it
+    preview = next(nid for nid, (type_, *_rest) in WF_NODES.items() if type_ == "PreviewAny")
+    assert "2 written" in str(entry["outputs"][str(preview)]["text"]), entry["outputs"]
     assert (server.output_dir / "syncid_test").is_dir(), "the V_g preview was not saved"
     # a second run (the writer re-runs: ComfyUI would serve an identical prompt from its cache) skips both
     rerun = synthesis_prompt(server)

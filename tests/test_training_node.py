@@ -201,10 +201,41 @@ def test_bad_dataset_folders_are_named(pack, dirs, comfy_vae, tmp_path):
     assert all(torch.equal(v, model.dit.state_dict()[k]) for k, v in before.items())
 
 
+def test_relative_dataset_folder_is_read_under_the_output_folder(pack, dirs, comfy_vae):
+    """The fine-tune workflow's dataset_folder 'dreamidv_dataset' is where the Quadruplet Writer writes: under
+    ComfyUI's output folder (it was read relative to ComfyUI's working folder)."""
+    shutil.copytree(dirs["data"], dirs["output"] / "my_dataset")
+    tuned, _, ckpt = finetune(pack, load(pack), comfy_vae, "my_dataset", steps=1)
+    assert Path(ckpt).is_dir()
+    with pytest.raises(InputError, match="under ComfyUI's output folder"):
+        finetune(pack, load(pack), comfy_vae, "no_such_dataset", steps=1)
+
+
+def test_diverging_training_stops_with_a_message_on_the_node(pack, dirs, comfy_vae, monkeypatch):
+    """NaN losses: the node fails with the trainer's message (which step, what to do) instead of returning a
+    NaN model and a checkpoint of NaN weights."""
+    from dreamidv_core.errors import NonFiniteError
+
+    import importlib
+
+    stages = importlib.import_module(pack.__name__ + ".training.stages")  # the module the node runs
+    make = stages.make_loss_fn
+
+    def nan_loss(*a, **k):
+        real = make(*a, **k)
+        return lambda model, batch, gen: real(model, batch, gen) * float("nan")
+
+    monkeypatch.setattr(stages, "make_loss_fn", nan_loss)
+    with pytest.raises(NonFiniteError, match="training stopped at step 4: the loss was NaN/inf in 4 steps in a row"):
+        finetune(pack, load(pack), comfy_vae, dirs["data"], steps=6, checkpoint_folder="diverged")
+    assert not (dirs["output"] / "diverged").exists() or not list((dirs["output"] / "diverged").rglob("step_*"))
+
+
 def test_schema_tooltips_and_workflow_matches(pack):
     schema = pack.nodes.training.DreamIDVIRLFineTune.define_schema()
     assert schema.node_id == "DreamIDVIRLFineTune" and schema.category == "DreamID-V"
-    assert all(inp.tooltip for inp in schema.inputs)
+    assert all(inp.tooltip for inp in schema.inputs) and all(out.tooltip for out in schema.outputs)
+    assert "output folder" in next(i for i in schema.inputs if i.id == "dataset_folder").tooltip
     info = object_info(pack)
     wf = json.loads(WORKFLOW.read_text())
     assert wf == build_workflow(info), "workflow out of date: python -m tests.test_training_node"
@@ -220,8 +251,7 @@ def test_schema_tooltips_and_workflow_matches(pack):
 WF_NODES = {
     1: ("DreamIDVModelLoader", [0, 0], [330, 200], None, {"model_name": "dreamidv.safetensors"}),
     2: ("VAELoader", [0, 250], [330, 60], None, {"vae_name": "wan_2.1_vae.safetensors"}),
-    3: ("DreamIDVTextContext", [0, 350], [330, 110], None,
-        {"text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "precomputed_context": "none"}),
+    3: ("DreamIDVTextContext", [0, 350], [330, 110], None, {"text_encoder": "auto", "precomputed_context": "none"}),
     4: ("DreamIDVIRLFineTune", [380, 0], [360, 700], None,
         {"stage": "curriculum", "dataset_folder": "dreamidv_dataset", "trains": "lora"}),
     5: ("PreviewImage", [790, 0], [500, 340], "Loss curve", {}),

@@ -33,12 +33,14 @@ SAMPLE_RATE = 16000
 
 # ----------------------------------------------------------------------------------- test inputs
 def write_clip(path: Path, frames: np.ndarray, fps: int = FPS, audio: bool = True) -> Path:
-    """uint8 [F, H, W, 3] -> H.264 mp4 (+ an AAC 440 Hz tone as long as the video) with PyAV."""
+    """uint8 [F, H, W, 3] -> H.264 mp4 (+ an AAC 440 Hz tone as long as the video) with PyAV (4:4:4 for an odd
+    width or height, which 4:2:0 cannot hold)."""
     import av
 
     with av.open(str(path), "w") as out:
         vs = out.add_stream("libx264", rate=fps)
-        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        odd = frames.shape[1] % 2 or frames.shape[2] % 2
+        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p" if odd else "yuv420p"
         vs.options = {"crf": "1", "preset": "ultrafast"}
         streams = [vs]
         if audio:
@@ -65,11 +67,11 @@ def write_clip(path: Path, frames: np.ndarray, fps: int = FPS, audio: bool = Tru
     return path
 
 
-def face_frames(count: int = FRAMES, face: bool = True) -> np.ndarray:
+def face_frames(count: int = FRAMES, face: bool = True, size=(H, W)) -> np.ndarray:
     """A moving face marker (tests/onnx_models.paint_face) on a grey background."""
     from tests.onnx_models import paint_face
 
-    frames = np.full((count, H, W, 3), 90, np.uint8)
+    frames = np.full((count, *size, 3), 90, np.uint8)
     if face:
         for i in range(count):
             paint_face(frames[i], 4 + (i % 2), 3, green=30, seed=1)
@@ -162,6 +164,7 @@ def server(comfyui_dir, tmp_path_factory):
     write_clip(s.input_dir / "noface.mp4", face_frames(face=False))
     write_clip(s.input_dir / "short.mp4", face_frames(4))
     write_clip(s.input_dir / "long.mp4", face_frames(LONG_FRAMES))
+    write_clip(s.input_dir / "odd.mp4", face_frames(size=(H - 1, W - 1)))  # 63x47: valid, but odd
     from tests.onnx_models import paint_face
 
     ref = np.full((96, 128, 3), 90, np.uint8)  # fits the 128 detection size at scale 1
@@ -302,8 +305,9 @@ def test_bundled_workflow_matches_node_schemas(server):
 
     expected = build_workflow.build(server.object_info())
     have = load_workflow()
-    strip = lambda wf: ([{k: n[k] for k in ("id", "type", "inputs", "outputs", "widgets_values")}
-                         for n in wf["nodes"]], wf["links"])
+    # pos and size too: the saved layout is the builder's, made from the nodes' real sizes (no hidden widget)
+    strip = lambda wf: ([{k: n[k] for k in ("id", "type", "inputs", "outputs", "widgets_values", "pos", "size")}
+                         for n in wf["nodes"]], wf["links"], [g["bounding"] for g in wf["groups"]])
     assert strip(have) == strip(expected), "workflows/dreamidv_swap.json is stale: run python -m tests.build_workflow"
     assert have["version"] == 0.4
 
@@ -330,6 +334,19 @@ def test_bundled_workflow_runs_and_keeps_fps_and_audio(server, video, count, win
         audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
         assert audio.size > 0.5 * SAMPLE_RATE * count / FPS and np.abs(audio).max() > 0.1
     print(f"[workflow] swap of {count} frames {W}x{H} through /prompt: {run_s:.1f} s")
+
+
+def test_bundled_workflow_saves_a_clip_of_odd_size(server):
+    """A valid 63x47 clip used to be swapped completely and then fail at Save Video (libx264 needs even
+    sizes); the sampler's frames_in_source and the composite now come out 62x46 and the video is saved."""
+    import av
+
+    entry = server.run(swap_prompt(server, video="odd.mp4", prefix="dreamidv_test/odd"), timeout=180)
+    files = saved_videos(entry, server)
+    assert len(files) == 1 and files[0].is_file(), entry.get("outputs")
+    with av.open(str(files[0])) as c:
+        frame = next(c.decode(video=0))
+        assert (frame.width, frame.height) == (W - 2, H - 2)
 
 
 async def _interrupt_during_sampling(server: ComfyServer, prompt: dict, sampler_ids: set) -> dict:

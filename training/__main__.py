@@ -45,6 +45,20 @@ from dreamidv_core.errors import DreamIDVError, InputError
 from .dataset import DATASET_KEYS
 
 
+def toml_module():
+    """``tomllib`` (Python 3.11+) or, on 3.10, the ``tomli`` package it came from (a dependency there); both
+    raise ValueError subclasses on bad TOML."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise InputError("reading a .toml config on Python < 3.11 needs the 'tomli' package (pip install tomli), "
+                             "or give the config as .json") from None
+    return tomllib
+
+
 def load_config(path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -52,8 +66,7 @@ def load_config(path) -> dict:
     text = path.read_text()
     try:
         if path.suffix.lower() == ".toml":
-            import tomllib
-            return tomllib.loads(text)
+            return toml_module().loads(text)
         return json.loads(text)
     except ValueError as exc:
         raise InputError(f"{path}: not a valid {path.suffix.lstrip('.').upper() or 'JSON'} config ({exc})") from None

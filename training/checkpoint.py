@@ -18,6 +18,7 @@ Nothing is ever unpickled: tensors are safetensors, the rest is JSON.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -29,7 +30,10 @@ import numpy as np
 import torch
 
 from dreamidv_core.errors import CheckpointError
+from dreamidv_core.io.files import set_default_mode
 from dreamidv_core.io.state_dict import read_state_dict
+
+log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 STATE_FILE = "state.json"
@@ -134,6 +138,7 @@ def _save_st(tensors: Dict[str, torch.Tensor], path: Path, metadata: Optional[Di
     from safetensors.torch import save_file
 
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    set_default_mode(path)  # the safetensors writer makes private (0600) files
 
 
 def _fsync_dir(path: Path) -> None:
@@ -271,3 +276,42 @@ def existing_steps(root) -> Iterable[int]:
     if not root.is_dir():
         return []
     return sorted(int(m.group(1)) for c in root.iterdir() if (m := STEP_DIR.match(c.name)) and (c / STATE_FILE).is_file())
+
+
+def best_step(root) -> Optional[int]:
+    """The step of the complete checkpoint with the best ``score`` in its state (the trainer writes it: the
+    validation's mean identity similarity, else the mean loss since the previous checkpoint); ``None`` when
+    no checkpoint has a score. Checkpoints scored by validation beat those scored by loss."""
+    best = None
+    for step in existing_steps(root):
+        try:
+            score = json.loads((Path(root) / step_dir_name(step) / STATE_FILE).read_text()).get("score") or {}
+        except (OSError, ValueError):
+            continue
+        value = score.get("value")
+        if value is None:
+            continue
+        key = (bool(score.get("higher_is_better")), float(value) if score.get("higher_is_better") else -float(value))
+        if best is None or key > best[0]:
+            best = (key, step)
+    return None if best is None else best[1]
+
+
+def prune_checkpoints(root, keep_last: int, final_step: Optional[int] = None) -> List[int]:
+    """Delete the step folders of ``root`` except the newest ``keep_last``, the one of ``final_step`` and the
+    best one (:func:`best_step`); returns the steps deleted (logged). Only complete ``step_NNNNNN`` folders
+    are touched."""
+    steps = list(existing_steps(root))
+    if keep_last <= 0 or len(steps) <= keep_last:
+        return []
+    keep = set(steps[-keep_last:]) | {s for s in (final_step, best_step(root)) if s is not None}
+    removed = []
+    for step in steps:
+        if step not in keep:
+            shutil.rmtree(Path(root) / step_dir_name(step), ignore_errors=True)
+            removed.append(step)
+    if removed:
+        log.info("DreamID-V training: keep_last=%d: removed checkpoint(s) %s of %s (kept %s)", keep_last,
+                 ", ".join(step_dir_name(s) for s in removed), root, ", ".join(step_dir_name(s) for s in sorted(keep)
+                                                                              if s in steps))
+    return removed

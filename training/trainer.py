@@ -36,6 +36,7 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import logging
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -46,10 +47,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dreamidv_core.errors import CheckpointError, Cancelled, InputError
+from dreamidv_core.errors import CheckpointError, Cancelled, InputError, NonFiniteError
+from dreamidv_core.io.files import ensure_folder
 from . import checkpoint as ckpt
 from . import lora as lora_mod
 from .distributed import Dist as _Dist, agree as _agree, average_grads as _average_grads, init_distributed, shard_fsdp
+
+log = logging.getLogger(__name__)
 
 TRAINABLE = ("full", "lora", "pose", "id_projection", "modulation")
 POSE_ATTN = ("k_pose", "v_pose", "norm_k_pose", "pose_gate")
@@ -81,6 +85,9 @@ class TrainConfig:
     validation_samples: int = 2    # held-out samples swapped per validation
     validation_steps: int = 4      # sampler steps per validation swap
     validation_root: Optional[str] = None  # held-out dataset folder (default: the training folder's first samples)
+    max_nonfinite_skips: int = 3   # steps in a row whose loss or gradient is NaN/inf that are skipped (with a
+                                   # warning) before the run stops with an error naming the step
+    keep_last: int = 0             # > 0: keep only the newest N step folders, plus the final and the best one
     num_workers: int = 0           # DataLoader worker processes reading and decoding samples (0: in the loop)
     prefetch_factor: int = 2       # micro-batches each worker prepares ahead
 
@@ -91,7 +98,7 @@ class TrainConfig:
             raise InputError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
         if self.parallel not in ("auto", "fsdp", "ddp"):
             raise InputError(f"parallel must be 'auto', 'fsdp' or 'ddp', got {self.parallel!r}")
-        for name in ("validate_every", "num_workers"):
+        for name in ("validate_every", "max_nonfinite_skips", "keep_last", "save_every", "warmup", "num_workers"):
             if int(getattr(self, name)) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("steps", "batch_size", "grad_accum", "validation_samples", "validation_steps", "prefetch_factor"):
@@ -112,8 +119,9 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    losses: List[float] = field(default_factory=list)   # one per optimizer step, from step 1
+    losses: List[float] = field(default_factory=list)   # one per optimizer step, from step 1 (NaN: skipped)
     steps: int = 0
+    skipped_steps: List[int] = field(default_factory=list)  # steps skipped for a NaN/inf loss or gradient
     last_checkpoint: Optional[Path] = None
     validation: List[dict] = field(default_factory=list)  # {"step", "val_mean_similarity", ...} per validation
 
@@ -311,10 +319,11 @@ def save_training_state(config: TrainConfig, dist_ctx: _Dist, model, trainable, 
                         validation: Optional[List[dict]] = None) -> Path:
     """Write ``<checkpoint_dir>/step_NNNNNN`` atomically (every rank must call it)."""
     full = config.save_full_model if config.save_full_model is not None else config.trainable == "full"
+    model_tensors = _model_tensors(model, trainable, full)
+    check_finite_weights(model_tensors, step, config.checkpoint_dir)  # before anything is written
     writer = ckpt.CheckpointWriter(config.checkpoint_dir, step, dist_ctx.rank, dist_ctx.barrier)
     writer.begin()
     try:
-        model_tensors = _model_tensors(model, trainable, full)
         lora_tensors = lora_mod.lora_state_dict(model) if config.trainable == "lora" else None  # all ranks gather
         opt_meta, opt_tensors = ckpt.flatten_optimizer(optimizer.state_dict())
         if dist_ctx.rank == 0:
@@ -343,11 +352,35 @@ def save_training_state(config: TrainConfig, dist_ctx: _Dist, model, trainable, 
                      "optimizer": ckpt.json_safe(opt_meta), "scheduler": ckpt.json_safe(scheduler.state_dict()),
                      "rng": rng_meta, "full_model": full, "config": asdict(config),
                      "validation": ckpt.json_safe(list(validation or [])),
+                     "score": checkpoint_score(step, losses, validation, config.save_every),
                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         return writer.commit(state, write_hook)
     except BaseException:
         writer.abort()
         raise
+
+
+def check_finite_weights(tensors: Dict[str, torch.Tensor], step: int, root) -> None:
+    """Refuse to write a checkpoint whose weights hold NaN/inf (:class:`NonFiniteError` naming the step, the
+    tensor and the last good checkpoint)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            last = ckpt.find_latest(root) if root else None
+            raise NonFiniteError(f"training stopped at step {step}: the weights hold NaN/inf values (e.g. '{name}'), "
+                                 "so no checkpoint was written for it. The learning rate is probably too high for "
+                                 "this model (lower lr, add warmup or max_grad_norm); last good checkpoint: "
+                                 f"{last or 'none'}")
+
+
+def checkpoint_score(step: int, losses: List[float], validation: Optional[List[dict]], save_every: int) -> dict:
+    """What "best" means for retention (``keep_last``): the mean identity similarity of a validation at this
+    step when there is one (higher is better), else the mean training loss of the steps since the previous
+    checkpoint (lower is better)."""
+    val = [v for v in (validation or []) if int(v.get("step", -1)) == step and v.get("val_mean_similarity") is not None]
+    if val:
+        return {"name": "val_mean_similarity", "value": float(val[-1]["val_mean_similarity"]), "higher_is_better": True}
+    window = [v for v in losses[-max(1, int(save_every) or len(losses)):] if np.isfinite(v)]
+    return {"name": "interval_loss", "value": float(np.mean(window)) if window else None, "higher_is_better": False}
 
 
 def load_model_weights(model: nn.Module, folder, trainable: Dict[str, nn.Parameter], full: bool) -> None:
@@ -468,6 +501,8 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None
     ``config.validate_every > 0``: before step 1, every ``validate_every`` steps and after the last one;
     its results go to ``TrainResult.validation`` and ``<checkpoint_dir>/metrics.jsonl``."""
     config.validate()
+    if config.checkpoint_dir:  # a file in the way is said now, not at the first save
+        ensure_folder(config.checkpoint_dir, "checkpoint_dir", create=False)
     n_data = len(dataset)
     if n_data == 0:
         raise InputError("the training dataset is empty")
@@ -512,8 +547,11 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None
     def save(step):
         if not config.checkpoint_dir:
             return None
-        return save_training_state(config, dist_ctx, model, trainable, optimizer, scheduler, step,
-                                   result.losses, sharded, n_data, _save_hook, result.validation)
+        folder = save_training_state(config, dist_ctx, model, trainable, optimizer, scheduler, step,
+                                     result.losses, sharded, n_data, _save_hook, result.validation)
+        if config.keep_last and dist_ctx.rank == 0:
+            ckpt.prune_checkpoints(config.checkpoint_dir, config.keep_last, final_step=config.steps)
+        return folder
 
     def validate(step):
         if _due(config, step) and not any(v["step"] == step for v in result.validation):
@@ -523,6 +561,7 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None
 
     feed = None
     model.train()
+    skipped = 0  # non-finite steps in a row
     try:
         feed = UnitBatches(dataset, config, dist_ctx.rank, dist_ctx.world, start, get, dist_ctx.device)
         validate(start)
@@ -546,13 +585,20 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None
                 step_loss += loss.detach().float() / config.grad_accum
             if dist_ctx.active and not sharded:
                 _average_grads(trainable.values(), dist_ctx.world)
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
+            value = float(dist_ctx.mean(step_loss))  # the same on every rank, as is the gradient norm
+            grad_norm = _grad_norm(trainable, config.max_grad_norm)
+            result.steps = step + 1
+            if not (np.isfinite(value) and np.isfinite(grad_norm)):
+                skipped = _skip_nonfinite_step(config, step, value, grad_norm, skipped, result, metrics, optimizer)
+                if progress is not None:
+                    progress(step + 1, config.steps, value)
+                if (config.save_every and (step + 1) % config.save_every == 0) or step + 1 == config.steps:
+                    result.last_checkpoint = save(step + 1) or result.last_checkpoint  # weights still finite
+                continue
+            skipped = 0
             optimizer.step()
             scheduler.step()
-            value = float(dist_ctx.mean(step_loss))
             result.losses.append(value)
-            result.steps = step + 1
             metrics.write({"step": step + 1, "loss": value, "lr": scheduler.get_last_lr()[0]})
             if progress is not None:
                 progress(step + 1, config.steps, value)
@@ -564,6 +610,45 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None
             feed.close()
         undo_gc()
     return result
+
+
+def _grad_norm(trainable: Dict[str, nn.Parameter], max_norm: float) -> float:
+    """The total gradient norm (clipped to ``max_norm`` when > 0): NaN/inf when any gradient is."""
+    params = [p for p in trainable.values() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    elif hasattr(torch.nn.utils, "get_total_norm"):  # measure only, gradients untouched
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _skip_nonfinite_step(config: TrainConfig, step: int, loss: float, grad_norm: float, skipped: int,
+                         result: TrainResult, metrics: "MetricsLog", optimizer) -> int:
+    """A step whose loss or gradient is NaN/inf changes nothing (no optimizer or scheduler step): it is logged
+    and skipped, up to ``config.max_nonfinite_skips`` in a row; one more stops the run with a
+    :class:`NonFiniteError` naming the step. Returns the new count of skips in a row."""
+    optimizer.zero_grad(set_to_none=True)
+    what = "loss" if not np.isfinite(loss) else "gradient"
+    skipped += 1
+    result.losses.append(float("nan"))
+    result.skipped_steps.append(step + 1)
+    metrics.write({"step": step + 1, "loss": None, "skipped": f"non-finite {what}"})
+    if skipped > config.max_nonfinite_skips:
+        last = result.last_checkpoint or (ckpt.find_latest(config.checkpoint_dir) if config.checkpoint_dir else None)
+        raise NonFiniteError(
+            f"training stopped at step {step + 1}: the {what} was NaN/inf in {skipped} steps in a row (loss {loss:.4g}, "
+            f"gradient norm {grad_norm:.4g}; allowed: max_nonfinite_skips = {config.max_nonfinite_skips}). The "
+            "learning rate is probably too high (lower lr, add warmup or max_grad_norm), or a sample holds "
+            f"broken values. The weights were not changed by these steps; last good checkpoint: {last or 'none'}")
+    log.warning("DreamID-V training: step %d: non-finite %s (loss %s, gradient norm %s); step skipped (%d in a row, "
+                "%d allowed)", step + 1, what, loss, grad_norm, skipped, config.max_nonfinite_skips)
+    return skipped
 
 
 def _seed_globals(seed: int, step: int, rank: int) -> None:

@@ -423,7 +423,7 @@ def _csv(rows: List[List]) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    from ..io.state_dict import atomic_write
+    from ..io.files import atomic_write
 
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
@@ -431,7 +431,7 @@ def _write_text(path: Path, text: str) -> None:
 def _write_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
-    from ..io.state_dict import atomic_write
+    from ..io.files import atomic_write
 
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 

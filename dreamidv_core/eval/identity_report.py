@@ -476,7 +476,7 @@ def identity_report_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args) -> int:
-    from ..io.state_dict import atomic_write
+    from ..io.files import atomic_write
     from ..io.video import read_image, read_video
 
     pack_dir = resolve_pack(args.insightface, args.pack)

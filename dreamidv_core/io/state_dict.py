@@ -7,15 +7,14 @@ until a caller copies them into place, so a model built on the ``meta`` device a
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 
 from ..errors import CheckpointError
+from .files import atomic_write
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -156,41 +155,16 @@ def strip_prefix(names, prefixes) -> Optional[str]:
     return None
 
 
-def atomic_write(path, write_fn) -> None:
-    """Call ``write_fn(tmp_path)`` then move the result over ``path`` in one rename.
-
-    A crash or error at any point leaves the previous ``path`` (if any) untouched, and no partial file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=str(path.parent))
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files: give the result a normal write's mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where the OS tells it (Linux), else set and restored."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def check_floating(reader: StateDictReader, names, what: str) -> None:
+    """Raise :class:`CheckpointError` naming the file and the tensors among ``names`` that are not floating
+    point (an int32 weight would otherwise be cast silently and give garbage). Reads only the dtypes."""
+    bad = [(n, reader.dtype(n)) for n in names if not reader.dtype(n).is_floating_point]
+    if bad:
+        shown = ", ".join(f"'{n}' is {str(d).replace('torch.', '')}" for n, d in bad[:4])
+        more = f" (and {len(bad) - 4} more)" if len(bad) > 4 else ""
+        raise CheckpointError(reader.path, f"{len(bad)} {what} tensor(s) are not floating point: {shown}{more}. "
+                                           "Weights must be fp32, bf16, fp16 or fp8; the file is damaged or was "
+                                           "written by a tool that changed their type: use the original file")
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path, metadata: Optional[Dict[str, str]] = None) -> None:

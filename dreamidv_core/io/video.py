@@ -1,8 +1,7 @@
 """Reading and writing video files with PyAV (no ComfyUI needed)."""
 from __future__ import annotations
 
-import os
-import tempfile
+import logging
 from collections import OrderedDict
 from fractions import Fraction
 from pathlib import Path
@@ -12,18 +11,54 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .files import AtomicFile
+
+log = logging.getLogger(__name__)
+
+
+PIXEL_RANGE_SLACK = 0.5  # float pixels beyond [-0.5, 1.5] are not a rounding overshoot but another scale
+
+
+def check_pixels(frames, what: str, chunk: int = 16) -> None:
+    """Float frames (torch or numpy, first axis = frames) must be finite and in ComfyUI's 0..1 range; an
+    :class:`InputError` naming ``what`` says which frame holds NaN/inf, or that the values look like 0..255
+    (or -1..1) pixels, instead of clamping them silently to white (or black). Checked ``chunk`` frames at a
+    time (no whole-clip temporary)."""
+    is_torch = isinstance(frames, torch.Tensor)
+    if not (frames.is_floating_point() if is_torch else np.issubdtype(np.asarray(frames).dtype, np.floating)):
+        return
+    lo, hi = float("inf"), float("-inf")
+    count = frames.shape[0] if getattr(frames, "ndim", 0) > 0 else 1
+    for start in range(0, count, chunk):
+        part = frames[start:start + chunk]
+        part = part.detach() if is_torch else torch.from_numpy(np.asarray(part))
+        finite = torch.isfinite(part)
+        if not bool(finite.all()):
+            first = start + int(torch.nonzero(~finite.reshape(part.shape[0], -1).all(1))[0, 0])
+            raise InputError(f"{what}: frame {first} contains NaN or infinite values; give finite pixels (check the "
+                             "node that made them)")
+        lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
+    if hi > 1 + PIXEL_RANGE_SLACK:
+        raise InputError(f"{what}: values go up to {hi:.4g}; IMAGE and MASK values are 0..1 and these look like "
+                         "0..255 pixels (they would all turn white): divide them by 255 first")
+    if lo < -PIXEL_RANGE_SLACK:
+        raise InputError(f"{what}: values go down to {lo:.4g}; IMAGE and MASK values are 0..1 (a -1..1 tensor? map "
+                         "it with (x + 1) / 2 first)")
 
 
 def to_uint8_frames(frames, what: str) -> np.ndarray:
-    """[F, H, W, C] uint8 / float-in-[0,1] (numpy or torch), C in {1, 3, 4}, or [F, H, W] -> uint8 [F, H, W, 3]."""
+    """[F, H, W, C] uint8 / float-in-[0,1] (numpy or torch), C in {1, 3, 4}, or [F, H, W] -> uint8 [F, H, W, 3].
+    Float values must be finite and about 0..1 (:func:`check_pixels`); small overshoots are clamped."""
     if isinstance(frames, torch.Tensor):
         frames = frames.detach().cpu()
         if frames.is_floating_point():
+            check_pixels(frames, what)
             frames = (frames.float().clamp(0, 1) * 255).round().to(torch.uint8)
         frames = frames.numpy()
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:
         if np.issubdtype(frames.dtype, np.floating):
+            check_pixels(frames, what)
             frames = np.clip(np.rint(np.clip(frames, 0, 1) * 255), 0, 255).astype(np.uint8)
         else:
             raise InputError(f"{what}: expected uint8 or float frames, got {frames.dtype}")
@@ -36,6 +71,19 @@ def to_uint8_frames(frames, what: str) -> np.ndarray:
     elif frames.shape[-1] == 4:  # drop alpha
         frames = frames[..., :3]
     return frames
+
+
+def even_size(frames, what: str = "frames"):
+    """[F, H, W, ...] frames (torch or numpy) without their last row and/or column when the height or width is
+    odd: H.264 in yuv420p (this pack's writer, ComfyUI's Save Video) only encodes even sizes. Logged when
+    something is dropped (a contiguous copy); the same object when nothing is."""
+    h, w = int(frames.shape[1]), int(frames.shape[2])
+    if h % 2 == 0 and w % 2 == 0:
+        return frames
+    log.info("DreamID-V: %s trimmed from %dx%d to %dx%d (video encoders need an even width and height)", what, w, h,
+             w - w % 2, h - h % 2)
+    kept = frames[:, :h - h % 2, :w - w % 2]
+    return kept.contiguous() if isinstance(kept, torch.Tensor) else np.ascontiguousarray(kept)
 
 
 def read_video(path, max_frames: Optional[int] = None) -> Tuple[np.ndarray, float]:
@@ -179,7 +227,8 @@ class VideoReader:
 class VideoWriter:
     """Streaming H.264 mp4 writer: ``with VideoWriter(path, fps) as w: w.write(frames)`` with uint8 or float
     [k, H, W, 3] chunks. The file appears under ``path`` only when the block ends without an error (written
-    beside it under a hidden temporary name, then renamed), so a failure leaves no half-written video."""
+    beside it under a hidden temporary name, then renamed, :class:`~.files.AtomicFile`), so a failure leaves no
+    half-written video. Frames of an odd width or height lose their last column or row (:func:`even_size`)."""
 
     def __init__(self, path, fps: float, crf: int = 18):
         self.path = Path(path)
@@ -191,10 +240,12 @@ class VideoWriter:
     def __enter__(self) -> "VideoWriter":
         import av
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=str(self.path.parent))
-        os.close(fd)
-        self._container = av.open(self._tmp, mode="w", format="mp4")
+        self._tmp = AtomicFile(self.path, "video")
+        try:
+            self._container = av.open(str(self._tmp.tmp), mode="w", format="mp4")
+        except BaseException:
+            self._tmp.discard()
+            raise
         return self
 
     def write(self, frames) -> None:
@@ -205,7 +256,7 @@ class VideoWriter:
         arr = np.asarray(frames) if not hasattr(frames, "detach") else frames
         if getattr(arr, "ndim", 4) == 3:
             arr = arr[None]
-        arr = to_uint8_frames(arr, str(self.path))
+        arr = even_size(to_uint8_frames(arr, str(self.path)), str(self.path))
         if self._stream is None:
             self._stream = self._container.add_stream("libx264", rate=self.rate)
             self._stream.width, self._stream.height = arr.shape[2], arr.shape[1]
@@ -228,12 +279,9 @@ class VideoWriter:
                     self._container.mux(packet)
             self._container.close()
             if exc_type is None:
-                with open(self._tmp, "rb") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(self._tmp, self.path)
+                self._tmp.commit()
         finally:
-            if os.path.exists(self._tmp):
-                os.unlink(self._tmp)
+            self._tmp.discard()
 
 
 def write_video(path, frames, fps: float, crf: int = 18) -> None:

@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError
-from ..io.state_dict import StateDictReader, read_state_dict
+from ..io.state_dict import StateDictReader, check_floating, read_state_dict
 
 __all__ = [
     "UMT5Config", "UMT5Encoder", "load_umt5_encoder", "read_embedded_tokenizer",
@@ -503,6 +503,7 @@ def load_umt5_encoder(path, dtype: torch.dtype = torch.bfloat16, device="cpu",
         shown = ", ".join(from_our_name(m, layout) for m in missing[:4])
         raise CheckpointError(path, f"incomplete umT5 encoder: {len(missing)} weight(s) missing, e.g. {shown}")
 
+    check_floating(reader, [ours_to_file[n] for n in sorted(expected_names)], "umT5 encoder")
     for ours in sorted(expected_names):
         file_name = ours_to_file[ours]
         layer = file_name[: -len(".weight")]
@@ -515,8 +516,6 @@ def load_umt5_encoder(path, dtype: torch.dtype = torch.bfloat16, device="cpu",
         expected_shape = tuple(model.get_parameter(ours).shape)
         if tuple(raw.shape) != expected_shape:
             raise CheckpointError(path, f"'{file_name}' has shape {tuple(raw.shape)}, expected {expected_shape}")
-        if not (raw.is_floating_point()):
-            raise CheckpointError(path, f"'{file_name}' has dtype {raw.dtype}; expected floating-point weights")
         if ours == "token_embedding.weight":
             # keep the big table as stored; TokenEmbedding converts only the rows it looks up
             keep = raw if raw.dtype in _FP8_DTYPES + (torch.float32, torch.bfloat16, torch.float16) else raw.float()

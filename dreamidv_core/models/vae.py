@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, InputError
-from ..io.state_dict import read_state_dict
+from ..io.state_dict import check_floating, read_state_dict
 from .configs import TINY_VAE_CONFIG, WAN21_VAE_CONFIG, WanVAEConfig
 from .frame_grid import SPATIAL_STRIDE, TEMPORAL_STRIDE
 from .vae_blocks import CausalConv3d, Decoder3d, Encoder3d, TemporalCache
@@ -347,6 +347,7 @@ def load_wan_vae(path, device="cpu", dtype: torch.dtype = torch.float32,
     if wrong:
         raise CheckpointError(path, f"tensor shapes differ from the Wan 2.1 VAE: {_name_list(wrong, 4)}."
                               + _layout_hint(found))
+    check_floating(reader, list(expected), "VAE")
     state = {name: reader[name].to(device=device, dtype=dtype) for name in expected}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)

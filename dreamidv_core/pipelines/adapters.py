@@ -34,6 +34,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ..errors import InputError
+from ..io.video import check_pixels
 from ..models.vae import LATENT_MEAN, LATENT_STD
 from .plan import ClipPlan
 
@@ -59,6 +60,11 @@ def context_from_conditioning(cond: torch.Tensor, attention_mask: Optional[torch
         raise InputError(f"conditioning is {cond.shape[1]}-wide; DreamID-V needs {text_dim}-wide umT5-XXL states "
                          "(load the umT5-XXL file with CLIPLoader type 'wan', or use DreamIDVTextContext)")
     cond = cond.detach().to("cpu", torch.float32)
+    if not torch.isfinite(cond).all():
+        rows = torch.nonzero(~torch.isfinite(cond).all(dim=1)).flatten()
+        raise InputError(f"conditioning contains NaN or infinite values ({rows.numel()} of {cond.shape[0]} token rows, "
+                         f"first: row {int(rows[0])}): the text encoder overflowed (run it in bf16 or fp32, not fp16) "
+                         "or its file is damaged")
     if attention_mask is not None:
         mask = attention_mask.reshape(-1).to("cpu").bool()
         if mask.numel() != cond.shape[0]:
@@ -70,15 +76,15 @@ def context_from_conditioning(cond: torch.Tensor, attention_mask: Optional[torch
         out = cond[: int(idx[-1]) + 1] if idx.numel() else cond[:0]
     if out.shape[0] == 0:
         raise InputError("conditioning is all zeros (an empty prompt?); encode the prompt 'chang face'")
-    if not torch.isfinite(out).all():
-        raise InputError("conditioning contains NaN or infinite values")
     return out
 
 
 def rgb_frames(frames: torch.Tensor, what: str) -> torch.Tensor:
     """IMAGE-like frames [F, H, W, C] (C 1..4) or [F, H, W] -> float32 [F, H, W, 3] in [0, 1].
 
-    Alpha is dropped (C 4, or 2 for grey + alpha); greyscale is repeated to RGB.
+    Alpha is dropped (C 4, or 2 for grey + alpha); greyscale is repeated to RGB. NaN/inf or values on
+    another scale (0..255) are an :class:`InputError` (:func:`~dreamidv_core.io.video.check_pixels`): they
+    would otherwise pass through into every output that keeps source pixels.
     """
     if not isinstance(frames, torch.Tensor):
         raise InputError(f"{what}: expected an IMAGE tensor [frames, height, width, channels], got {type(frames).__name__}")
@@ -86,6 +92,7 @@ def rgb_frames(frames: torch.Tensor, what: str) -> torch.Tensor:
         frames = frames[..., None]
     if frames.dim() != 4 or not 1 <= frames.shape[-1] <= 4:
         raise InputError(f"{what}: expected [frames, height, width, 1..4 channels], got {list(frames.shape)}")
+    check_pixels(frames, what)
     c = frames.shape[-1]
     frames = frames.float()
     if c in (1, 2):

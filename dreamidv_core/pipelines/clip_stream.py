@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, NonFiniteError
 from ..models.frame_grid import TEMPORAL_STRIDE, latent_frame_count
 from ..preprocess.face_crop import prepare_crops
 from ..preprocess.video_ops import prepare_frames
@@ -113,6 +113,10 @@ def decode_clip(vae, latent: torch.Tensor, plan: ClipPlan, write: Callable[[torc
     def emit(chunk: torch.Tensor, start: int) -> None:
         stop = min(start + chunk.shape[2], frames)
         if stop > start:
+            if not bool(torch.isfinite(chunk).all()):
+                raise NonFiniteError(f"the VAE decoded NaN/inf pixels (frames {start}-{stop - 1}) from a finite "
+                                     "latent: the VAE file holds NaN or infinite weights, or overflows in fp16; "
+                                     "load the VAE again (or in fp32)")
             out = chunk[0, :, :stop - start].add(1).div(2).clamp(0, 1).permute(1, 2, 3, 0)
             write(out, start)
 

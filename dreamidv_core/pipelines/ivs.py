@@ -37,7 +37,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, numeric_problems
 from ..models.frame_grid import MIN_FRAMES, padded_frame_count
 from ..models.ivs import flf_mask, flf_pixel_mask
 from ..io.video import to_uint8_frames
@@ -132,6 +132,20 @@ class IVSSettings:
     window: int = 81  # frames per window (4n+1); longer clips are sampled in overlapping windows
     overlap: int = 16  # frames shared by neighbouring windows (a multiple of 4, < window)
 
+    def validate(self) -> "IVSSettings":
+        """Every number checked before any work (an :class:`InputError` naming each bad one); returns ``self``."""
+        problems = numeric_problems(
+            str, ("width", self.width, "int", 1, None), ("height", self.height, "int", 1, None),
+            ("frames", self.frames, "int?", None, None), ("steps", self.steps, "int", 1, None),
+            ("shift", self.shift, "float>", 0, None), ("guidance", self.guidance, "float", None, None),
+            ("seed", self.seed, "int", None, None), ("window", self.window, "int", MIN_FRAMES, None),
+            ("overlap", self.overlap, "int", 0, None))
+        if self.sampler not in SAMPLERS:
+            problems.append(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if problems:
+            raise InputError("invalid IVS settings: " + "; ".join(problems))
+        return self
+
 
 def check_ivs_model(dit) -> None:
     cfg = getattr(dit, "cfg", None)
@@ -188,10 +202,8 @@ def sample_ivs_latent(dit, vae, first, last, pose, context: torch.Tensor, settin
                       progress: Progress = None, cancel: Cancel = None,
                       negative_context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ClipPlan]:
     """:func:`sample_ivs` without the decode -> (latent [16, F', h, w] float32, the clip's plan)."""
-    s = settings
+    s = settings.validate()
     check_ivs_model(dit)
-    if s.sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler '{s.sampler}'; choose one of {', '.join(SAMPLERS)}")
     report = reporter(progress)
     if pose is None:
         raise InputError("the IVS needs a pose video")

@@ -26,7 +26,7 @@ from ..models.frame_grid import CROP_MULTIPLE, MIN_FRAMES, PATCH, SPATIAL_STRIDE
 from ..preprocess.face_crop import (DEFAULT_MARGIN, DEFAULT_SMOOTHING, CropTrack, crop_model_size,
                                     crop_track_from_masks, paste_crops)
 from ..preprocess.geometry import CropBox, paste_back, source_crop_box
-from ..preprocess.video_ops import output_size
+from ..preprocess.video_ops import model_frame_size
 from ..sampling.windows import WindowLayout, plan_windows
 
 
@@ -65,19 +65,19 @@ class ClipPlan:
         (``frame_num`` None) or its first ``frame_num`` frames, at a ``width`` x ``height`` area; with a face
         crop ``track`` (made for this clip and :func:`~dreamidv_core.preprocess.face_crop.crop_model_size`
         of this area) the model sees the track's windows at ``width`` x ``height``."""
-        if min(source_width, source_height) <= 0:
-            raise InputError(f"the video's frames are {source_width}x{source_height}; they must not be empty")
-        if min(width, height) <= 0:
-            raise InputError(f"the area must be positive, got {width}x{height}")
         frames = clip_frame_count(available, frame_num)
-        size = output_size(source_height, source_width, width, height)
-        if track is not None:
+        if track is None:  # the whole frame: a clip too thin for the area is said here, before any encoding
+            size = model_frame_size(source_height, source_width, width, height)
+        else:
+            if min(source_width, source_height) <= 0:
+                raise InputError(f"the video's frames are {source_width}x{source_height}; they must not be empty")
+            if min(width, height) <= 0:
+                raise InputError(f"the area must be positive, got {width}x{height}")
             size = crop_model_size(width, height)
             _check_track(track, (source_width, source_height), frames, size)
-        if min(size) < CROP_MULTIPLE:
-            raise InputError(f"frames of {source_width}x{source_height} are too small for the {width}x{height} area: "
-                             f"they become {size[1]}x{size[0]}, and the model needs at least "
-                             f"{CROP_MULTIPLE}x{CROP_MULTIPLE}")
+            if min(size) < CROP_MULTIPLE:
+                raise InputError(f"the {width}x{height} area makes {size[1]}x{size[0]} face windows, and the model "
+                                 f"needs at least {CROP_MULTIPLE}x{CROP_MULTIPLE}")
         return cls(source_size=(source_width, source_height), frames=frames, area=(width, height), size=size,
                    crop=source_crop_box(source_height, source_width, width, height),
                    layout=plan_windows(frames, window, overlap), track=track)

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, numeric_problems
 from ..models.dit import DreamIDVTransformer
 from ..preprocess.identity_bundle import encode_reference
 from ..io.video import to_uint8_frames
@@ -32,7 +32,8 @@ from ..progress import Cancel, Progress, reporter
 from ..sampling.guidance import make_guided_model
 from ..sampling.samplers import SAMPLERS, flow_sigmas
 from ..sampling.step_cache import StepCache, attach_step_cache
-from ..sampling.windows import WindowLayout, WindowedModel, preserve_background
+from ..sampling.windows import WindowLayout, WindowedModel, check_window, preserve_background
+from ..models.frame_grid import MIN_FRAMES
 from .clip_stream import FrameSource, clip_face_mask, clip_pose_tokens, decode_clip, encode_clip
 from .plan import ClipPlan
 
@@ -57,6 +58,32 @@ class SwapSettings:
     step_cache: float = 0.0  # > 0: skip DiT evaluations whose input barely changed (TeaCache-like threshold)
     vae_tile: Optional[int] = None  # VAE decode in spatial tiles of this many latent pixels (8 px each)
     vae_tile_overlap: int = 8  # latent pixels shared by neighbouring tiles (blended)
+
+    def validate(self, label: Callable[[str], str] = str) -> "SwapSettings":
+        """Every setting checked before anything is read or computed: an :class:`InputError` listing each
+        bad one (``label(name)``: how the caller calls it, e.g. ``--steps``; the value; what is allowed).
+        Returns ``self``."""
+        problems = numeric_problems(label, 
+            ("steps", self.steps, "int", 1, None), ("shift", self.shift, "float>", 0, None),
+            ("guidance", self.guidance, "float", None, None), ("seed", self.seed, "int", None, None),
+            ("width", self.width, "int", 1, None), ("height", self.height, "int", 1, None),
+            ("frame_num", self.frame_num, "int?", MIN_FRAMES, None), ("window", self.window, "int", MIN_FRAMES, None),
+            ("overlap", self.overlap, "int", 0, None), ("background_strength", self.background_strength, "float", 0, 1),
+            ("step_cache", self.step_cache, "float", 0, None), ("vae_tile", self.vae_tile, "int?", 0, None),
+            ("vae_tile_overlap", self.vae_tile_overlap, "int", 0, None))
+        if self.vae_tile and self.vae_tile_overlap >= self.vae_tile:
+            problems.append(f"{label('vae_tile_overlap')} ({self.vae_tile_overlap}) must be smaller than "
+                            f"{label('vae_tile')} ({self.vae_tile})")
+        if self.sampler not in SAMPLERS:
+            problems.append(f"{label('sampler')} must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if not problems:
+            try:
+                check_window(self.window, self.overlap)
+            except InputError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise InputError("invalid swap settings: " + "; ".join(problems))
+        return self
 
 
 @dataclass
@@ -136,8 +163,7 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
     ``plan``: the clip's :class:`ClipPlan` when the caller built it already (default: :func:`plan_for` the
     video and ``settings``).
     """
-    s = settings
-    check_settings(s)
+    s = settings.validate()
     report = reporter(progress)
     plan = plan or plan_for(video, s)
     inputs = encode_inputs(dit, vae, video, mask, reference, plan, s, pose=pose, pose_tokens=pose_tokens,
@@ -172,13 +198,6 @@ class SwapInputs:
 
     def tensors(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def check_settings(s: SwapSettings) -> None:
-    if s.sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler '{s.sampler}'; choose one of {', '.join(SAMPLERS)}")
-    if not 0.0 <= s.background_strength <= 1.0:
-        raise InputError(f"background_strength must be in [0, 1], got {s.background_strength}")
 
 
 def encode_inputs(dit: DreamIDVTransformer, vae, video, mask, reference, plan: ClipPlan, settings: SwapSettings,

@@ -107,7 +107,7 @@ def load_swap_models(mesh: Mesh, dit_path, vae_path, context_fn: Callable[[], to
     every rank takes ``cuda:LOCAL_RANK``, or the CPU). ``context_fn()`` runs on rank 0 only. The parallel layout
     is checked against the model (heads) and the ``settings`` (guidance, step cache) before anything heavy."""
     from ..models import vae as vae_module
-    from ..weights.checkpoints import load_dit
+    from ..weights.checkpoints import SWAP_VARIANTS, load_dit
 
     device = torch.device(mesh.device if mesh.active else device)
     config = mesh.config
@@ -122,7 +122,7 @@ def load_swap_models(mesh: Mesh, dit_path, vae_path, context_fn: Callable[[], to
         log(f"loading {dit_path} ({weight_dtype}) and {vae_path} on {where}")
     # FSDP and block offload start from the CPU: only the rank's share (or the resident part) reaches the device
     dit = load_dit(dit_path, weight_dtype=weight_dtype, device="cpu" if (config.fsdp or offload) else device,
-                   attention_backend=attention)
+                   attention_backend=attention, variants=SWAP_VARIANTS)
     config.check(num_heads=dit.cfg.num_heads)
     if config.fsdp:
         from ..parallel.fsdp import shard_for_inference

@@ -21,7 +21,7 @@ import torch
 from ..models.dit import DreamIDVTransformer
 from ..progress import Cancel, Progress, reporter
 from .plan import ClipPlan
-from .swap import (SwapInputs, SwapResult, SwapSettings, check_settings, decode_frames, encode_inputs, plan_for,
+from .swap import (SwapInputs, SwapResult, SwapSettings, decode_frames, encode_inputs, plan_for,
                    sample_latent, swap_face)
 
 
@@ -48,7 +48,7 @@ def swap_face_parallel(mesh, dit: DreamIDVTransformer, vae, video, mask, referen
                          cancel=cancel, pose_tokens=pose_tokens, ref_latent=ref_latent, sink=sink,
                          id_embedding=id_embedding, plan=plan)
     s = settings
-    check_settings(s)
+    s.validate()
     report = reporter(progress if mesh.is_leader else None)
 
     def read_and_encode():

@@ -231,6 +231,10 @@ def get_text_context(encoder_path: PathLike, tokenizer_path: Optional[PathLike] 
             raise CheckpointError(encoder_path, f"encoder width is {encoder.config.d_model}, but the DiT needs "
                                                 f"{text_dim}-dim contexts (umT5-XXL)")
         context = encode_prompt(encoder, tokenizer, prompt)
+        if not torch.isfinite(context.float()).all():  # never cached, never handed on as a valid context
+            raise CheckpointError(encoder_path, f"the encoder produced NaN or infinite text states in "
+                                                f"{str(dtype).replace('torch.', '')}: its weights are damaged, or "
+                                                "it overflows in this precision (use bf16 or fp32)")
     finally:
         del encoder
         gc.collect()
@@ -243,7 +247,7 @@ def get_text_context(encoder_path: PathLike, tokenizer_path: Optional[PathLike] 
                 "tokens": str(context.shape[0])}
         try:
             save_safetensors({_CONTEXT_KEY: context}, cache_file, metadata=meta)
-        except OSError as exc:  # a read-only cache folder must not stop inference
+        except (OSError, InputError) as exc:  # a read-only cache folder must not stop inference
             log.warning("could not write text-context cache %s: %s", cache_file, exc)
     return context
 

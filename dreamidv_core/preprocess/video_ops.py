@@ -41,6 +41,21 @@ def output_size(height: int, width: int, max_width: int, max_height: int) -> Tup
     return cropped_size(*resized_size(height, width, max_width, max_height))
 
 
+def model_frame_size(height: int, width: int, max_width: int, max_height: int, what: str = "the video") -> Tuple[int, int]:
+    """:func:`output_size`, or an :class:`InputError` when frames of ``width`` x ``height`` leave less than one
+    16-pixel block at the ``max_width`` x ``max_height`` area (checked before anything is encoded)."""
+    if min(height, width) <= 0:
+        raise InputError(f"{what}: frames of {width}x{height} are empty")
+    if min(max_width, max_height) <= 0:
+        raise InputError(f"the area must be positive, got {max_width}x{max_height}")
+    size = output_size(height, width, max_width, max_height)
+    if min(size) < CROP_MULTIPLE:
+        raise InputError(f"{what}: frames of {width}x{height} are too small for the {max_width}x{max_height} area: "
+                         f"they become {size[1]}x{size[0]}, and the model needs at least {CROP_MULTIPLE}x"
+                         f"{CROP_MULTIPLE}; use a larger area (width, height) or a less elongated clip")
+    return size
+
+
 def _crop_box(height: int, width: int, ch: int, cw: int) -> Tuple[int, int, int, int]:
     top = int(round((height - ch) / 2.0))
     left = int(round((width - cw) / 2.0))
@@ -63,9 +78,7 @@ def prepare_frames(frames, count: int, max_width: int, max_height: int, what: st
     """
     first = to_uint8_frames(frames[:1], what)[0]
     h, w = first.shape[:2]
-    oh, ow = output_size(h, w, max_width, max_height)
-    if oh < CROP_MULTIPLE or ow < CROP_MULTIPLE:
-        raise InputError(f"{what}: frames of {w}x{h} are too small (at least 16x16 after resizing)")
+    oh, ow = model_frame_size(h, w, max_width, max_height, what)
     out = torch.empty(3, count, oh, ow)
     for i in range(count):
         frame = to_uint8_frames(frames[i:i + 1], what)[0]
@@ -81,9 +94,9 @@ def letterbox_reference(reference, video_width: int, video_height: int) -> Image
     img = Image.fromarray(to_uint8_frames(reference[None] if _is_single(reference) else reference[:1], "reference image")[0])
     ratio = img.width / img.height
     if ratio > video_width / video_height:
-        new_w, new_h = video_width, int(video_width / ratio)
+        new_w, new_h = video_width, max(1, int(video_width / ratio))
     else:
-        new_h, new_w = video_height, int(video_height * ratio)
+        new_h, new_w = video_height, max(1, int(video_height * ratio))
     img = img.resize((new_w, new_h), Image.LANCZOS)
     dw, dh = video_width - new_w, video_height - new_h
     return ImageOps.expand(img, (dw // 2, dh // 2, dw - dw // 2, dh - dh // 2), fill=(255, 255, 255))
@@ -96,6 +109,8 @@ def _is_single(image) -> bool:
 
 def prepare_reference(reference, video_width: int, video_height: int, max_width: int, max_height: int) -> torch.Tensor:
     """Reference photo ([H, W, C] or [1, H, W, C]) -> float32 [3, 1, H', W'] in [0, 1]."""
+    model_frame_size(video_height, video_width, max_width, max_height, "the video (the reference is letterboxed "
+                                                                        "onto its frames)")
     boxed = letterbox_reference(reference, video_width, video_height)
     arr = resize_and_crop(boxed, max_width, max_height)
     return torch.from_numpy(arr).permute(2, 0, 1)[:, None].float().div_(255)

@@ -10,6 +10,8 @@ Conventions
   :func:`sigma_to_timestep`.
 * ``callback(step_index, total_steps, x)`` is called once after every step with the new sample.
 * ``cancel()`` is polled before every model call; if it returns True, :class:`Cancelled` is raised.
+* After every step the sample is checked for NaN/inf (:func:`check_finite_sample`): a
+  :class:`~dreamidv_core.errors.NonFiniteError` names the step and the likely causes.
 
 Schedule facts reproduced from the reference ``FlowUniPCMultistepScheduler`` (built with
 ``num_train_timesteps=1000, shift=1``, then ``set_timesteps(steps, shift=5.0)``):
@@ -34,6 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..errors import NonFiniteError
 from ..progress import Cancel, check_cancel
 
 __all__ = [
@@ -135,6 +138,23 @@ def _velocity(model: Model, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tenso
     return v.to(torch.float32)
 
 
+NON_FINITE_CAUSES = ("a NaN or infinite guidance value; NaN or infinite weights in the model file (a damaged or "
+                     "badly converted checkpoint: load it again, or convert the original once more); fp16 overflow "
+                     "(load the model with weight_dtype bf16 or fp32 instead of fp16); NaN or infinite values in "
+                     "the inputs (conditioning, reference, video, mask)")
+
+
+def check_finite_sample(x: torch.Tensor, step: int, total: int, sigma) -> None:
+    """Stop sampling at the first step whose sample holds NaN or inf (one reduction per step), with a
+    :class:`NonFiniteError` naming the step and the likely causes, instead of decoding a black video."""
+    if bool(torch.isfinite(x).all()):
+        return
+    bad = int((~torch.isfinite(x)).sum())
+    raise NonFiniteError(f"sampling produced NaN/inf values at step {step + 1} of {total} (noise level "
+                         f"{float(sigma):.4f}; {bad} of {x.numel()} latent values); stopped before decoding. "
+                         f"Likely causes: {NON_FINITE_CAUSES}")
+
+
 def _half_log_snr(sigmas: torch.Tensor) -> list:
     # lambda = log(alpha) - log(sigma) with alpha = 1 - sigma; +inf at sigma == 0.
     # Evaluated element by element on 0-dim tensors, as the reference does: a vectorised log
@@ -163,6 +183,7 @@ def sample_euler(
         check_cancel(cancel, f"sampling before step {i + 1}/{total}")
         v = _velocity(model, x, sigmas[i])
         x = x + (sig32[i + 1] - sig32[i]) * v
+        check_finite_sample(x, i, total, sig32[i])
         if callback is not None:
             callback(i, total, x)
     return x
@@ -280,6 +301,7 @@ def sample_unipc(
         step_order = min(order, j + 1, total - j)
         x_prev = x
         x = _unip_step(sig, lam, j, x, m_hist, step_order)
+        check_finite_sample(x, j, total, sig[j])
         prev_order = step_order
         if callback is not None:
             callback(j, total, x)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from ..errors import InputError
-from ..io.state_dict import atomic_write
+from ..io.files import atomic_write
 from ..io.video import VideoReader, read_image
 from ..parallel.batch import (IMAGE_SUFFIXES, VIDEO_SUFFIXES, BatchReport, Job, check_files, check_names,
                               files_by_stem, plan_jobs, read_job_table, run_jobs, say, video_cost)
@@ -106,7 +106,7 @@ def load_syncid_models(mesh: Mesh, models_dir, dit=None, ivs=None, vae=None, tex
     from ..pipelines.text_context import get_text_context, load_precomputed_context
     from ..preprocess import identity as id_core
     from ..preprocess.pose.mediapipe_face import FaceLandmarker
-    from ..weights.checkpoints import load_dit, load_ivs
+    from ..weights.checkpoints import SWAP_VARIANTS, load_dit, load_ivs
     from ..weights.model_files import find_model_files, format_missing
     from .similarity import analyzer_encoder
 
@@ -141,7 +141,7 @@ def load_syncid_models(mesh: Mesh, models_dir, dit=None, ivs=None, vae=None, tex
 
         predictor = load_video_predictor(sam2, "auto", device=device)
     analyzer = id_core.load_analyzer(pack, provider)
-    return SyncIDModels(dit=load_dit(dit, weight_dtype=weight_dtype, device=device),
+    return SyncIDModels(dit=load_dit(dit, weight_dtype=weight_dtype, device=device, variants=SWAP_VARIANTS),
                         ivs=load_ivs(ivs, weight_dtype=weight_dtype, device=device)[0],
                         vae=vae_module.load_wan_vae(vae, device=device), context=ctx.to(device),
                         landmarker=FaceLandmarker(str(landmarker)), encoder=analyzer_encoder(analyzer), sam2=predictor)

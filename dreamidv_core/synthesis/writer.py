@@ -44,6 +44,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..models.frame_grid import MIN_FRAMES
+from ..io.files import ensure_folder
 from ..io.video import write_video
 from ..io.video import to_uint8_frames
 from ..progress import Cancel, Progress, check_cancel, reporter
@@ -179,7 +180,7 @@ def write_quadruplet(root, prefix: str, real_video, generated, generated_identit
     InputError for bad inputs (sizes, too few frames, an identity image without a face).
     """
     s = settings
-    root = Path(root)
+    root = ensure_folder(root, "dataset_folder", create=False)  # a file in the way is said before any work
     names = sample_names(prefix)
     dirs = tuple(s.directions)
     if not dirs or any(d not in DIRECTIONS for d in dirs):
@@ -228,7 +229,7 @@ def write_quadruplet(root, prefix: str, real_video, generated, generated_identit
         todo.append(d)
     if not todo:
         return reports
-    root.mkdir(parents=True, exist_ok=True)
+    ensure_folder(root, "dataset_folder")
 
     def frames_of(x, what):
         return to_uint8_frames(x[:count], what)

@@ -10,14 +10,15 @@ and nowhere else.
 from __future__ import annotations
 
 import json
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, InputError
-from ..io.state_dict import StateDictReader, read_state_dict, save_safetensors, strip_prefix
+from ..io.state_dict import StateDictReader, check_floating, read_state_dict, save_safetensors, strip_prefix
 from ..models.configs import DiTConfig
 from ..models.dit import DreamIDVTransformer
 from ..models.id_projection import PREFIX as ID_PREFIX, id_projection_shape
@@ -41,10 +42,7 @@ def detect_dit_config(reader: StateDictReader, prefix: str = "") -> DiTConfig:
     names = [n[len(prefix):] for n in reader]
     meta = reader.metadata.get(CONFIG_METADATA_KEY) if reader.metadata else None
     if meta:
-        fields = json.loads(meta)
-        fields["patch_size"] = tuple(fields["patch_size"])
-        fields["pose_widths"] = tuple(fields["pose_widths"])
-        return DiTConfig(**fields)
+        return _config_from_metadata(meta, reader.path)
     if "patch_embedding.weight" not in names or "blocks.0.self_attn.q.weight" not in names:
         found = ", ".join(sorted(names)[:4]) + (", ..." if len(names) > 4 else "")
         raise CheckpointError(reader.path, "this is not a DreamID-V / Wan2.1 diffusion-transformer checkpoint "
@@ -72,6 +70,49 @@ def detect_dit_config(reader: StateDictReader, prefix: str = "") -> DiTConfig:
     )
 
 
+def _config_from_metadata(text: str, path) -> DiTConfig:
+    """The DiTConfig this pack wrote under ``dreamidv_config``, every field checked: a damaged or edited entry
+    is a :class:`CheckpointError` (guessing the sizes instead could load a model that computes garbage)."""
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(path, f"its '{CONFIG_METADATA_KEY}' metadata is not a valid DreamID-V config "
+                                     f"({problem}). This pack's converter and trainer write it; the file was "
+                                     "edited or damaged since: convert the original checkpoint again "
+                                     "(python -m dreamidv_core convert SRC DST)")
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise bad(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise bad(f"expected a JSON object, found {type(raw).__name__}")
+    types = {f.name: f.type for f in dataclass_fields(DiTConfig)}
+    unknown = sorted(set(raw) - set(types))
+    if unknown:
+        raise bad(f"unknown fields {unknown}")
+    values = {}
+    for name, value in raw.items():
+        kind = str(types[name])
+        if "Tuple" in kind:
+            ok = isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                            for v in value)
+            value = tuple(value) if ok else value
+        elif kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        elif kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        else:
+            ok = isinstance(value, str) and value in VARIANT_NAMES
+        if not ok:
+            raise bad(f"field '{name}' = {value!r}")
+        values[name] = value
+    cfg = DiTConfig(**values)
+    if cfg.dim % max(cfg.num_heads, 1) or cfg.num_heads < 1 or cfg.num_layers < 1 or len(cfg.patch_size) != 3:
+        raise bad(f"dim {cfg.dim}, num_heads {cfg.num_heads}, num_layers {cfg.num_layers}, "
+                  f"patch_size {cfg.patch_size} do not describe a transformer")
+    return cfg
+
+
 def _id_projection_fields(reader: StateDictReader, prefix: str, names) -> Dict[str, int]:
     """id_tokens / id_embed_dim of the ArcFace ID-token projection (``id_projection.*``), {} without one."""
     shapes = {n[len(ID_PREFIX):]: tuple(reader.shape(prefix + n)) for n in names if n.startswith(ID_PREFIX)}
@@ -87,14 +128,47 @@ def _id_projection_fields(reader: StateDictReader, prefix: str, names) -> Dict[s
     return {"id_tokens": tokens, "id_embed_dim": embed}
 
 
+# Layers the reference computes in float32 inside ``autocast(dtype=float32)`` whatever the run's dtype (the
+# timestep embedding and projection, the output head): their weights stay float32 in every storage dtype, so
+# a bf16 load computes exactly what the reference's bf16 run does (they are small: ~16 M values at 1.3B).
+FP32_LAYERS = ("time_embedding.", "time_projection.", "head.head.")
+
+
 def storage_dtype(name: str, tensor_shape: Tuple[int, ...], weight_dtype: torch.dtype) -> torch.dtype:
     """Matrices take the requested weight dtype (fp8 only for linear weights, convs then bf16);
-    vectors, modulation tables and gates stay float32 (tiny, and kept exact as in the reference)."""
-    if len(tensor_shape) < 2 or name.endswith("modulation"):
+    vectors, modulation tables, gates and the :data:`FP32_LAYERS` stay float32 (kept exact as in the
+    reference)."""
+    if len(tensor_shape) < 2 or name.endswith("modulation") or name.startswith(FP32_LAYERS):
         return torch.float32
     if weight_dtype == torch.float8_e4m3fn and len(tensor_shape) != 2:
         return torch.bfloat16
     return weight_dtype
+
+
+SWAP_VARIANTS = ("full", "faster")  # the DiTs the face swap runs
+VARIANT_NAMES = {
+    "full": "a DreamID-V DiT (full, with pose attention)",
+    "faster": "a DreamID-V faster DiT (no pose branch)",
+    "wan_t2v": "a plain Wan2.1-T2V text-to-video DiT (no reference input, no pose attention), not DreamID-V",
+    "ivs": "a DreamID-V IVS (Identity-Anchored Video Synthesizer, for the data-synthesis workflow)",
+}
+
+
+def wrong_variant(variant: str, allowed: Sequence[str], purpose: str = "the face swap") -> str:
+    """What a DiT of ``variant`` is and which files ``purpose`` needs instead (for a CheckpointError)."""
+    from .model_files import get_entry
+
+    what = VARIANT_NAMES.get(variant, f"a '{variant}' DiT")
+    if set(allowed) <= set(SWAP_VARIANTS):
+        names = get_entry("dit").accepted_names + get_entry("dit_faster").accepted_names
+        need = (f"{purpose} needs the DreamID-V DiT from the DreamID-V release: one of {', '.join(names)} "
+                "(README: Model files)")
+    else:
+        need = f"{purpose} needs {' or '.join(VARIANT_NAMES.get(v, v) for v in allowed)}"
+    hint = {"wan_t2v": "; a Wan2.1-T2V file only serves to start training an IVS (DreamID-V IVS Loader, "
+                       "training/configs/ivs_from_dreamidv.toml)",
+            "ivs": "; load an IVS with the DreamID-V IVS Loader node"}.get(variant, "")
+    return f"this is {what}; {need}{hint}"
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -104,12 +178,14 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def load_dit(path, weight_dtype="bf16", compute_dtype: Optional[torch.dtype] = None, device="cpu",
-             config: Optional[DiTConfig] = None, attention_backend: str = "sdpa") -> DreamIDVTransformer:
+             config: Optional[DiTConfig] = None, attention_backend: str = "sdpa",
+             variants: Optional[Sequence[str]] = None) -> DreamIDVTransformer:
     """Load a DiT checkpoint into a ready-to-run :class:`DreamIDVTransformer` (eval mode, no grad).
 
     weight_dtype: "fp32" | "bf16" | "fp16" | "fp8_e4m3fn" (storage); compute_dtype defaults to the
-    weight dtype (bf16 for fp8). Raises :class:`CheckpointError` naming the file on a foreign layout,
-    missing or unexpected tensors, or shape mismatches.
+    weight dtype (bf16 for fp8). ``variants``: the variants the caller can use (e.g. :data:`SWAP_VARIANTS`),
+    checked from the tensor names before any weight is read. Raises :class:`CheckpointError` naming the
+    file on a foreign layout or variant, missing or unexpected tensors, shape mismatches or non-float weights.
     """
     path = Path(path)
     if weight_dtype not in WEIGHT_DTYPES:
@@ -120,6 +196,8 @@ def load_dit(path, weight_dtype="bf16", compute_dtype: Optional[torch.dtype] = N
     reader = read_state_dict(path)
     prefix = strip_prefix(reader.keys(), DIT_PREFIXES) or ""
     cfg = config or detect_dit_config(reader, prefix)
+    if variants is not None and cfg.variant not in variants:
+        raise CheckpointError(path, wrong_variant(cfg.variant, variants))
     with torch.device("meta"):
         model = DreamIDVTransformer(cfg, compute_dtype=compute_dtype, attention_backend=attention_backend)
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -133,6 +211,7 @@ def load_dit(path, weight_dtype="bf16", compute_dtype: Optional[torch.dtype] = N
     if bad:
         raise CheckpointError(path, f"{len(bad)} tensors have the wrong shape for a {cfg.variant} DiT of dim "
                                     f"{cfg.dim}: " + "; ".join(bad[:5]))
+    check_floating(reader, [found[n] for n in expected if n in found], "DiT")
     for name, shp in expected.items():
         if name not in found:  # an allowed-absent unused tensor: zeros keep it inert
             value = torch.zeros(shp, dtype=torch.float32, device=device)
@@ -218,6 +297,7 @@ def load_ivs(path, weight_dtype: str = "bf16", compute_dtype: Optional[torch.dty
     if src_cfg.variant == "ivs":
         return load_dit(path, weight_dtype, compute_dtype, device, attention_backend=attention_backend), None
     cfg = ivs_config_from(src_cfg)
+    check_floating(reader, list(reader), "DiT")
     source = {n[len(prefix):]: reader[n] for n in reader}
     try:
         tensors, report = init_ivs_state_dict(source, cfg, seed)

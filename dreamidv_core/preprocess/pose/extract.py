@@ -33,6 +33,7 @@ from . import render
 from .face_geometry import retarget
 from .keypoints import face_mesh_to_dict, parse_pose_keypoints, people_to_dict
 from .landmark_sets import SCORE_THRESHOLD
+from .mediapipe_face import FaceFrame
 
 T = TypeVar("T")
 
@@ -133,12 +134,15 @@ def extract_mediapipe(frames, landmarker, reference=None, what: str = "frames",
                       progress: Progress = None, cancel: Cancel = None, target: Optional[TargetSpec] = None,
                       embed_face: Optional[EmbedFace] = None) -> PoseResult:
     """MediaPipe source with the reference pipeline's expression retargeting onto ``reference`` (an
-    image, uint8 or float [H, W, C] / [1, H, W, C]); without it the driving face itself is drawn. The
-    target's most neutral frame (fewest blendshapes) is the expression origin."""
+    image, uint8 or float [H, W, C] / [1, H, W, C], or the reference face already found: a
+    :class:`~.mediapipe_face.FaceFrame`); without it the driving face itself is drawn. The target's most
+    neutral frame (fewest blendshapes) is the expression origin."""
     count, h, w = _size(frames, what)
     report = reporter(progress)
     ref_face = None
-    if reference is not None:
+    if isinstance(reference, FaceFrame):
+        ref_face = reference
+    elif reference is not None:
         ref = reference if getattr(reference, "ndim", 3) == 4 else reference[None]
         ref_face = landmarker(frame_at(ref, 0, "reference"))
         if ref_face is None:

@@ -24,7 +24,11 @@ WHAT = "keypoints"
 
 def _points(person: dict, key: str, count: int, frame: int) -> np.ndarray:
     flat = person.get(key) or []
-    arr = np.asarray(flat, np.float64).reshape(-1)
+    try:
+        arr = np.asarray(flat, np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise InputError(f"{WHAT}: frame {frame}: '{key}' must be a list of numbers [x, y, confidence, ...], got "
+                         f"{type(flat).__name__} {str(flat)[:40]!r}") from None
     if arr.size == 0:
         return np.zeros((count, 3))
     if arr.size % 3:
@@ -35,7 +39,28 @@ def _points(person: dict, key: str, count: int, frame: int) -> np.ndarray:
                          "body (as DWPose/OpenPose preprocessors output) is supported")
     if len(pts) < count:
         pts = np.concatenate([pts, np.zeros((count - len(pts), 3))])
-    return pts[:count].copy()  # 70-point OpenPose faces: the 68 face points (pupils dropped)
+    pts = pts[:count].copy()  # 70-point OpenPose faces: the 68 face points (pupils dropped)
+    pts[~np.isfinite(pts).all(1)] = 0.0  # NaN/inf/None coordinates: a point that was not found
+    return pts
+
+
+def _people(frame: dict, i: int) -> list:
+    people = frame.get("people") or []
+    if not isinstance(people, (list, tuple)) or not all(isinstance(p, dict) for p in people):
+        raise InputError(f"{WHAT}: frame {i}: 'people' must be a list of per-person dicts (with "
+                         f"'pose_keypoints_2d' / 'face_keypoints_2d'), got {type(people).__name__}")
+    return list(people)
+
+
+def _canvas(frame: dict, key: str, default: int, i: int) -> float:
+    value = frame.get(key) or default
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{WHAT}: frame {i}: '{key}' must be a number of pixels, got {value!r}") from None
+    if not (np.isfinite(value) and value > 0):
+        raise InputError(f"{WHAT}: frame {i}: '{key}' must be a positive number of pixels, got {value!r}")
+    return value
 
 
 def parse_pose_keypoints(data, frame_count: int, width: int, height: int) -> Tuple[List[list], bool]:
@@ -54,7 +79,7 @@ def parse_pose_keypoints(data, frame_count: int, width: int, height: int) -> Tup
     peak = 0.0
     for i, d in enumerate(data):
         people = []
-        for person in d.get("people") or []:
+        for person in _people(d, i):
             body = _points(person, "pose_keypoints_2d", BODY_POINTS, i)
             face = _points(person, "face_keypoints_2d", FACE_POINTS, i)
             for pts in (body, face):
@@ -66,9 +91,9 @@ def parse_pose_keypoints(data, frame_count: int, width: int, height: int) -> Tup
         frames.append(people)
     normalised = peak <= 1.0
     if not normalised:
-        for d, people in zip(data, frames):
-            cw = float(d.get("canvas_width") or width)
-            ch = float(d.get("canvas_height") or height)
+        for i, (d, people) in enumerate(zip(data, frames)):
+            cw = _canvas(d, "canvas_width", width, i)
+            ch = _canvas(d, "canvas_height", height, i)
             for pts in (p for person in people for p in person):
                 ok = pts[:, 2] > 0
                 pts[ok, 0] /= cw
