@@ -38,7 +38,7 @@ from .sampling import PackNoise, sample_flow_unipc, window_handler
 log = logging.getLogger(__name__)
 
 CATEGORY = common.CATEGORY + "/native"
-_BRANCHES = common.ModelCache()
+_BRANCHES = common.ModelCache(keep_last=True)  # the last pose branch stays while DreamID-V Apply re-runs
 
 
 def _branch_dtype(model) -> str:
