@@ -211,6 +211,20 @@ class LoadedDiT:
         unload_patcher(self.patcher)
 
 
+def patched_weights(patcher) -> dict:
+    """{key: weight} that make a copy of ``patcher.model`` hold exactly ``patcher``'s weights (its LoRA merged in),
+    whatever clone's patches are applied to the shared model now: every weight some clone patched (back to its
+    original) and every weight this one patches (original + its patches, in the weight's dtype)."""
+    out = {}
+    for key, backup in patcher.backup.items():
+        out[key] = backup.weight
+    for key, patches in patcher.patches.items():
+        original = out.get(key, comfy.utils.get_attr(patcher.model, key))
+        merged = comfy.lora.calculate_weight(patches, original.detach().to(torch.float32, copy=True), key)
+        out[key] = merged.to(original.dtype if original.dtype not in FP8 else patcher.model.compute_dtype)
+    return out
+
+
 def unload_patcher(patcher) -> None:
     """Unload one model (and its clones) through ComfyUI's model manager; its weights go to the offload device."""
     unload = getattr(mm, "unload_model_and_clones", None)

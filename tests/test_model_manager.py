@@ -101,3 +101,18 @@ def test_block_offload_is_accounted_partially_unloadable_and_freed(folders, load
     mm.free_memory(1e30, handle.patcher.load_device)
     assert not any(lm.model is handle.patcher for lm in mm.current_loaded_models)
     assert dit.block_offload is None and handle.patcher.loaded_size() == 0
+
+
+def test_patched_weights_give_a_clones_own_weights_whatever_is_applied(folders, loaders):
+    """What the fine-tune node copies: the handle's LoRA merged in, even while another clone's patches are
+    applied to the shared model."""
+    plain = loaders.load_model("dreamidv.safetensors", "fp32", "sdpa", "cpu")
+    ad = adapters(plain.dit)
+    lora_file(folders["loras"], "pack", ad)
+    full = loaders.load_model("dreamidv.safetensors", "fp32", "sdpa", "cpu", lora="pack.safetensors")
+    half = loaders.load_model("dreamidv.safetensors", "fp32", "sdpa", "cpu", lora="pack.safetensors",
+                              lora_strength=0.5)
+    half.load()  # the shared module now holds the strength-0.5 weights
+    key = f"{LAYERS[0]}.weight"
+    torch.testing.assert_close(loaders.patched_weights(full.patcher)[key], reference(ad, "pack", 1.0)[key])
+    torch.testing.assert_close(loaders.patched_weights(plain.patcher)[key], reference(ad, "pack", 0.0)[key])

@@ -9,7 +9,7 @@ cross-attention are skipped. An ArcFace ID-token projection may also come from a
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -60,8 +60,3 @@ def load_pose_branch(path, weight_dtype="bf16", device="cpu", operations=None,
         _set_tensor(branch, name, src[key].to(device=device, dtype=storage_dtype(name, shape, wdt)))
     return branch.eval().requires_grad_(False), cfg
 
-
-def branch_config(path) -> Optional[DiTConfig]:
-    """The DiT config of a checkpoint (variant, sizes), reading names and shapes only."""
-    reader = read_state_dict(path)
-    return detect_dit_config(reader, strip_prefix(reader.keys(), DIT_PREFIXES) or "")

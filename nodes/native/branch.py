@@ -38,7 +38,7 @@ import comfy.patcher_extension
 import comfy.utils
 from comfy.ldm.flux.math import apply_rope1
 
-from dreamidv_core.errors import InputError
+from dreamidv_core.errors import CheckpointError, InputError
 from dreamidv_core.models.pose_branch import PoseBranch, add_gated, pose_sequence
 from dreamidv_core.pipelines.clip_stream import FrameSource, clip_pose_tokens
 from dreamidv_core.sampling.windows import CacheBudget
@@ -322,8 +322,6 @@ def _base_weight(model, key: str) -> torch.Tensor:
 def check_same_checkpoint(model, cfg, reference: torch.Tensor, path) -> None:
     """Raise a CheckpointError naming ``path`` unless the core MODEL has the sizes of ``cfg`` and its
     ``blocks.0.modulation`` equals the file's (``reference``): the pose branch must come from the same file."""
-    from dreamidv_core.errors import CheckpointError
-
     dm = model.get_model_object("diffusion_model")
     if not (hasattr(dm, "blocks") and hasattr(dm, "rope_encode") and hasattr(dm, "patch_embedding")):
         raise InputError(f"model: expected a Wan 2.1 model loaded by Load Diffusion Model, got {type(dm).__name__}")
