@@ -54,16 +54,72 @@ def psnr(a, b) -> float:
 REPEATS = 3
 
 
-def timed(fn, repeats=None):
-    """(result, the fastest of ``repeats`` runs in seconds) after one warm-up run (allocations, compilation): the
-    minimum is the figure least disturbed by other work on the machine."""
-    out = fn()
-    best = math.inf
+def timed(*fns, repeats=None):
+    """-> [(result, seconds)] per function: one warm-up run each (allocations, compilation), then ``repeats``
+    rounds running them in turn; the fastest run of each is reported (the figure least disturbed by other work on
+    the machine, and the functions see the same conditions)."""
+    outs = [fn() for fn in fns]
+    best = [math.inf] * len(fns)
     for _ in range(repeats or REPEATS):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return list(zip(outs, best))
+
+
+def recompute_share(dim: int, ffn: int, layers: int, tokens: int, text_len: int = 512, text_dim: int = 4096) -> float:
+    """Share of one DiT evaluation's multiply-adds (linear layers and attention) that is the text embedding and the
+    per-block text K/V, which the pack computes once per clip and core's Wan at every evaluation."""
+    text = text_len * (text_dim * dim + dim * dim) + layers * 2 * text_len * dim * dim
+    per_block = tokens * (4 * dim * dim + 2 * dim * dim + 2 * dim * ffn) + 2 * tokens * tokens * dim \
+        + 2 * tokens * text_len * dim
+    return text / (text + layers * per_block)
+
+
+def gaussian_sampler_psnr(pairs, steps: int = 20, shift: float = 5.0, dim: int = 4096) -> list:
+    """KSampler's samplers/schedulers vs the released flow UniPC on an exact denoiser (data x0 ~ N(mu, s^2) per
+    dimension, so E[x0 | x_sigma] is known): the discretisation error alone. -> [(pair, PSNR dB)]."""
+    import torch
+
+    import comfy.model_sampling
+    import comfy.samplers
+    from dreamidv_core.sampling.samplers import flow_sigmas, sample_unipc_x0
+
+    g = torch.Generator().manual_seed(0)
+    mu, s = torch.randn(dim, generator=g) * 0.5, torch.rand(dim, generator=g) * 0.9 + 0.1
+
+    def denoise(x, sigma):
+        a = 1 - sigma.reshape(-1, 1)
+        return mu + a * s ** 2 * (x - a * mu) / (a * a * s ** 2 + (1 - a) ** 2)
+
+    class Flow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass
+
+    ms = Flow()
+    ms.set_parameters(shift=shift, multiplier=1000)
+    noise = torch.randn(1, dim, generator=g)
+    ref_sig = flow_sigmas(steps, shift, dtype=torch.float32)
+    ref = sample_unipc_x0(lambda x, j: denoise(x, ref_sig[j].reshape(1)), noise.clone(), ref_sig)
+
+    class Model:
+        inner_model = type("Inner", (), {"model_sampling": ms})()
+
+        def __call__(self, x, sigma, **kwargs):
+            return denoise(x, sigma)
+
+    out = []
+    for pair in pairs:
+        name, sched = pair.split("/")
+        discard = name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+        sig = comfy.samplers.calculate_sigmas(ms, sched, steps + (1 if discard else 0))
+        if discard:
+            sig = torch.cat([sig[:-2], sig[-1:]])
+        sampler = comfy.samplers.sampler_object(name)
+        x = sampler.sampler_function(Model(), ms.noise_scaling(sig[0], noise.clone(), torch.zeros_like(noise)), sig,
+                                     extra_args={}, callback=None, disable=True, **sampler.extra_options)
+        out.append((pair, psnr(x, ref)))
+    return out
 
 
 def main() -> int:
@@ -136,8 +192,6 @@ def main() -> int:
                                   cache_budget=None if cache is True else dit.cache_budget_bytes(), embed_condition=embed)
             return sample_unipc(model, x, sigmas)
 
-    want, t_pack = timed(pack_run)
-    print(f"\n1. time per step (2 DiT evaluations):\n  pack sampler (DreamIDVSampler's path)        {t_pack / args.steps:7.3f} s")
 
     # ---------------------------------------------------------------- native
     fmt = comfy.latent_formats.Wan21()
@@ -160,20 +214,32 @@ def main() -> int:
         out = guider.sample(noise, torch.zeros_like(noise), sampler, sig, seed=0, disable_pbar=True)
         return fmt.process_in(out)
 
-    got, t_native = timed(native_run)
-    print(f"  native (core Wan + DreamID-V Apply, CFGGuider) {t_native / args.steps:7.3f} s "
-          f"({t_native / t_pack:.2f}x the pack's)")
+    compiled = None
     if not args.no_compile:
         try:
             from comfy_api.torch_helpers import set_torch_compile_wrapper
 
             compiled = patched.clone()
             set_torch_compile_wrapper(compiled, backend="inductor")
-            out, t_comp = timed(lambda: native_run(compiled))
-            print(f"  native + TorchCompileModel (inductor)         {t_comp / args.steps:7.3f} s "
-                  f"({t_comp / t_pack:.2f}x the pack's; max |compiled - eager| {(out - got).abs().max().item():.1e})")
+            native_run(compiled)
         except Exception as exc:  # torch.compile needs a working C++ toolchain on CPU
-            print(f"  native + TorchCompileModel: does not run here ({type(exc).__name__}: {str(exc)[:160]})")
+            print(f"TorchCompileModel does not run here ({type(exc).__name__}: {str(exc)[:160]})")
+            compiled = None
+    runs = [pack_run, native_run] + ([lambda: native_run(compiled)] if compiled is not None else [])
+    results = timed(*runs)
+    (want, t_pack), (got, t_native) = results[:2]
+    print(f"\n1. time per step (2 DiT evaluations):\n  pack sampler (DreamIDVSampler's path)          {t_pack / args.steps:7.3f} s")
+    print(f"  native (core Wan + DreamID-V Apply, CFGGuider) {t_native / args.steps:7.3f} s "
+          f"({t_native / t_pack:.2f}x the pack's)")
+    share = recompute_share(args.dim, 4 * args.dim, args.layers, tokens_total)
+    released = recompute_share(1536, 8960, 30, 22 * 30 * 52)
+    print(f"  (core's Wan embeds the 512-token text and every block's text K/V at every evaluation, the pack once: "
+          f"{100 * share:.0f}% of an evaluation's multiply-adds here, {100 * released:.2f}% at the released size, "
+          "81 frames of 832x480)")
+    if compiled is not None:
+        out, t_comp = results[2]
+        print(f"  native + TorchCompileModel (inductor)          {t_comp / args.steps:7.3f} s "
+              f"({t_comp / t_pack:.2f}x the pack's; max |compiled - eager| {(out - got).abs().max().item():.1e})")
 
     print(f"\n2. final latent vs the pack's sampler ({args.steps} steps):")
     print(f"  native exact recipe (DreamID-V Sigmas/UniPC)   PSNR {psnr(got, want):6.1f} dB, "
@@ -187,12 +253,15 @@ def main() -> int:
             sig = torch.cat([sig[:-2], sig[-1:]])
         out = native_run(sampler=comfy.samplers.sampler_object(name), sig=sig)
         print(f"  KSampler {name:11s} {sched:12s} (shift 5)   PSNR {psnr(out, want):6.1f} dB")
+    print("  (a random DiT is no denoiser; on an exact Gaussian flow denoiser, 20 steps, vs the released UniPC:)")
+    for pair, value in gaussian_sampler_psnr(args.ksampler.split(",")):
+        print(f"  KSampler {pair:24s}           PSNR {value:6.1f} dB")
 
     print("\n3. the pack's per-window caches:")
-    _, t_every = timed(lambda: pack_run(embed=False))
-    print(f"  conditioning latent embedded once per window  {t_pack / args.steps:7.3f} s per step")
+    (_, t_once), (_, t_every) = timed(pack_run, lambda: pack_run(embed=False))
+    print(f"  conditioning latent embedded once per window  {t_once / args.steps:7.3f} s per step")
     print(f"  ... at every evaluation                       {t_every / args.steps:7.3f} s per step "
-          f"(embedding once saves {100 * (t_every - t_pack) / t_every:+.2f}%; costs "
+          f"(embedding once saves {100 * (t_every - t_once) / t_every:+.2f}%; costs "
           f"{4 * f8 * (h // 16) * (w // 16) * args.dim / 2 ** 20:.2f} MiB per window)")
     frames2 = 2 * args.frames - 1
     f2 = (frames2 - 1) // 4 + 1
@@ -202,8 +271,8 @@ def main() -> int:
         tk2 = pose_tokens_for(dit, torch.rand(frames2, h, w, 3, generator=g), ClipPlan.build(w, h, frames2, None, w, h,
                                                                                              args.frames, 4))
     x2 = torch.randn(1, 16, f2, h // 8, w // 8, generator=g)
-    _, t_auto = timed(lambda: pack_run(lay=lay2, yy=y2, tk=tk2, x=x2, cache=None))
-    _, t_off = timed(lambda: pack_run(lay=lay2, yy=y2, tk=tk2, x=x2, cache=False))
+    (_, t_auto), (_, t_off) = timed(lambda: pack_run(lay=lay2, yy=y2, tk=tk2, x=x2, cache=None),
+                                    lambda: pack_run(lay=lay2, yy=y2, tk=tk2, x=x2, cache=False))
     print(f"  {lay2.count} windows, pose K/V cache auto (cached) {t_auto / args.steps:7.3f} s per step")
     print(f"  {lay2.count} windows, pose K/V recomputed          {t_off / args.steps:7.3f} s per step "
           f"(the cache saves {100 * (t_off - t_auto) / t_off:.1f}%)")

@@ -109,9 +109,11 @@ class DiTPatcher(comfy.model_patcher.ModelPatcher):
 
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
         n = self._blocks_to_offload(0 if full_load else lowvram_model_memory)
-        if n == 0:
-            return super().load(device_to, 0, force_patch_weights, full_load=True)
         dit = self.model
+        dit.dreamidv_offload_request = self.offload_blocks
+        if n == 0:
+            disable_block_offload(dit, device_to)  # a clone that streamed blocks was loaded before
+            return super().load(device_to, 0, force_patch_weights, full_load=True)
         with self.use_ejected():
             disable_block_offload(dit, self.offload_device)
             offloaded = {f"blocks.{b}." for b in range(len(dit.blocks) - n, len(dit.blocks))}
@@ -130,6 +132,11 @@ class DiTPatcher(comfy.model_patcher.ModelPatcher):
         model.model_loaded_weight_memory = offload_memory(model, n).device_weights
         model.model_lowvram = False
         model.current_weight_patches_uuid = self.patches_uuid
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        if getattr(self.model, "dreamidv_offload_request", self.offload_blocks) != self.offload_blocks:
+            self.model.model_lowvram = True  # the shared model streams what another clone asked for: plan again
+        return super().partially_load(device_to, extra_memory, force_patch_weights)
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
         """Free at least ``memory_to_free`` bytes of the device by streaming more blocks; 0 if that cannot

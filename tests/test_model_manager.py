@@ -98,6 +98,11 @@ def test_block_offload_is_accounted_partially_unloadable_and_freed(folders, load
     assert loaded[0].model_loaded_memory() == offload_memory(dit, 4).device_weights
     handle.load()  # the next run: back to the requested offload
     assert dit.block_offload.indices == [3, 4, 5]
+    plain = loaders.load_model("dreamidv.safetensors", "fp32", "sdpa", "cpu")  # a clone without offload
+    plain.load()
+    assert dit.block_offload is None and plain.patcher.loaded_size() == plain.patcher.model_size()
+    handle.load()
+    assert dit.block_offload.indices == [3, 4, 5]
     mm.free_memory(1e30, handle.patcher.load_device)
     assert not any(lm.model is handle.patcher for lm in mm.current_loaded_models)
     assert dit.block_offload is None and handle.patcher.loaded_size() == 0

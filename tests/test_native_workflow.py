@@ -89,7 +89,6 @@ def core_tiny_checkpoint(path: Path, merged=None):
 
 
 def _build_models(models: Path, loras: Path) -> None:
-    import torch as _torch
     from dreamidv_core.models.vae import WanVAE, WanVAEConfig
     from safetensors.torch import save_file
     from tests.onnx_models import build_pack
@@ -102,13 +101,13 @@ def _build_models(models: Path, loras: Path) -> None:
     for fmt in FORMATS:
         lora_file(loras, fmt, ad, LORA_LAYERS)
         core_tiny_checkpoint(models / "diffusion_models" / f"merged_{fmt}.safetensors", (fmt, ad))
-    _torch.manual_seed(0)
+    torch.manual_seed(0)
     vae = WanVAE(WanVAEConfig(dim=8, num_res_blocks=2))
-    with _torch.no_grad():
+    with torch.no_grad():
         for p in vae.parameters():
             p.normal_(0, 0.05)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(models / "vae" / "wan_2.1_vae.safetensors"))
-    save_file({"context": _torch.randn(8, 4096) * 0.1}, str(models / "dreamidv" / "context.safetensors"))
+    save_file({"context": torch.randn(8, 4096) * 0.1}, str(models / "dreamidv" / "context.safetensors"))
     _dwpose_models(models / "dwpose")
     build_pack(models / "insightface", "antelopev2")
 

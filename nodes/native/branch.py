@@ -16,9 +16,10 @@ ComfyUI loads a DreamID-V checkpoint as a Wan2.1 model (reference tokens include
   state the replaces read (which pose tokens, which ID embedding rows);
 * an APPLY_MODEL wrapper that slices the conditioning latent (``c_concat``) to ComfyUI's context window
   (0.3.75 windows the noise but not a 5-D ``c_concat``);
-* an OUTER_SAMPLE wrapper that frees what a sampling run computed once: the PoseGuider tokens of the clip and,
-  per window, every block's pose K/V (kept while they fit a share of the device's free memory, the rule the
-  pack's own sampler uses).
+* a SAMPLER_SAMPLE wrapper that computes the clip's PoseGuider tokens once the models are loaded, outside the
+  diffusion model (which TorchCompileModel may compile), and an OUTER_SAMPLE wrapper that frees what a sampling
+  run computed once: those tokens and, per window, every block's pose K/V (kept while they fit a share of the
+  device's free memory, the rule the pack's own sampler uses).
 
 The pose video and the ArcFace embedding ride in the conditioning (``model_conds``), see :mod:`.conditioning`.
 """
@@ -256,6 +257,20 @@ class Wrappers:
             if self.runtime is not None:
                 self.runtime.end()
 
+    def sampler_sample(self, executor, guider, *args, **kwargs):
+        """The models are loaded: compute the clips' PoseGuider tokens now, once, outside the diffusion model
+        (which TorchCompileModel may compile)."""
+        rt = self.runtime
+        if rt is not None and rt.has_pose:
+            model = guider.model_patcher.model
+            dtype = model.manual_cast_dtype or model.get_dtype()
+            for conds in guider.conds.values():
+                for cond in conds:
+                    source = cond.get("model_conds", {}).get(POSE_COND)
+                    if source is not None:
+                        rt.pose_tokens(source.cond, dtype, guider.model_patcher.load_device)
+        return executor(guider, *args, **kwargs)
+
     @staticmethod
     def apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                     **kwargs):
@@ -355,6 +370,7 @@ def patch_model(model, branch: Optional[PoseBranch], branch_patcher, name: str, 
             m.set_model_patch_replace(PoseBlockPatch(i, replaces.get(("double_block", i))), "dit", "double_block", i)
     wrappers = Wrappers(runtime, getattr(dm, "ref_conv", None) is not None, name)
     m.add_wrapper_with_key(wrappers_mp.OUTER_SAMPLE, KEY, wrappers.outer_sample)
+    m.add_wrapper_with_key(wrappers_mp.SAMPLER_SAMPLE, KEY, wrappers.sampler_sample)
     m.add_wrapper_with_key(wrappers_mp.APPLY_MODEL, KEY, wrappers.apply_model)
     m.add_wrapper_with_key(wrappers_mp.DIFFUSION_MODEL, KEY, wrappers.diffusion_model)
     sampling = FlowShift(m.model.model_config)

@@ -21,7 +21,6 @@ import torch
 import comfy.samplers
 from comfy_api.latest import io
 
-from dreamidv_core.errors import CheckpointError
 from dreamidv_core.io.state_dict import read_state_dict, strip_prefix
 from dreamidv_core.sampling.samplers import flow_sigmas
 from dreamidv_core.weights.checkpoints import DIT_PREFIXES
