@@ -315,3 +315,28 @@ def test_official_pth_layout_loads_natively_with_its_pose_branch(folders, native
     b = one_evaluation(native.nodes.DreamIDVApply.execute(core_model("dreamidv_official.pth"),
                                                           "dreamidv_official.pth").result[0], pos, neg, 5.0, inp["x"], 0.6)
     assert torch.equal(a, b)
+
+
+def test_native_lora_node_patches_the_pose_branch_too(folders, native):
+    """DreamID-V LoRA (native): a LoRA in this pack's older bare format that also adapts a pose layer equals the
+    same LoRA merged into the checkpoint by hand (core's loaders reach only the Wan layers)."""
+    from tests.test_lora_formats import LAYERS, adapters, hand_merge, lora_file
+
+    dit = init_random_(DreamIDVTransformer(core_tiny("full")), seed=1)  # what dreamidv.safetensors holds
+    ad = adapters(dit)
+    assert any("k_pose" in layer for layer in LAYERS)
+    lora_file(folders["loras"], "legacy", ad)
+    hand_merge(dit, ad, "legacy", 0.8)
+    save_dit(dit, folders["diffusion_models"] / "merged_pose.safetensors")
+    import folder_paths
+
+    folder_paths.filename_list_cache.clear()
+    inp = inputs(seed=9)
+    pos, neg = core_conds(native, inp)
+    n = native.nodes
+    base = n.DreamIDVApply.execute(core_model("dreamidv.safetensors"), "dreamidv.safetensors").result[0]
+    patched = n.DreamIDVLoraLoader.execute(base, "legacy.safetensors", 0.8).result[0]
+    merged = n.DreamIDVApply.execute(core_model("merged_pose.safetensors"), "merged_pose.safetensors").result[0]
+    got, want = (one_evaluation(m, pos, neg, 5.0, inp["x"], 0.6) for m in (patched, merged))
+    plain = one_evaluation(base, pos, neg, 5.0, inp["x"], 0.6)
+    assert (got - want).abs().max().item() < 1e-4 and (got - plain).abs().max().item() > 1e-3

@@ -28,7 +28,7 @@ from dreamidv_core.weights.pose_branch import load_pose_branch
 
 from .. import common
 from ..loaders import DIT_FOLDER, ID_PROJECTION_EXPECTED, LORA_FOLDER, NONE, expected_dit_names, file_problem, \
-    id_projection_choice
+    id_projection_choice, lora_patches
 from ..sampler import MAX_SIZE, _mask_frames
 from . import branch as native_branch
 from . import conditioning as native_conditioning
@@ -282,5 +282,53 @@ class DreamIDVWindows(io.ComfyNode):
         return io.NodeOutput(m)
 
 
-NODES = [DreamIDVApply, DreamIDVConditioning, DreamIDVDecode, DreamIDVSigmas, DreamIDVUniPCSampler, DreamIDVNoise,
+def _weight_keys(module, prefix: str = "") -> dict:
+    """{layer name: its weight's key} of every layer of ``module`` with a weight."""
+    return {n: f"{prefix}{n}.weight" for n, m in module.named_modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor)}
+
+
+class DreamIDVLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DreamIDVLoraLoader",
+            display_name="DreamID-V LoRA (native)",
+            category=CATEGORY,
+            description="A LoRA on the native model, pose branch included: every format the pack reads (this "
+                        "pack's, also from before 0.3; ComfyUI/diffusers lora_A/lora_B, diffusers' Wan names; kohya "
+                        "lora_down/lora_up + alpha). Core's LoRA loaders do the same for the Wan layers; use this one "
+                        "for LoRAs that adapt the pose layers (k_pose, v_pose, project_pose).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model after DreamID-V Apply."),
+                io.Combo.Input("lora_name", options=common.model_choices(LORA_FOLDER, (".safetensors",)),
+                               tooltip=f"A LoRA in models/{LORA_FOLDER}."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="How much of the LoRA to apply (a weight patch: nothing is reloaded)."),
+            ],
+            outputs=[io.Model.Output(tooltip="A clone with the LoRA patched in (the input is unchanged).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, lora_name, **kwargs):
+        return file_problem(LORA_FOLDER, lora_name, "a LoRA file") or True
+
+    @classmethod
+    def execute(cls, model, lora_name, strength=1.0) -> io.NodeOutput:
+        path = common.resolve_model_file(LORA_FOLDER, lora_name, "a LoRA file")
+        m = model.clone()
+        targets = _weight_keys(m.get_model_object("diffusion_model"), "diffusion_model.")
+        branches = m.get_additional_models_with_key(native_branch.KEY)
+        if branches:
+            targets.update(_weight_keys(branches[0].model))
+        patches = lora_patches(path, targets)
+        m.add_patches({k: v for k, v in patches.items() if k.startswith("diffusion_model.")}, strength)
+        if branches:
+            branches[0].add_patches({k: v for k, v in patches.items() if not k.startswith("diffusion_model.")},
+                                    strength)
+        log.info("DreamID-V: LoRA %s at strength %g patches %d weights", lora_name, strength, len(patches))
+        return io.NodeOutput(m)
+
+
+NODES = [DreamIDVApply, DreamIDVLoraLoader, DreamIDVConditioning, DreamIDVDecode, DreamIDVSigmas, DreamIDVUniPCSampler, DreamIDVNoise,
          DreamIDVWindows]
