@@ -15,6 +15,7 @@ from . import common
 
 SAM2_FOLDER = "sam2"
 CKPT_SUFFIXES = (".pt", ".pth", ".safetensors")
+NO_SAM2 = "none"  # composite inside the (dilated, feathered) face mask only: needs no sam2 package
 
 
 def sam2_config_path(config: str):
@@ -52,9 +53,11 @@ class BackgroundComposite(io.ComfyNode):
                                                     "4k+1 frames), the first source frames are used."),
                 io.Mask.Input("face_mask", tooltip="Face mask of the source frames (from the pose node); SAM2 is "
                                                   "prompted with it and the result always contains it."),
-                io.Combo.Input("sam2_checkpoint", options=common.model_choices(SAM2_FOLDER, CKPT_SUFFIXES),
+                io.Combo.Input("sam2_checkpoint", options=common.model_choices(SAM2_FOLDER, CKPT_SUFFIXES) + [NO_SAM2],
                                tooltip="SAM2 checkpoint in models/sam2 (sam2.1_hiera_tiny/small/base_plus/large.pt "
-                                       "or the SAM 2.0 sam2_hiera_*.pt files)."),
+                                       "or the SAM 2.0 sam2_hiera_*.pt files). 'none': no SAM2 (and no sam2 "
+                                       "package needed): the generated pixels are pasted inside the dilated, "
+                                       "feathered face mask only."),
                 io.Combo.Input("sam2_config", options=configs, default="auto",
                                tooltip="Model config: 'auto' tells it from the checkpoint; or a config bundled "
                                        "with the sam2 package, or a .yaml file in models/sam2."),
@@ -80,9 +83,13 @@ class BackgroundComposite(io.ComfyNode):
             face_mask = face_mask[None]
         count = core.check_inputs(frames, generated, face_mask)  # fail before loading anything
         frames, face_mask = frames[:count], face_mask[:count]
+        dev = sam2_device(device)
+        if sam2_checkpoint == NO_SAM2:
+            out, mask = core.composite_video(frames, generated, face_mask, None, mask_dilation, feather,
+                                             device=dev, cancel=common.cancel_hook())
+            return io.NodeOutput(out, mask)
         ckpt = str(common.resolve_model_file(SAM2_FOLDER, sam2_checkpoint, "one of " + ", ".join(segmentation.OFFICIAL_NAMES)))
         config = sam2_config_path(sam2_config)
-        dev = sam2_device(device)
         if dev.type != "cpu":
             comfy.model_management.free_memory(3 * 1024 ** 3, dev)
         predictor = segmentation.load_video_predictor(ckpt, config, device=dev)

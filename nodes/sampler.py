@@ -20,10 +20,10 @@ from comfy_api.latest import io
 
 from dreamidv_core.errors import InputError
 from dreamidv_core.pipelines.adapters import PixelSpaceVAE, PoseTokenSet, context_from_conditioning, rgb_frames
-from dreamidv_core.pipelines.plan import ClipPlan
+from dreamidv_core.pipelines.plan import ClipPlan, face_crop_plan
+from dreamidv_core.preprocess.face_crop import DEFAULT_MARGIN, mask_presence
 from dreamidv_core.pipelines.swap import SwapSettings, id_embedding_rows, pose_tokens_for, swap_face
 from dreamidv_core.preprocess.identity_bundle import encode_reference
-from dreamidv_core.preprocess.geometry import paste_back
 from dreamidv_core.sampling.samplers import SAMPLERS
 
 from . import common
@@ -74,6 +74,34 @@ def sampling_inputs(guidance) -> list:
     ]
 
 
+def face_crop_inputs() -> list:
+    """``face_crop`` / ``crop_margin``: face-crop mode (:mod:`dreamidv_core.preprocess.face_crop`), the same on
+    the PoseGuider and the sampler."""
+    return [
+        io.Boolean.Input("face_crop", default=False, optional=True,
+                         tooltip="Off (as released): the whole frame is resized to the model's area. On: each frame "
+                                 "is cropped to a window around the face of the mask (width x height aspect ratio, "
+                                 "smoothed over time, inside the frame), swapped at the model's resolution and "
+                                 "pasted back into the full-resolution frames through a feathered edge: small faces "
+                                 "in large frames get many more model pixels. Set it the same on the PoseGuider."),
+        io.Float.Input("crop_margin", default=DEFAULT_MARGIN, min=0.0, max=5.0, step=0.05, optional=True,
+                       tooltip="Face crop: context around the face, in face sizes on each side (1: the face is a "
+                               "third of the window's height). Same value on the PoseGuider."),
+    ]
+
+
+def clip_plan(video_size, count: int, frame_num, width, height, window, overlap, face_crop=False,
+              crop_margin=DEFAULT_MARGIN, mask=None, what: str = "mask") -> ClipPlan:
+    """The sampler's and the PoseGuider's plan: whole frame, or face crop around ``mask``'s face."""
+    src_w, src_h = video_size
+    if not face_crop:
+        return ClipPlan.build(src_w, src_h, count, frame_num or None, width, height, window, overlap)
+    if mask is None:
+        raise InputError(f"{what}: face_crop is on but no mask is connected; connect the pose node's mask (the "
+                         "crop windows follow the face it marks)")
+    return face_crop_plan(mask, src_w, src_h, count, frame_num or None, width, height, window, overlap, crop_margin)
+
+
 IDENTITY_GUIDANCE_TOOLTIP = ("Identity guidance: pred = c + g * (c - u), with u the pass without the reference. "
                              "0 skips the second pass (released: 4).")
 
@@ -109,20 +137,30 @@ class DreamIDVPoseGuider(io.ComfyNode):
                 io.Image.Input("pose_video", tooltip="Pose frames from a DreamID-V pose node, same length and size "
                                                      "as the video to swap."),
                 *_geometry_inputs(),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Face crop only: the face mask (the pose node's), the same one the sampler "
+                                      "gets; the crop windows follow it."),
+                *face_crop_inputs(),
             ],
             outputs=[common.PoseTokens.Output(display_name="pose_tokens",
                                               tooltip="Pose tokens and the clip geometry they were made for.")],
         )
 
     @classmethod
-    def execute(cls, model, pose_video, width=832, height=480, frame_num=0, window=81, overlap=16) -> io.NodeOutput:
+    def execute(cls, model, pose_video, width=832, height=480, frame_num=0, window=81, overlap=16, mask=None,
+                face_crop=False, crop_margin=DEFAULT_MARGIN) -> io.NodeOutput:
         _check_model(model)
         if not model.dit.cfg.has_pose:
             raise InputError(f"model: {model.name} is the faster DreamID-V variant, which has no pose branch; "
                              "connect the mask straight to the sampler and leave pose_tokens empty")
         pose = rgb_frames(pose_video, "pose_video")
-        plan = ClipPlan.build(pose.shape[2], pose.shape[1], pose.shape[0], frame_num or None, width, height, window,
-                              overlap)
+        if face_crop and mask is not None:
+            mask = _mask_frames(mask)
+            if tuple(mask.shape[1:3]) != tuple(pose.shape[1:3]):
+                raise InputError("mask is {}x{}, the pose video is {}x{}; they must come from the same clip".format(
+                    mask.shape[2], mask.shape[1], pose.shape[2], pose.shape[1]))
+        plan = clip_plan((pose.shape[2], pose.shape[1]), pose.shape[0], frame_num, width, height, window, overlap,
+                         face_crop, crop_margin, mask)
         model.load(memory_estimate(model.dit, plan, cache_pose_kv=False))
         try:
             tokens = pose_tokens_for(model.dit, pose, plan, cancel=common.cancel_hook()).to("cpu")
@@ -183,13 +221,16 @@ class DreamIDVSampler(io.ComfyNode):
                 common.PoseTokens.Input("pose_tokens", optional=True,
                                         tooltip="From DreamIDVPoseGuider; required by the full model, ignored by "
                                                 "the faster one."),
+                *face_crop_inputs(),
             ],
             outputs=[
                 io.Image.Output(display_name="frames",
-                                tooltip="Swapped frames at model resolution (the resized, centre-cropped area)."),
+                                tooltip="Swapped frames at model resolution (the resized, centre-cropped area; with "
+                                        "face_crop: the face windows)."),
                 io.Image.Output(display_name="frames_in_source",
                                 tooltip="The swapped frames resized back into the source frames: same size as "
-                                        "the input video; pixels outside the model's crop are the source's."),
+                                        "the input video; pixels outside the model's crop (face_crop: outside the "
+                                        "face window) and frames whose mask is empty are the source's."),
                 io.Int.Output(display_name="frame_count",
                               tooltip="Frames used: the first frame_num frames, floored to 4n+1."),
             ],
@@ -199,7 +240,7 @@ class DreamIDVSampler(io.ComfyNode):
     def execute(cls, model, vae, positive, identity, video, mask, width=832, height=480, frame_num=0, window=81,
                 overlap=16, steps=20, shift=5.0, identity_guidance=4.0, seed=0, sampler="unipc",
                 batch_guidance=False, background_strength=0.0, step_cache=0.0, vae_tile=0, vae_tile_overlap=8,
-                pose_tokens=None) -> io.NodeOutput:
+                pose_tokens=None, face_crop=False, crop_margin=DEFAULT_MARGIN) -> io.NodeOutput:
         _check_model(model)
         dit = model.dit
         context = conditioning_context(positive, dit.cfg.text_dim)
@@ -215,7 +256,8 @@ class DreamIDVSampler(io.ComfyNode):
             raise InputError(f"identity: expected the output of the DreamID-V identity node, got {type(identity).__name__}")
         id_embedding = identity_embedding(dit, identity, model.name)
         src_h, src_w = video.shape[1:3]
-        plan = ClipPlan.build(src_w, src_h, video.shape[0], frame_num or None, width, height, window, overlap)
+        plan = clip_plan((src_w, src_h), video.shape[0], frame_num, width, height, window, overlap, face_crop,
+                         crop_margin, mask)
         settings = SwapSettings(width=width, height=height, frame_num=frame_num or None, steps=steps, shift=shift,
                                 guidance=identity_guidance, seed=seed, sampler=sampler, batch_guidance=batch_guidance,
                                 window=window, overlap=overlap, background_strength=background_strength,
@@ -232,9 +274,9 @@ class DreamIDVSampler(io.ComfyNode):
 
         need = memory_estimate(dit, plan, 2 if batch_guidance else 1)
         adapter = PixelSpaceVAE(vae, after_encode=lambda: model.load(need))
-        ref_latent = identity.latent_for(plan.source_size, plan.area)
+        ref_latent = identity.latent_for(plan.reference_size, plan.area)
         if ref_latent is None:
-            ref_latent = encode_reference(adapter, identity.image, plan.source_size, plan.area)
+            ref_latent = encode_reference(adapter, identity.image, plan.reference_size, plan.area)
         model.load(need)
         progress, preview = common.sampling_progress(steps)  # with ComfyUI's latent previews when they are on
         try:
@@ -246,7 +288,8 @@ class DreamIDVSampler(io.ComfyNode):
         if step_cache > 0:
             log.info("DreamID-V: step cache skipped %d of %d DiT evaluations", result.skipped, result.evaluations)
         frames = result.frames.to(mm.intermediate_device(), torch.float32)
-        in_source = paste_back(video[:plan.frames].to(frames.device), frames, plan.crop)
+        present = None if plan.track is not None else mask_presence(mask, plan.frames)
+        in_source = plan.paste_back(video[:plan.frames].to(frames.device), frames, present=present)
         return io.NodeOutput(frames, in_source, result.frames_used)
 
 

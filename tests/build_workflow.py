@@ -40,6 +40,8 @@ NODES = {
          {"sam2_checkpoint": "sam2.1_hiera_tiny.pt", "sam2_config": "auto"}),
     12: ("CreateVideo", [2100, 0], [270, 80], None, {}),
     13: ("SaveVideo", [2100, 140], [420, 460], None, {"filename_prefix": "video/DreamID-V"}),
+    14: ("PrimitiveBoolean", [1730, 390], [330, 60], "Face crop (off: whole frame, as released)", {"value": False}),
+    15: ("PrimitiveFloat", [1730, 480], [330, 60], "Crop margin (face sizes around the face)", {"value": 1.0}),
 }
 CONTROL = {10: "fixed"}  # control_after_generate value of seed widgets
 
@@ -67,6 +69,11 @@ LINKS = [
     (2, "audio", 12, "audio"),
     (2, "fps", 12, "fps"),
     (12, "VIDEO", 13, "video"),
+    (7, "mask", 8, "mask"),
+    (14, "BOOLEAN", 8, "face_crop"),
+    (14, "BOOLEAN", 10, "face_crop"),
+    (15, "FLOAT", 8, "crop_margin"),
+    (15, "FLOAT", 10, "crop_margin"),
 ]
 
 GROUPS = [
@@ -75,6 +82,7 @@ GROUPS = [
     ("Pose, sampling, background", [620, -90, 1460, 410], "#b06634"),
     ("Identity", [990, 330, 360, 400], "#b58b2a"),
     ("Output: source fps and audio", [2080, -90, 460, 710], "#a1309b"),
+    ("Face crop: small faces in large frames", [1710, 340, 370, 220], "#3f8f6e"),
 ]
 
 NODES_DEFAULT, LINKS_DEFAULT, GROUPS_DEFAULT, CONTROL_DEFAULT = NODES, LINKS, GROUPS, CONTROL

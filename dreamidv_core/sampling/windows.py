@@ -228,7 +228,8 @@ class WindowedModel:
             kv_bytes = 2 * _nbytes(cond.pose_tokens) * len(dit.blocks)
             if always or self.budget.reserve(kv_bytes):
                 # over the streamed blocks: with block offload each block's weights are on the device here
-                cond.pose_kv = [blk.self_attn.pose_kv(cond.pose_tokens, cond.rope) for _, blk in dit.streamed_blocks()]
+                cond.pose_kv = [blk.self_attn.pose_kv(cond.pose_tokens, cond.rope, cond.parallel)
+                                for _, blk in dit.streamed_blocks()]
                 cond.pose_tokens = None
         self._cache[i] = cond
         return cond
