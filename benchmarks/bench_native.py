@@ -9,6 +9,8 @@ figures; not a test). Needs a ComfyUI ($COMFYUI_DIR, else .cache/ComfyUI).
    (``--ksampler`` sampler/scheduler pairs) with the released step count.
 3. The pack's per-window caches: time per step with the conditioning latent embedded once per window vs at every
    evaluation, and (several windows) with and without the automatic pose K/V cache.
+4. Memory as ComfyUI's model manager counts it: the native model after a run; the pack's loader with offload_blocks
+   (what stays on the device, one more block streamed when ComfyUI asks for memory, freed).
 
     python benchmarks/bench_native.py                       # dim 512, 4 blocks, 17 frames of 128x128, 6 steps
     python benchmarks/bench_native.py --dim 1536 --layers 2 --size 480x832 --frames 21 --steps 4
@@ -276,7 +278,41 @@ def main() -> int:
     print(f"  {lay2.count} windows, pose K/V cache auto (cached) {t_auto / args.steps:7.3f} s per step")
     print(f"  {lay2.count} windows, pose K/V recomputed          {t_off / args.steps:7.3f} s per step "
           f"(the cache saves {100 * (t_off - t_auto) / t_off:.1f}%)")
+    memory_accounting(pack, patched, native_run, args.layers)
     return 0
+
+
+def memory_accounting(pack, patched, native_run, layers: int) -> None:
+    """4. What ComfyUI's model manager sees: the native model after a run, and the pack loader with block offload
+    (counted, partially unloaded when ComfyUI asks for one block, freed)."""
+    import comfy.model_management as mm
+    from dreamidv_core.sampling.offload import offload_memory
+
+    mib = lambda b: f"{b / 2 ** 20:.1f} MiB"  # noqa: E731
+    print("\n4. ComfyUI's model manager:")
+    native_run()
+    for lm in mm.current_loaded_models:
+        print(f"  native run: {type(lm.model.model).__name__:22s} size {mib(lm.model.model_size())}, "
+              f"counted on the device {mib(lm.model_loaded_memory())}")
+    mm.unload_all_models()
+    k = max(1, layers - 1)
+    handle = pack.nodes.loaders.load_model("bench.safetensors", "fp32", "sdpa", "cpu", offload_blocks=k)
+    handle.load()
+    dit = handle.dit
+    lm = next(m for m in mm.current_loaded_models if m.model is handle.patcher)
+    plan = offload_memory(dit, k)
+    print(f"  pack loader, offload_blocks {k}: size {mib(handle.patcher.model_size())}, counted on the device "
+          f"{mib(lm.model_loaded_memory())} (expected {mib(plan.device_weights)}: {k} blocks streamed through "
+          f"{min(2, k)} staging slots), streamed blocks {dit.block_offload.indices}")
+    handle.release()
+    still = lm in mm.current_loaded_models
+    lm.model_unload(memory_to_free=plan.block_bytes)
+    print(f"  after the run still counted: {still}; ComfyUI asks for one block ({mib(plan.block_bytes)}): counted "
+          f"{mib(lm.model_loaded_memory())}, streamed blocks {dit.block_offload.indices}")
+    mm.free_memory(1e30, handle.patcher.load_device)
+    gone = not any(m.model is handle.patcher for m in mm.current_loaded_models)
+    print(f"  free_memory: unloaded {gone}, loaded size {mib(handle.patcher.loaded_size())}, "
+          f"offload hooks removed {dit.block_offload is None}")
 
 
 if __name__ == "__main__":
