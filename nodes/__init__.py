@@ -10,11 +10,11 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import common, composite, identity, ivs, loaders, pose, report, sampler, synthesis, training
+from . import common, composite, identity, ivs, loaders, native, pose, report, sampler, synthesis, training
 
 common.register_model_folders()
 
-NODE_MODULES = (loaders, pose, identity, sampler, composite, report, training, ivs, synthesis)
+NODE_MODULES = (loaders, pose, identity, sampler, composite, report, training, ivs, synthesis, native)
 
 
 def all_nodes() -> list:

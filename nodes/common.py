@@ -6,7 +6,7 @@ import os
 import threading
 import weakref
 from pathlib import Path
-from typing import Callable, Hashable, Iterable, NamedTuple, Tuple
+from typing import Callable, Hashable, Iterable, NamedTuple, Optional, Tuple
 
 import comfy.model_management
 import comfy.utils
@@ -108,20 +108,28 @@ class ModelCache:
 
     ``get_or_load(key, load)`` returns the cached object for ``key`` or calls ``load() -> (obj, extra)``
     once, under a lock, and caches ``obj`` (weakly) with its ``extra`` (e.g. a load report).
+    ``keep_last``: also hold the most recently used object until another key is asked for, so that a node
+    re-run with other settings (ComfyUI drops its old output first) finds the weights still loaded; the held
+    object is let go before a different one loads (never two held).
     """
 
-    def __init__(self):
+    def __init__(self, keep_last: bool = False):
         self._objects: "weakref.WeakValueDictionary[Hashable, object]" = weakref.WeakValueDictionary()
         self._extra: dict = {}
         self._lock = threading.Lock()
+        self._keep_last, self._last = keep_last, None
 
     def get_or_load(self, key: Hashable, load: Callable[[], Tuple[object, object]]) -> Tuple[object, object]:
         with self._lock:
+            if self._last is not None and self._last[0] != key:
+                self._last = None
             obj = self._objects.get(key)
             if obj is None:
                 obj, extra = load()
                 self._objects[key] = obj
                 self._extra[key] = extra
+            if self._keep_last:
+                self._last = (key, obj)
             # forget the extras of models that were garbage-collected
             for gone in [k for k in self._extra if k not in self._objects]:
                 del self._extra[gone]
@@ -144,6 +152,26 @@ def cancel_hook() -> Callable[[], bool]:
         comfy.model_management.throw_exception_if_processing_interrupted()
         return False
     return cancel
+
+
+def sampling_progress(total_steps: int) -> Tuple[Callable[[str, int, int], None], Optional[Callable]]:
+    """(progress, preview) for dreamidv_core's swap: one ComfyUI progress bar for the sampling steps, each step
+    with ComfyUI's latent preview (Wan 2.1 latent format, ``--preview-method``) of the step's denoised latent
+    when previews are on (``preview`` is None when they are off; ``progress`` then moves the bar)."""
+    import comfy.latent_formats
+    import latent_preview
+
+    previewer = latent_preview.get_previewer(comfy.model_management.get_torch_device(), comfy.latent_formats.Wan21())
+    if previewer is None:
+        return progress_hook(total_steps), None
+    bar = comfy.utils.ProgressBar(total_steps)
+
+    def progress(name: str, i: int, n: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def preview(step: int, steps: int, x0) -> None:
+        bar.update_absolute(step + 1, steps, previewer.decode_latent_to_preview_image("JPEG", x0))
+    return progress, preview
 
 
 def progress_hook(total_steps: int, stage: str = "sample") -> Callable[[str, int, int], None]:

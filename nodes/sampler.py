@@ -281,9 +281,10 @@ class DreamIDVSampler(io.ComfyNode):
         if ref_latent is None:
             ref_latent = encode_reference(adapter, identity.image, plan.reference_size, plan.area)
         model.load(need)
+        progress, preview = common.sampling_progress(steps)  # with ComfyUI's latent previews when they are on
         try:
             result = swap_face(dit, adapter, video, mask, None, context, settings=settings,
-                               progress=common.progress_hook(steps), cancel=common.cancel_hook(),
+                               progress=progress, cancel=common.cancel_hook(), preview=preview,
                                pose_tokens=tokens, ref_latent=ref_latent, id_embedding=id_embedding, plan=plan)
         finally:
             model.release()

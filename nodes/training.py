@@ -35,7 +35,7 @@ from dreamidv_core.pipelines.adapters import PixelSpaceVAE
 from dreamidv_core.errors import Cancelled, InputError
 
 from . import common
-from .loaders import LoadedDiT
+from .loaders import LoadedDiT, patched_weights
 from .sampler import conditioning_context
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ def trainable_copy(model) -> torch.nn.Module:
     with torch.inference_mode(False):
         dit = copy.deepcopy(model.dit)
         with torch.no_grad():
+            for key, weight in patched_weights(model.patcher).items():  # the loader's LoRA merged in
+                comfy.utils.set_attr_param(dit, key, weight.to(comfy.utils.get_attr(dit, key).device))
             for mod in dit.modules():
                 for name, p in list(mod._parameters.items()):
                     if p is not None:

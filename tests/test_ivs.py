@@ -199,12 +199,17 @@ class EncodeDecodeOnly:
 @pytest.mark.parametrize("streaming", [True, False])
 def test_one_window_is_bit_identical_to_the_single_pass(vae, ivs, window, streaming):
     args = (frames(1)[0], frames(1, seed=1)[0], frames(12, seed=4), context())
-    s = IVSSettings(**AREA, frames=11, steps=3, guidance=2.0, seed=7, window=window, overlap=4)
+    s = IVSSettings(**AREA, frames=11, steps=3, guidance=2.0, seed=7, window=window, overlap=4,
+                    embed_condition_once=False)
     expected = single_pass(ivs, vae, *args, s)
     with DiTInputs(ivs) as seen:
         out = sample_ivs(ivs, vae if streaming else EncodeDecodeOnly(vae), args[0], args[1], args[2], args[3], s)
     assert set(seen.frames) == {4} and out.shape == (11, 32, 48, 3)  # 11 frames padded to 13: 4 latent
     assert torch.equal(out, expected)
+    # the conditioning latent embedded once per window (the default) only sums in another order
+    once = sample_ivs(ivs, vae if streaming else EncodeDecodeOnly(vae), args[0], args[1], args[2], args[3],
+                      IVSSettings(**AREA, frames=11, steps=3, guidance=2.0, seed=7, window=window, overlap=4))
+    torch.testing.assert_close(once, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_peak_memory_does_not_grow_with_the_number_of_windows(vae, ivs):

@@ -276,12 +276,16 @@ class EncodeDecodeOnly:
 def test_single_window_is_bit_identical_to_the_released_single_pass(models, streaming):
     dit, vae = models
     video, mask, pose, ref = clip(13, seed=2)
-    s = SwapSettings(width=S, height=S, steps=3, seed=7, window=81)
+    s = SwapSettings(width=S, height=S, steps=3, seed=7, window=81, embed_condition_once=False)
     frames, latent = released_single_pass(dit, vae, video, mask, pose, ref, CONTEXT, s)
     r = swap_face(dit, vae if streaming else EncodeDecodeOnly(vae), video, mask, ref, CONTEXT, pose=pose,
                   settings=s)
     assert r.layout.count == 1
     assert torch.equal(r.latent, latent) and torch.equal(r.frames, frames)
+    # the conditioning latent embedded once per window (the default) only sums in another order
+    once = swap_face(dit, vae if streaming else EncodeDecodeOnly(vae), video, mask, ref, CONTEXT, pose=pose,
+                     settings=SwapSettings(width=S, height=S, steps=3, seed=7, window=81))
+    torch.testing.assert_close(once.latent, latent, rtol=1e-5, atol=1e-5)
 
 
 def test_encode_decode_only_vae_handles_several_windows(models):
@@ -373,3 +377,73 @@ def test_vae_tiles_decode_close_to_untiled(models):
     # (tiling accuracy itself is measured in test_vae; here the random latents of a random DiT through a
     # random tiny VAE whose middle attention sees one tile: loose bounds, the wiring is what is tested)
     assert 0 < err.mean() < 0.05 and err.max() < 0.5
+
+
+# --------------------------------------------------------------------------------------------- caches and offload
+
+def _windowed(dit, lay, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    f, h, w = lay.latent_frames, 4, 4
+    y = torch.randn(32, f, h, w, generator=g)
+    refs = torch.randn(2, 16, 1, h, w, generator=g)
+    tokens = torch.randn(1, f * (h // 2) * (w // 2), dit.cfg.dim, generator=g)
+    shared = dit.prepare(CONTEXT, y[:, :lay.latent_window], refs, None)
+    x = torch.randn(1, 16, f, h, w, generator=g)
+    return WindowedModel(dit, shared, lay, y, tokens, 4.0, False, **kw), x
+
+
+@pytest.mark.parametrize("frames", [9, 23], ids=["one_window", "three_windows"])
+def test_automatic_cache_choice_is_the_same_for_one_window_and_many(models, frames):
+    """Auto (cache_pose_kv=None): each window's pose K/V are kept while they fit the budget, whether the clip
+    has one window or several (they used to be recomputed at every evaluation for more than one window)."""
+    dit, _ = models
+    lay = plan_windows(frames, 9, 4)
+    roomy, x = _windowed(dit, lay, cache_pose_kv=None, cache_budget=10 ** 9)
+    tight, _ = _windowed(dit, lay, cache_pose_kv=None, cache_budget=0)
+    with torch.no_grad():
+        a, b = roomy(x, torch.tensor(0.7)), tight(x, torch.tensor(0.7))
+    assert all(c is not None and c.pose_kv is not None and c.y_tokens is not None for c in roomy._cache)
+    assert all(c is None for c in tight._cache)  # over the budget: rebuilt per evaluation
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_block_offload_with_windows_and_pose_kv_cache(models):
+    """Block offload + several windows + the pose K/V cache: each window's pose K/V are computed with every
+    block's weights on the device (the streamed slots), and the result equals the model without offload."""
+    from dreamidv_core.sampling.offload import disable_block_offload, enable_block_offload
+
+    dit, _ = models
+    lay = plan_windows(23, 9, 4)
+    plain, x = _windowed(dit, lay, cache_pose_kv=True)
+    sigma = torch.tensor(0.7)
+    with torch.no_grad():
+        expected = plain(x, sigma)
+    enable_block_offload(dit, 1, "cpu", "cpu")
+    try:
+        off = dit.block_offload
+        slots = {t.data_ptr() for slot in off.slots for t in slot}
+        used = []
+        layer = dit.blocks[off.indices[0]].self_attn.k_pose
+        hook = layer.register_forward_pre_hook(lambda m, a: used.append(m.weight.data_ptr()))
+        streamed, _ = _windowed(dit, lay, cache_pose_kv=True)
+        with torch.no_grad():
+            got = streamed(x, sigma)
+            again = streamed(x, sigma)  # from the cache
+        hook.remove()
+    finally:
+        disable_block_offload(dit)
+    assert len(used) == lay.count and set(used) <= slots, "pose K/V computed from host-side weights"
+    assert all(c.pose_kv is not None for c in streamed._cache)
+    assert torch.equal(got, expected) and torch.equal(again, expected)
+
+
+def test_window_blend_weights_for_a_latent_window():
+    from dreamidv_core.sampling.windows import latent_window_layout, window_blend_weights
+
+    lay = latent_window_layout(12, 5, 2)
+    assert lay.latent_frames == 12 and lay.latent_window == 5 and lay.starts == (0, 3, 6, 7)
+    w = blend_weights(lay)
+    for i, a in enumerate(lay.starts):
+        assert torch.equal(window_blend_weights(12, 5, 2, a), w[i])
+    with pytest.raises(InputError, match="starts at"):
+        window_blend_weights(12, 5, 2, 1)

@@ -5,7 +5,8 @@ layers ``lora_A`` (in -> rank, random) and ``lora_B`` (rank -> out, zero-initial
 a no-op at the start) and a forward hook adding ``scale * lora_B(lora_A(x))`` with
 ``scale = alpha / rank``. Parameter names become ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``.
 
-A LoRA file (safetensors) holds those two tensors per module plus ``<module>.alpha`` (a scalar), and
+A LoRA file (safetensors) holds those two tensors per module plus ``<module>.alpha`` (a scalar), each name
+behind ``diffusion_model.`` (ComfyUI's key names: its LoRA loaders apply the file to its Wan model too), and
 metadata ``lora_rank``, ``lora_alpha``, ``lora_targets``. Applying such a file at inference belongs to the
 core: :func:`dreamidv_core.weights.lora.apply_lora_file`.
 """
@@ -22,6 +23,7 @@ import torch.nn as nn
 
 from dreamidv_core.errors import InputError
 from dreamidv_core.io.state_dict import save_safetensors
+from dreamidv_core.weights.lora import FILE_PREFIX as LORA_FILE_PREFIX
 
 DEFAULT_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "ffn.0", "ffn.2")
 _HOOK_ATTR = "_lora_hook_handle"
@@ -116,7 +118,9 @@ def save_lora(model: nn.Module, path, extra_metadata: Dict[str, str] = None,
     meta = {"format": "pt", "lora_rank": str(cfg.get("rank", "")), "lora_alpha": str(cfg.get("alpha", "")),
             "lora_targets": json.dumps(cfg.get("targets", [])), "kind": "dreamidv_lora"}
     meta.update(extra_metadata or {})
-    save_safetensors(tensors if tensors is not None else lora_state_dict(model), path, metadata=meta)
+    tensors = tensors if tensors is not None else lora_state_dict(model)
+    # under ComfyUI's key names (diffusion_model.<layer>...), so its own LoRA loaders read the file too
+    save_safetensors({LORA_FILE_PREFIX + n: t for n, t in tensors.items()}, path, metadata=meta)
     return Path(path)
 
 

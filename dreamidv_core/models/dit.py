@@ -30,6 +30,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .attention import attention, check_backend
 from .configs import DiTConfig
@@ -37,6 +38,7 @@ from ..errors import InputError
 from .id_projection import IDProjection
 from .layers import (CastConv2d, CastConv3d, CastLinear, LayerNorm, RMSNorm, apply_rope, rope_table,
                      sinusoidal_embedding)
+from .pose_branch import add_gated, pose_keys_values, pose_sequence
 from .pose_guider import PoseGuider
 
 KV = Tuple[torch.Tensor, torch.Tensor]
@@ -66,10 +68,8 @@ class SelfAttention(_AttentionLayers):
     def pose_kv(self, pose_tokens: torch.Tensor, rope, sp=None) -> KV:
         """pose_tokens [1, L, C] (zeros at reference positions) -> roped pose K, pose V [1, L, N, D]
         (with ``sp``, a sequence-parallel group: this rank's heads only, [1, L, N/P, D])."""
-        k, v = self._heads(self.norm_k_pose(self.k_pose(pose_tokens))), self._heads(self.v_pose(pose_tokens))
-        if sp is not None:
-            k, v = sp.heads(k), sp.heads(v)
-        return apply_rope(k, *rope).to(pose_tokens.dtype), v
+        k, v = pose_keys_values(self, pose_tokens, self.num_heads, lambda k: apply_rope(k, *rope))
+        return (k, v) if sp is None else (sp.heads(k), sp.heads(v))
 
     def forward(self, x: torch.Tensor, rope, pose_kv: Optional[KV], backend: str,
                 id_attn: Optional[IDAttn] = None, sp=None) -> torch.Tensor:
@@ -87,10 +87,10 @@ class SelfAttention(_AttentionLayers):
             q_id = rest[0] if rest else None
         out = attention(q, k, v, backend)
         if pose_kv is not None:
-            out = out.float() + self.pose_gate.float() * attention(q, *pose_kv, backend).float()
+            out = add_gated(out, self.pose_gate, attention(q, *pose_kv, backend))
         if id_attn is not None:
             id_k, id_v, gate = id_attn
-            out = out.float() + gate.float() * attention(q_id, id_k, id_v, backend).float()
+            out = add_gated(out, gate, attention(q_id, id_k, id_v, backend))
         out = out.to(x.dtype)
         return self.o(out if sp is None else sp.to_seq(out))
 
@@ -160,7 +160,8 @@ class DiTConditions:
     ``ref_tokens`` [R, Lr, C]: one row per reference variant (for identity guidance: the reference,
     then the zeroed reference). ``pose_kv`` holds each block's pose K/V when cached, otherwise
     ``pose_tokens`` [1, Lr + Lv, C] is kept and K/V are recomputed per call. ``id_kv``: each block's ArcFace
-    ID K/V [R, T, N, D] (one row per reference row) when the model has an active ID projection.
+    ID K/V [R, T, N, D] (one row per reference row) when the model has an active ID projection. ``y_tokens``:
+    the conditioning latent's share of the patch embedding, computed once (:meth:`DreamIDVTransformer.embed_condition`).
     ``parallel``: the sequence-parallel group (:class:`dreamidv_core.parallel.ulysses.SequenceParallel`) the
     forward splits the tokens over; pose and ID K/V then hold this rank's heads only. ``None``: one process.
     """
@@ -174,6 +175,7 @@ class DiTConditions:
     pose_kv: Optional[List[KV]] = None
     extra: dict = field(default_factory=dict)
     id_kv: Optional[List[KV]] = None
+    y_tokens: Optional[torch.Tensor] = None  # [1, Lv, C] float32: y's share of the patch embedding (bias included)
     parallel: Optional[object] = None
 
     @property
@@ -336,9 +338,7 @@ class DreamIDVTransformer(nn.Module):
                                  "pose frames and size must match the video's")
             num_ref_tokens = 0 if ref_tokens is None else ref_tokens.shape[1]
             pb = pose_tokens.shape[0] if pose_tokens.dim() == 3 else 1
-            full = torch.cat([pose_tokens.new_zeros(pb, num_ref_tokens, cfg.dim), pose_tokens.reshape(pb, lv, cfg.dim)],
-                             dim=1)
-            full = full.to(device, cd)
+            full = pose_sequence(pose_tokens.reshape(pb, lv, cfg.dim), num_ref_tokens).to(device, cd)
             if cache_pose_kv:
                 cond.pose_kv = [blk.self_attn.pose_kv(full, rope, parallel) for _, blk in self.streamed_blocks()]
             else:
@@ -353,10 +353,9 @@ class DreamIDVTransformer(nn.Module):
         itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
         return 2 * tokens * self.cfg.dim * self.cfg.num_layers * itemsize
 
-    def should_cache_pose_kv(self, latent_grid: Tuple[int, int, int], budget_fraction: float = 0.25) -> bool:
-        """Cache the pose K/V (saves two linear layers per block and evaluation) only when it takes
-        less than ``budget_fraction`` of the free memory of the model's device. At 81 frames of
-        832x480 the 1.3B model's cache is ~6.3 GB in bf16 for a saving of ~2% per evaluation."""
+    def cache_budget_bytes(self, budget_fraction: float = 0.25) -> int:
+        """Memory the per-window caches (pose K/V, :meth:`embed_condition`) may take: ``budget_fraction`` of the
+        free memory of the model's device (the same rule for a clip of one window and of many)."""
         device = self.patch_embedding.weight.device
         if device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
@@ -364,7 +363,33 @@ class DreamIDVTransformer(nn.Module):
             import psutil
 
             free = psutil.virtual_memory().available
-        return self.pose_kv_cache_bytes(latent_grid) < budget_fraction * free
+        return int(budget_fraction * free)
+
+    def should_cache_pose_kv(self, latent_grid: Tuple[int, int, int], budget_fraction: float = 0.25) -> bool:
+        """Cache the pose K/V (saves two linear layers per block and evaluation) only when it takes
+        less than ``budget_fraction`` of the free memory of the model's device. At 81 frames of
+        832x480 the 1.3B model's cache is ~6.3 GB in bf16 (benchmarks/bench_long.py measures the saving)."""
+        return self.pose_kv_cache_bytes(latent_grid) < self.cache_budget_bytes(budget_fraction)
+
+    def embed_condition(self, y: torch.Tensor) -> torch.Tensor:
+        """Conditioning latent y [1, in_dim - out_dim, F, h8, w8] -> its share of the patch embedding (with the
+        bias) [1, F*h*w, C] float32. ``patch_embedding(cat(x, y)) == conv(x) + embed_condition(y)``: computed once per
+        window instead of at every evaluation (the sum is rounded to the compute dtype once, as one conv would)."""
+        w, b = self.patch_embedding.weight, self.patch_embedding.bias
+        out = F.conv3d(y.float(), w[:, self.cfg.out_dim:].float(), b.float(), stride=self.cfg.patch_size)
+        return out.flatten(2).transpose(1, 2)
+
+    def _embed_patches(self, x: torch.Tensor, cond: DiTConditions) -> torch.Tensor:
+        """Noisy latent x [B, 16, F, h8, w8] (+ the conditioning latent) -> tokens [B, F*h*w, C] (compute dtype)."""
+        cd, b = self.compute_dtype, x.shape[0]
+        if cond.y_tokens is not None:
+            w = self.patch_embedding.weight[:, :self.cfg.out_dim]
+            t = F.conv3d(x.to(cd).float(), w.float(), None, stride=self.cfg.patch_size).flatten(2).transpose(1, 2)
+            return (t + cond.y_tokens).to(cd)
+        inp = x.to(cd)
+        if cond.y is not None:
+            inp = torch.cat([inp, cond.y.expand(b, -1, -1, -1, -1)], dim=1)
+        return self.patch_embedding(inp).flatten(2).transpose(1, 2)
 
     # ------------------------------------------------------------------ one evaluation
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: DiTConditions,
@@ -374,12 +399,9 @@ class DreamIDVTransformer(nn.Module):
         ``refs`` picks a row of ``cond.ref_tokens`` (and of ``cond.id_kv``) per batch element (default: row b
         for element b when B == R, else row 0).
         """
-        cfg, cd, backend = self.cfg, self.compute_dtype, self.attention_backend
+        cfg = self.cfg
         b = x.shape[0]
-        inp = x.to(cd)
-        if cond.y is not None:
-            inp = torch.cat([inp, cond.y.expand(b, -1, -1, -1, -1)], dim=1)
-        tokens = self.patch_embedding(inp).flatten(2).transpose(1, 2)
+        tokens = self._embed_patches(x, cond)
         num_ref_tokens = 0
         if cond.ref_tokens is not None:
             if refs is None:

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError
-from .layers import CastLinear, LayerNorm, RMSNorm
+from .layers import CastOps
 
 PREFIX = "id_projection."
 KV = Tuple[torch.Tensor, torch.Tensor]
@@ -49,39 +49,43 @@ KV = Tuple[torch.Tensor, torch.Tensor]
 class IDBlockLayers(nn.Module):
     """One DiT block's ID K/V layers: k, v [C -> C], RMSNorm on K, scalar gate (0 at init)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, operations=None):
         super().__init__()
-        self.k, self.v = CastLinear(dim, dim), CastLinear(dim, dim)
-        self.norm_k = RMSNorm(dim, eps)
+        ops = operations or CastOps
+        self.k, self.v = ops.Linear(dim, dim), ops.Linear(dim, dim)
+        self.norm_k = ops.RMSNorm(dim, eps)
         self.gate = nn.Parameter(torch.zeros(1))
 
 
 class IDProjection(nn.Module):
-    """ArcFace embedding [R, E] -> ``num_tokens`` ID tokens [R, T, C] and every block's ID K/V."""
+    """ArcFace embedding [R, E] -> ``num_tokens`` ID tokens [R, T, C] and every block's ID K/V.
+    ``operations``: the layer constructors (:class:`~.layers.CastOps` by default)."""
 
     def __init__(self, dim: int, num_heads: int, num_layers: int, num_tokens: int = 4, embed_dim: int = 512,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, operations=None):
         super().__init__()
         if num_tokens < 1 or embed_dim < 1:
             raise InputError(f"ID projection needs num_tokens >= 1 and embed_dim >= 1, got {num_tokens}, {embed_dim}")
         self.dim, self.num_heads, self.num_tokens, self.embed_dim = dim, num_heads, num_tokens, embed_dim
-        self.mlp = nn.Sequential(CastLinear(embed_dim, dim), nn.GELU(approximate="tanh"),
-                                 CastLinear(dim, num_tokens * dim))
-        self.norm = LayerNorm(dim, eps, affine=True)
-        self.blocks = nn.ModuleList([IDBlockLayers(dim, eps) for _ in range(num_layers)])
+        ops = operations or CastOps
+        self.mlp = nn.Sequential(ops.Linear(embed_dim, dim), nn.GELU(approximate="tanh"),
+                                 ops.Linear(dim, num_tokens * dim))
+        self.norm = ops.LayerNorm(dim, eps, affine=True)
+        self.blocks = nn.ModuleList([IDBlockLayers(dim, eps, ops) for _ in range(num_layers)])
 
     def is_noop(self) -> bool:
         """True when every gate is exactly 0 and none trains: the ID attention cannot change anything."""
         gates = [b.gate for b in self.blocks]
         return not any(g.requires_grad for g in gates) and all(bool((g == 0).all()) for g in gates)
 
-    def tokens(self, embedding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """embedding [R, E] (any float dtype) -> ID tokens [R, T, C] in ``dtype``."""
+    def tokens(self, embedding: torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """embedding [R, E] (any float dtype) -> ID tokens [R, T, C] in ``dtype`` on ``device`` (default: where
+        the projection's weights are)."""
         if embedding.dim() == 1:
             embedding = embedding[None]
         if embedding.dim() != 2 or embedding.shape[1] != self.embed_dim:
             raise InputError(f"ID embedding must be [rows, {self.embed_dim}] (ArcFace), got {list(embedding.shape)}")
-        device = self.mlp[0].weight.device
+        device = self.mlp[0].weight.device if device is None else device
         t = self.mlp(embedding.to(device, dtype)).unflatten(-1, (self.num_tokens, self.dim))
         return self.norm(t).to(dtype)
 
@@ -92,9 +96,9 @@ class IDProjection(nn.Module):
         v = layers.v(tokens).unflatten(-1, (self.num_heads, -1))
         return k.to(tokens.dtype), v.to(tokens.dtype)
 
-    def all_kv(self, embedding: torch.Tensor, dtype: torch.dtype) -> List[KV]:
-        """embedding [R, E] -> every block's (K, V), each [R, T, N, D]."""
-        tokens = self.tokens(embedding, dtype)
+    def all_kv(self, embedding: torch.Tensor, dtype: torch.dtype, device=None) -> List[KV]:
+        """embedding [R, E] -> every block's (K, V), each [R, T, N, D] (on ``device``, see :meth:`tokens`)."""
+        tokens = self.tokens(embedding, dtype, device)
         return [self.block_kv(i, tokens) for i in range(len(self.blocks))]
 
 

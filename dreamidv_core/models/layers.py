@@ -66,6 +66,22 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
+class CastOps:
+    """The layer constructors the pack's model parts are built from: ``Linear``, ``Conv1d``, ``Conv2d`` (compute
+    in the input's dtype), ``RMSNorm(dim, eps)`` and ``LayerNorm(dim, eps, affine)`` (float32 math).
+
+    The parts that a host may run inside its own model (:class:`~.pose_guider.PoseGuider`,
+    :class:`~.id_projection.IDProjection`, :class:`~.pose_branch.PoseBranch`) take an ``operations`` namespace
+    with these five names; a host passes its own (e.g. layers its memory manager can cast and offload).
+    """
+
+    Linear = CastLinear
+    Conv1d = CastConv1d
+    Conv2d = CastConv2d
+    RMSNorm = RMSNorm
+    LayerNorm = LayerNorm
+
+
 def sinusoidal_embedding(dim: int, timesteps: torch.Tensor) -> torch.Tensor:
     """timesteps [B] -> [B, dim] float32: cos then sin of t * 10000^(-i/half), computed in float64."""
     half = dim // 2

@@ -10,16 +10,16 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .layers import CastConv1d, CastConv2d, CastLinear
+from .layers import CastOps
 
 
 class PoseTokenProjection(nn.Module):
     """(1, 2, 2) patchify followed by a linear layer; the patch features are ordered (t, h, w, c)."""
 
-    def __init__(self, in_channels: int, dim: int, patch_size=(1, 2, 2)):
+    def __init__(self, in_channels: int, dim: int, patch_size=(1, 2, 2), operations=None):
         super().__init__()
         self.patch_size = tuple(patch_size)
-        self.proj = CastLinear(in_channels * self.patch_size[0] * self.patch_size[1] * self.patch_size[2], dim)
+        self.proj = (operations or CastOps).Linear(in_channels * self.patch_size[0] * self.patch_size[1] * self.patch_size[2], dim)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """feats: [F', C, H', W'] (one clip, frames first) -> tokens [F' * H'/2 * W'/2, dim]."""
@@ -38,25 +38,27 @@ class PoseGuider(nn.Module):
 
     Two stride-2 Conv1d along time per pixel (F = 4n+1 -> 2n+1 -> n+1, the VAE's latent frame count),
     then per frame four 3x3 convs (SiLU + 2x max-pool after the first three: H/8, W/8), then a (1, 2, 2)
-    patchify and a linear layer: one pose token per video token of the DiT.
+    patchify and a linear layer: one pose token per video token of the DiT. ``operations``: the layer
+    constructors (:class:`~.layers.CastOps` by default).
     """
 
     def __init__(self, dim: int = 1536, in_channels: int = 3, widths: Sequence[int] = (128, 256, 512, 512),
-                 patch_size=(1, 2, 2)):
+                 patch_size=(1, 2, 2), operations=None):
         super().__init__()
+        ops = operations or CastOps
         self.time_down = nn.Sequential(
-            CastConv1d(in_channels, in_channels, kernel_size=3, stride=2, padding=1),
-            CastConv1d(in_channels, in_channels, kernel_size=3, stride=2, padding=1),
+            ops.Conv1d(in_channels, in_channels, kernel_size=3, stride=2, padding=1),
+            ops.Conv1d(in_channels, in_channels, kernel_size=3, stride=2, padding=1),
         )
         layers = []
         prev = in_channels
         for i, width in enumerate(widths):
-            layers.append(CastConv2d(prev, width, kernel_size=3, padding=1))
+            layers.append(ops.Conv2d(prev, width, kernel_size=3, padding=1))
             if i < len(widths) - 1:
                 layers += [nn.SiLU(), nn.MaxPool2d(2)]
             prev = width
         self.convs = nn.Sequential(*layers)
-        self.out = PoseTokenProjection(prev, dim, patch_size)
+        self.out = PoseTokenProjection(prev, dim, patch_size, ops)
 
     @staticmethod
     def latent_frames(num_frames: int) -> int:

@@ -128,7 +128,8 @@ class IVSSettings:
     guidance: float = 1.0
     seed: int = 0
     sampler: str = "unipc"
-    cache_pose_kv: Optional[bool] = None  # None: one window and the per-block pose K/V fit (should_cache_pose_kv)
+    cache_pose_kv: Optional[bool] = None  # None: while the per-block pose K/V fit the cache budget (windows.py)
+    embed_condition_once: bool = True  # y's patch embedding once per window (False: bit-identical single pass)
     window: int = 81  # frames per window (4n+1); longer clips are sampled in overlapping windows
     overlap: int = 16  # frames shared by neighbouring windows (a multiple of 4, < window)
 
@@ -160,10 +161,10 @@ class IVSWindowedModel(WindowedModel):
     model is the IVS's text-guided one (:func:`text_guided_model`) instead of the swap's identity guidance."""
 
     def __init__(self, dit, shared, layout: WindowLayout, y: torch.Tensor, pose_tokens: Optional[torch.Tensor],
-                 guidance: float, negative_kv, cache_pose_kv: bool = False, progress: Progress = None,
-                 cancel: Cancel = None):
+                 guidance: float, negative_kv, cache_pose_kv: Optional[bool] = False, progress: Progress = None,
+                 cancel: Cancel = None, cache_budget: Optional[int] = None, embed_condition: bool = True):
         super().__init__(dit, shared, layout, y, pose_tokens, guidance, False, cache_pose_kv=cache_pose_kv,
-                         progress=progress, cancel=cancel,
+                         progress=progress, cancel=cancel, cache_budget=cache_budget, embed_condition=embed_condition,
                          make_model=lambda dit_, cond, g, _batch: text_guided_model(dit_, cond, negative_kv, g))
 
 
@@ -229,18 +230,12 @@ def sample_ivs_latent(dit, vae, first, last, pose, context: torch.Tensor, settin
         neg = negative_context if negative_context is not None else context.new_zeros(0, dit.cfg.text_dim)
         ctx = dit.embed_context(neg)
         negative_kv = [blk.cross_attn.context_kv(ctx) for _, blk in dit.streamed_blocks()]
-    if layout.count == 1:  # the single pass
-        cache_kv = s.cache_pose_kv if s.cache_pose_kv is not None else dit.should_cache_pose_kv(tuple(y.shape[1:]))
-        shared = dit.prepare(context, y, None, tokens, cache_pose_kv=cache_kv)
-        model = IVSWindowedModel(dit, shared, layout, y, None, s.guidance, negative_kv, progress=report,
-                                 cancel=cancel)
-        model._cache[0] = shared
-    else:
-        # several windows: per-window y and pose slices built when a window runs; pose K/V recomputed per
-        # evaluation unless cache_pose_kv is True (caching all windows' would grow with the clip)
-        shared = dit.prepare(context, y[:, :layout.latent_window], None, None)
-        model = IVSWindowedModel(dit, shared, layout, y, tokens, s.guidance, negative_kv,
-                                 cache_pose_kv=bool(s.cache_pose_kv), progress=report, cancel=cancel)
+    # one window or many: the same code and caching rule (windows.py)
+    shared = dit.prepare(context, y[:, :layout.latent_window], None, None)
+    model = IVSWindowedModel(dit, shared, layout, y, tokens, s.guidance, negative_kv, cache_pose_kv=s.cache_pose_kv,
+                             progress=report, cancel=cancel,
+                             cache_budget=None if s.cache_pose_kv is True else dit.cache_budget_bytes(),
+                             embed_condition=s.embed_condition_once)
     del tokens
 
     gen = torch.Generator(device=device).manual_seed(s.seed)

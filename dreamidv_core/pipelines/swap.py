@@ -51,7 +51,9 @@ class SwapSettings:
     seed: int = 0
     sampler: str = "unipc"
     batch_guidance: bool = False  # both guidance passes in one batched forward (more memory, faster on GPU)
-    cache_pose_kv: Optional[bool] = None  # per-block pose K/V computed once; None: one window and memory allows
+    cache_pose_kv: Optional[bool] = None  # per-block pose K/V computed once per window; None: while they fit the
+    # cache budget (dit.cache_budget_bytes), the same rule for one window and many
+    embed_condition_once: bool = True  # y's patch embedding once per window (False: bit-identical released pass)
     window: int = 81  # frames per window (4n+1); longer clips are sampled in overlapping windows
     overlap: int = 16  # frames shared by neighbouring windows (a multiple of 4, < window)
     background_strength: float = 0.0  # 0..1: pull the latent outside the face mask to the source at each step
@@ -145,7 +147,8 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
               settings: SwapSettings = SwapSettings(), progress: Progress = None, cancel: Cancel = None,
               pose_tokens: Optional[torch.Tensor] = None, ref_latent: Optional[torch.Tensor] = None,
               sink: Optional[Callable[[torch.Tensor, int], None]] = None,
-              id_embedding=None, plan: Optional[ClipPlan] = None) -> SwapResult:
+              id_embedding=None, plan: Optional[ClipPlan] = None,
+              preview: Optional[Callable[[int, int, torch.Tensor], None]] = None) -> SwapResult:
     """Swap the face in ``video`` for the identity in ``reference``; returns exactly N frames.
 
     video, mask, pose: frames [F, H, W, C] (uint8 or float in [0, 1]; mask may be [F, H, W]; anything with
@@ -161,14 +164,16 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
     ``id_embedding``: the reference's ArcFace embedding [512] (array or tensor), required by a model with a
     trained ID-token projection (``dit.id_projection_active``) and ignored by every other model.
     ``plan``: the clip's :class:`ClipPlan` when the caller built it already (default: :func:`plan_for` the
-    video and ``settings``).
+    video and ``settings``). ``preview(step, steps, x0)``: after every step, the step's denoised estimate
+    x0 [1, 16, F', h, w] (normalised latent), e.g. for a host's latent preview.
     """
     s = settings.validate()
     report = reporter(progress)
     plan = plan or plan_for(video, s)
     inputs = encode_inputs(dit, vae, video, mask, reference, plan, s, pose=pose, pose_tokens=pose_tokens,
                            ref_latent=ref_latent, id_embedding=id_embedding, progress=report, cancel=cancel)
-    latent, evaluations, skipped = sample_latent(dit, inputs, context, plan, s, progress=report, cancel=cancel)
+    latent, evaluations, skipped = sample_latent(dit, inputs, context, plan, s, progress=report, cancel=cancel,
+                                                 preview=preview)
     del inputs
     out = decode_frames(vae, latent, plan, s, sink, report, cancel)
     return SwapResult(frames=out, latent=latent, frames_used=plan.frames, plan=plan, evaluations=evaluations,
@@ -250,32 +255,24 @@ def encode_inputs(dit: DreamIDVTransformer, vae, video, mask, reference, plan: C
 
 def sample_latent(dit: DreamIDVTransformer, inputs: SwapInputs, context: torch.Tensor, plan: ClipPlan,
                   settings: SwapSettings, progress: Progress = None, cancel: Cancel = None,
-                  mesh=None) -> Tuple[torch.Tensor, int, int]:
+                  mesh=None, preview: Optional[Callable[[int, int, torch.Tensor], None]] = None
+                  ) -> Tuple[torch.Tensor, int, int]:
     """Sample the clip's latent -> (latent [16, F', h, w] float32, DiT evaluations, of which skipped).
     Progress stages "sample" (per step) and "window". ``mesh``: this rank's
     :class:`dreamidv_core.parallel.mesh.Mesh` when several ranks sample the clip together (every rank of the
-    group calls this with the same inputs; ``None``: one process)."""
+    group calls this with the same inputs; ``None``: one process). ``preview``: as in :func:`swap_face`."""
     s, report = settings, reporter(progress)
     layout, y, device = plan.layout, inputs.y, dit.patch_embedding.weight.device
     sp = None if mesh is None else mesh.sp
     pair = None if mesh is None else mesh.pair
     refs = torch.cat([inputs.ref_latent, torch.zeros_like(inputs.ref_latent)]) if s.guidance != 0 else inputs.ref_latent
     make_model = partial(make_guided_model, pair=pair)
-    if layout.count == 1:  # the released single pass
-        cache_kv = s.cache_pose_kv if s.cache_pose_kv is not None else dit.should_cache_pose_kv(tuple(y.shape[1:]))
-        shared = dit.prepare(context, y, refs, inputs.pose_tokens, cache_pose_kv=cache_kv, id_embedding=inputs.id_rows,
-                             parallel=sp)
-        model = WindowedModel(dit, shared, layout, y, None, s.guidance, s.batch_guidance,
-                              progress=report, cancel=cancel, make_model=make_model)
-        model._cache[0] = shared
-    else:
-        # several windows: caching every window's pose K/V would make memory grow with the clip for ~2%
-        # of compute, so "auto" recomputes them per evaluation (True caches them all anyway)
-        cache_kv = bool(s.cache_pose_kv)
-        shared = dit.prepare(context, y[:, :layout.latent_window], refs, None, id_embedding=inputs.id_rows,
-                             parallel=sp)
-        model = WindowedModel(dit, shared, layout, y, inputs.pose_tokens, s.guidance, s.batch_guidance,
-                              cache_pose_kv=cache_kv, progress=report, cancel=cancel, make_model=make_model)
+    # one window (the released single pass) or many: the same code and the same caching rule (windows.py)
+    shared = dit.prepare(context, y[:, :layout.latent_window], refs, None, id_embedding=inputs.id_rows, parallel=sp)
+    budget = None if s.cache_pose_kv is True else dit.cache_budget_bytes()
+    model = WindowedModel(dit, shared, layout, y, inputs.pose_tokens, s.guidance, s.batch_guidance,
+                          cache_pose_kv=s.cache_pose_kv, progress=report, cancel=cancel, make_model=make_model,
+                          cache_budget=budget, embed_condition=s.embed_condition_once)
 
     step_cache = None
     if s.step_cache > 0:
@@ -287,8 +284,8 @@ def sample_latent(dit: DreamIDVTransformer, inputs: SwapInputs, context: torch.T
         keep = (s.background_strength * (1 - inputs.face))[None, None]
         model = preserve_background(model, y[None, :16].to(device), keep)
     sigmas = flow_sigmas(s.steps, shift=s.shift)
-    latent = SAMPLERS[s.sampler](model, inputs.noise[None], sigmas,
-                                 callback=lambda i, n, x: report("sample", i + 1, n), cancel=cancel)[0]
+    model, step_done = _with_preview(model, report, preview)
+    latent = SAMPLERS[s.sampler](model, inputs.noise[None], sigmas, callback=step_done, cancel=cancel)[0]
     evaluations, skipped = _evaluation_counts(windowed, s.batch_guidance, step_cache)
     if step_cache is not None and mesh is not None:  # each rank of a guidance pair counted its own pass
         evaluations, skipped = mesh.sum_over_pair([evaluations, skipped])
@@ -312,6 +309,25 @@ def decode_frames(vae, latent: torch.Tensor, plan: ClipPlan, settings: SwapSetti
     decode_clip(vae, latent, plan, sink, cancel, **tiles)
     report("decode", 1, 1)
     return out
+
+
+def _with_preview(model, report, preview):
+    """(model, step callback): the callback reports the "sample" stage and, with ``preview``, hands it the step's
+    denoised estimate ``x - sigma * v`` of the model's last evaluation."""
+    if preview is None:
+        return model, lambda i, n, x: report("sample", i + 1, n)
+    last = {}
+
+    def recording(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        v = model(x, sigma)
+        last["x0"] = x - torch.as_tensor(sigma).to(x.device, torch.float32) * v
+        return v
+
+    def step_done(i: int, n: int, x: torch.Tensor) -> None:
+        report("sample", i + 1, n)
+        preview(i, n, last.get("x0", x))
+
+    return recording, step_done
 
 
 def _evaluation_counts(windowed: WindowedModel, batch: bool, step_cache: Optional[StepCache]):

@@ -46,6 +46,7 @@ __all__ = [
     "sigma_to_timestep",
     "sample_euler",
     "sample_unipc",
+    "sample_unipc_x0",
     "SAMPLERS",
 ]
 
@@ -270,7 +271,32 @@ def sample_unipc(
 ) -> torch.Tensor:
     """UniPC (bh2, data prediction) for flow models, equal to the reference scheduler's step() loop.
 
-    Per step j: v = model(x, sigmas[j]); m_j = x - sigma_j * v; if j > 0 the UniC corrector
+    The model predicts the velocity: v = model(x, sigmas[j]) and m_j = x - sigma_j * v (float32); the steps are
+    :func:`sample_unipc_x0`'s.
+    """
+    sig = sigmas.detach().to("cpu", torch.float32)
+
+    def denoise(x: torch.Tensor, j: int) -> torch.Tensor:
+        return x - sig[j] * _velocity(model, x, sigmas[j])
+
+    step_done = None if callback is None else (lambda j, total, x, x0: callback(j, total, x))
+    return sample_unipc_x0(denoise, x, sigmas, step_done, cancel, order)
+
+
+@torch.no_grad()
+def sample_unipc_x0(
+    denoise: Callable[[torch.Tensor, int], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    callback: Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]] = None,
+    cancel: Cancel = None,
+    order: int = 2,
+) -> torch.Tensor:
+    """UniPC (bh2, order 2) over data predictions: ``denoise(x, j) -> m_j`` is the clean-sample estimate at
+    noise level ``sigmas[j]`` (a host whose model returns x0, e.g. ComfyUI's, calls this directly);
+    ``callback(j, total, x, m_j)`` after every step.
+
+    Per step j: m_j = denoise(x, j); if j > 0 the UniC corrector
     (order = the predictor order of step j-1) refines x with m_j; then the UniP predictor of
     order ``min(order, j + 1, steps - j)`` moves to sigmas[j+1] (so the first step warms up
     with order 1 and the final step is order 1, which lands exactly on m_j when sigma is 0).
@@ -293,8 +319,7 @@ def sample_unipc(
     prev_order = 0
     for j in range(total):
         check_cancel(cancel, f"sampling before step {j + 1}/{total}")
-        v = _velocity(model, x, sigmas[j])
-        m_t = x - sig[j] * v
+        m_t = denoise(x, j).to(torch.float32)
         if j > 0:
             x = _unic_step(sig, lam, j, x_prev, x, m_t, m_hist, prev_order)
         m_hist = (m_hist + [m_t])[-order:]
@@ -304,7 +329,7 @@ def sample_unipc(
         check_finite_sample(x, j, total, sig[j])
         prev_order = step_order
         if callback is not None:
-            callback(j, total, x)
+            callback(j, total, x, m_t)
     return x
 
 

@@ -21,10 +21,14 @@ Per-window conditions
 ---------------------
 Every window shares the text K/V, the reference tokens and (for a model with a trained ArcFace ID-token
 projection) every block's ID K/V (one ``DreamIDVTransformer.prepare`` call; copies keep ``id_kv``).
-A window's own conditions are its slice of the conditioning latent y and its slice of the clip's pose
-tokens (kept on the CPU); they are built when the window is evaluated (a ``DiTConditions`` copy with the
-y / pose fields replaced). Per-block pose K/V are cached across steps only when all windows' caches fit
-(the ``dit.should_cache_pose_kv`` budget applied to the sum), so device memory stays flat as the clip grows.
+A window's own conditions are its slice of the conditioning latent y, y's share of the patch embedding
+(``dit.embed_condition``, so the constant latent is not re-embedded at every evaluation) and its slice of
+the clip's pose tokens (kept on the CPU); they are built when the window is first evaluated (a
+``DiTConditions`` copy with the y / pose fields replaced, its per-block pose K/V computed over the streamed
+blocks, so block offload works). They are kept for the next steps while they fit a :class:`CacheBudget`
+(``dit.cache_budget_bytes``: a share of the device's free memory): the same rule for a clip of one window
+and of many, and device memory stays bounded as the clip grows (windows beyond the budget are rebuilt per
+evaluation).
 
 Background preservation (:func:`preserve_background`)
 -----------------------------------------------------
@@ -46,6 +50,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..models.frame_grid import MIN_FRAMES, TEMPORAL_STRIDE, latent_frame_count, padded_frame_count, pixel_span
+from ..models.pose_branch import pose_sequence
 from ..progress import Cancel, Progress, check_cancel
 from .guidance import make_guided_model
 
@@ -106,6 +111,24 @@ def plan_windows(frames: int, window: int = 81, overlap: int = 16) -> WindowLayo
     return WindowLayout(padded, window, overlap, lw, tuple(starts))
 
 
+def latent_window_layout(latent_frames: int, latent_window: int, latent_overlap: int) -> WindowLayout:
+    """The :func:`plan_windows` layout of a latent of ``latent_frames`` frames cut into windows of
+    ``latent_window`` latent frames overlapping by ``latent_overlap`` (what a host that counts in latent frames
+    has, e.g. ComfyUI's context windows)."""
+    to_pixels = lambda n: TEMPORAL_STRIDE * (n - 1) + 1  # noqa: E731
+    return plan_windows(to_pixels(latent_frames), to_pixels(latent_window), TEMPORAL_STRIDE * latent_overlap)
+
+
+def window_blend_weights(latent_frames: int, latent_window: int, latent_overlap: int, start: int) -> torch.Tensor:
+    """[latent_window] float32: the :func:`blend_weights` row of the window of :func:`latent_window_layout` that
+    starts at latent frame ``start`` (InputError if no window starts there)."""
+    layout = latent_window_layout(latent_frames, latent_window, latent_overlap)
+    if start not in layout.starts:
+        raise InputError(f"no window of {latent_window} latent frames (overlap {latent_overlap}) starts at latent "
+                         f"frame {start} of {latent_frames}; windows start at {list(layout.starts)}")
+    return blend_weights(layout)[layout.starts.index(start)]
+
+
 def blend_weights(layout: WindowLayout) -> torch.Tensor:
     """Per-window blend weights [count, Lw] float32; over the latent they sum to 1 at every frame."""
     n, lw, total = layout.count, layout.latent_window, layout.latent_frames
@@ -129,23 +152,48 @@ def blend_weights(layout: WindowLayout) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ model
 
+class CacheBudget:
+    """Bytes the per-window caches may take (``None``: no limit); :meth:`reserve` books them if they fit."""
+
+    def __init__(self, limit: Optional[int] = None):
+        self.limit, self.used = limit, 0
+
+    def reserve(self, nbytes: int) -> bool:
+        if self.limit is not None and self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        return True
+
+
+def _nbytes(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
 class WindowedModel:
     """``model(x [1, 16, F', h, w], sigma) -> v`` evaluating the guided DiT window by window and blending.
 
     ``shared``: ``dit.prepare(context, y[:, :Lw], refs, None)`` (text K/V, reference tokens, RoPE table of
     one window); ``y`` [32, F', h, w] (device); ``pose_tokens`` [1, F' * hw, C] for the whole clip (CPU) or
-    None; ``cache_pose_kv``: keep every window's per-block pose K/V after its first evaluation.
+    None. A window's conditions (its y slice and :meth:`dit.embed_condition`, its pose tokens) are kept after
+    its first evaluation while they fit ``cache_budget`` bytes (``None``: no limit, 0: keep nothing);
+    ``cache_pose_kv``: its per-block pose K/V too (True: always, False: never, None: while they fit the budget).
+    ``embed_condition``: keep y's share of the patch embedding with them (else the 48-channel input is embedded
+    at every evaluation, bit-identical to the released single pass; the split sums in another order).
     ``make_model(dit, cond, guidance, batch) -> model(x, sigma)`` builds a window's guided model (default:
     the swap's identity guidance, :func:`swap.make_guided_model`; the IVS passes its text guidance).
     With one window the call is exactly the single-pass guided model.
     """
 
     def __init__(self, dit, shared, layout: WindowLayout, y: torch.Tensor, pose_tokens: Optional[torch.Tensor],
-                 guidance: float, batch: bool, cache_pose_kv: bool = False, progress: Progress = None,
-                 cancel: Cancel = None, make_model: Optional[Callable] = None):
+                 guidance: float, batch: bool, cache_pose_kv: Optional[bool] = False, progress: Progress = None,
+                 cancel: Cancel = None, make_model: Optional[Callable] = None, cache_budget: Optional[int] = None,
+                 embed_condition: bool = True):
         self._guided = make_model or make_guided_model
+        # the windows bring their own y and pose fields: the shared conditions keep none (no second copy)
+        shared = replace(shared, y=None, y_tokens=None, pose_tokens=None, pose_kv=None)
         self.dit, self.shared, self.layout, self.y = dit, shared, layout, y
         self.guidance, self.batch, self.cache_pose_kv = guidance, batch, cache_pose_kv
+        self.budget, self.embed_condition = CacheBudget(cache_budget), embed_condition
         self.progress, self.cancel = progress, cancel
         self.weights = blend_weights(layout).to(y.device)
         self.pose = None
@@ -163,17 +211,27 @@ class WindowedModel:
             return self._cache[i]
         dit, a, b = self.dit, *self.layout.latent_range(i)
         device, cd = dit.patch_embedding.weight.device, dit.compute_dtype
-        cond = replace(self.shared, y=self.y[:, a:b].to(device, cd)[None], pose_tokens=None, pose_kv=None,
+        cond = replace(self.shared, y=self.y[:, a:b].to(device, cd)[None],
                        extra={**self.shared.extra, "window": i})  # per-window state (e.g. the step cache)
         if self.pose is not None:
             tokens = self.pose[a:b].reshape(1, -1, self.pose.shape[-1])
             num_ref_tokens = 0 if cond.ref_tokens is None else cond.ref_tokens.shape[1]
-            full = torch.cat([tokens.new_zeros(1, num_ref_tokens, tokens.shape[-1]), tokens], dim=1).to(device, cd)
-            if self.cache_pose_kv:
-                cond.pose_kv = [blk.self_attn.pose_kv(full, cond.rope, cond.parallel) for blk in dit.blocks]
-                self._cache[i] = cond
-            else:
-                cond.pose_tokens = full
+            cond.pose_tokens = pose_sequence(tokens, num_ref_tokens).to(device, cd)
+        lv = cond.y.shape[2] * cond.y.shape[3] * cond.y.shape[4] // (dit.cfg.patch_size[1] * dit.cfg.patch_size[2])
+        always = self.cache_pose_kv is True
+        y_bytes = 4 * lv * dit.cfg.dim if self.embed_condition else 0
+        if not (always or self.budget.reserve(y_bytes + _nbytes(cond.pose_tokens))):
+            return cond  # over the budget: rebuilt at every evaluation
+        if self.embed_condition:
+            cond.y_tokens = dit.embed_condition(cond.y)
+        if cond.pose_tokens is not None and self.cache_pose_kv is not False:
+            kv_bytes = 2 * _nbytes(cond.pose_tokens) * len(dit.blocks)
+            if always or self.budget.reserve(kv_bytes):
+                # over the streamed blocks: with block offload each block's weights are on the device here
+                cond.pose_kv = [blk.self_attn.pose_kv(cond.pose_tokens, cond.rope, cond.parallel)
+                                for _, blk in dit.streamed_blocks()]
+                cond.pose_tokens = None
+        self._cache[i] = cond
         return cond
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

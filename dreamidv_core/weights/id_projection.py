@@ -5,6 +5,8 @@ only ``id_projection.*`` tensors is what ``trainable = "id_projection"`` trainin
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -20,13 +22,11 @@ def is_id_projection_file(path) -> bool:
     return bool(names) and all(n.startswith(PREFIX) for n in names)
 
 
-def apply_id_projection_file(dit: nn.Module, path) -> IDProjection:
-    """Load a file of ``id_projection.*`` tensors (a training checkpoint's ``model.safetensors`` in
-    ``id_projection`` mode, or those tensors of a full save) into ``dit``, adding the projection when the
-    model has none. Matrices take the dtype of the model's linear weights, vectors and gates float32 (as
-    :func:`.checkpoints.load_dit` stores them). Raises :class:`CheckpointError` naming the
-    file when it is not an ID projection or its shapes do not fit the model.
-    """
+def read_id_projection_file(path, dim: int, num_heads: int, num_layers: int, eps: float = 1e-6,
+                            existing: Optional[IDProjection] = None):
+    """Check a file of ``id_projection.*`` tensors against a model of width ``dim`` with ``num_layers`` blocks
+    (and its ``existing`` projection, if any) -> (num_tokens, embed_dim, reader). Raises :class:`CheckpointError`
+    naming the file when it is not an ID projection or does not fit."""
     reader = read_state_dict(path)
     names = list(reader)
     foreign = [n for n in names if not n.startswith(PREFIX)]
@@ -41,13 +41,10 @@ def apply_id_projection_file(dit: nn.Module, path) -> IDProjection:
         raise CheckpointError(path, str(exc)) from None
     if not tokens:
         raise CheckpointError(path, "lacks the ID projection's MLP (id_projection.mlp.0.weight / mlp.2.weight)")
-    proj = getattr(dit, "id_projection", None)
-    cfg = dit.cfg
-    if proj is None:  # check against the projection this file would add before touching the model
+    like = existing
+    if like is None:  # check against the projection this file would add before touching the model
         with torch.device("meta"):
-            like = IDProjection(cfg.dim, cfg.num_heads, cfg.num_layers, tokens, embed, cfg.eps)
-    else:
-        like = proj
+            like = IDProjection(dim, num_heads, num_layers, tokens, embed, eps)
     expected = {n: tuple(p.shape) for n, p in like.named_parameters()}
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
@@ -57,8 +54,20 @@ def apply_id_projection_file(dit: nn.Module, path) -> IDProjection:
                  f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
                  "wrong shapes: " + "; ".join(bad[:3]) if bad else ""]
         raise CheckpointError(path, "does not fit this model's ID projection "
-                                    f"({dit.cfg.num_layers} blocks, width {dit.cfg.dim}): "
-                                    + "; ".join(p for p in parts if p))
+                                    f"({num_layers} blocks, width {dim}): " + "; ".join(p for p in parts if p))
+    return tokens, embed, reader
+
+
+def apply_id_projection_file(dit: nn.Module, path) -> IDProjection:
+    """Load a file of ``id_projection.*`` tensors (a training checkpoint's ``model.safetensors`` in
+    ``id_projection`` mode, or those tensors of a full save) into ``dit``, adding the projection when the
+    model has none. Matrices take the dtype of the model's linear weights, vectors and gates float32 (as
+    :func:`.checkpoints.load_dit` stores them). Raises :class:`CheckpointError` naming the
+    file when it is not an ID projection or its shapes do not fit the model.
+    """
+    cfg = dit.cfg
+    proj = getattr(dit, "id_projection", None)
+    tokens, embed, reader = read_id_projection_file(path, cfg.dim, cfg.num_heads, cfg.num_layers, cfg.eps, proj)
     if proj is None:
         proj = dit.attach_id_projection(tokens, embed)
     linear = dit.blocks[0].self_attn.q.weight.dtype if len(dit.blocks) else torch.float32
