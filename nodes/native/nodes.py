@@ -221,7 +221,8 @@ class DreamIDVUniPCSampler(io.ComfyNode):
             description="The released flow-matching UniPC (bh2) as a SAMPLER for SamplerCustomAdvanced; ComfyUI's "
                         "uni_pc samplers are a different (VP/VE) method.",
             inputs=[io.Int.Input("order", default=2, min=1, max=2, tooltip="Solver order (released: 2).")],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="The released multistep UniPC solver (order as set), for "
+                                                "SamplerCustomAdvanced.")],
         )
 
     @classmethod
@@ -245,7 +246,8 @@ class DreamIDVNoise(io.ComfyNode):
                                tooltip="Where the generator runs: model (the sampling device, as the pack) or cpu "
                                        "(as ComfyUI's RandomNoise)."),
             ],
-            outputs=[io.Noise.Output()],
+            outputs=[io.Noise.Output(tooltip="The reference's seeded starting noise, for SamplerCustomAdvanced (same "
+                                              "seed, same noise as the pack's sampler).")],
         )
 
     @classmethod
