@@ -75,7 +75,7 @@ LINKS = [
 
 GROUPS = [
     ("Inputs: source video and reference face", [-20, -90, 620, 870], "#3f789e"),
-    ("ComfyUI model: core loader, LoRA, DreamID-V Apply, windows", [620, 330, 370, 880], "#88A"),
+    ("ComfyUI model and LoRA", [620, 330, 370, 880], "#88A"),
     ("Pose, conditioning, KSampler (cfg 5 = identity guidance 4), decode", [620, -90, 1430, 410], "#b06634"),
     ("Output: source fps and audio", [2050, -90, 460, 710], "#a1309b"),
 ]
