@@ -169,13 +169,13 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
         pose_tokens = pose_tokens_for(dit, pose, plan, cancel)
     if not dit.cfg.has_pose:
         pose_tokens = None
-    total, h, w = video_latent.shape[1:]
+    video_channels, total, h, w = video_latent.shape
     if pose_tokens is not None and pose_tokens.shape[-2] % total:
         raise InputError(f"pose tokens ({pose_tokens.shape[-2]}) were made for another clip: this one has {count} "
                          f"frames (padded to {layout.frames}, {total} latent frames); compute them with "
                          "pose_tokens_for and the same frame count, size, window and overlap")
     y = torch.cat([video_latent, mask_latent])
-    del mask_latent
+    del mask_latent, video_latent  # y holds both (y[:16] is the video latent): no second clip-length copy
     ref_latent = ref_latent.reshape(1, *ref_latent.shape[-4:]).to(y.device)
     refs = torch.cat([ref_latent, torch.zeros_like(ref_latent)]) if s.guidance != 0 else ref_latent
     if layout.count == 1:  # the released single pass
@@ -198,16 +198,17 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
     windowed = model
 
     generator = torch.Generator(device=device).manual_seed(s.seed)
-    noise = torch.randn(video_latent.shape, generator=generator, dtype=torch.float32, device=device)
     if s.background_strength > 0:
         face = clip_face_mask(mask_src).to(device)
         keep = (s.background_strength * (1 - face))[None, None]
-        model = preserve_background(model, video_latent[None].to(device), keep)
+        model = preserve_background(model, y[None, :video_channels].to(device), keep)
     sigmas = flow_sigmas(s.steps, shift=s.shift)
-    latent = SAMPLERS[s.sampler](model, noise[None], sigmas,
+    # the noise is made in the call: once the sampler has stepped, no clip-length copy of it stays alive
+    latent = SAMPLERS[s.sampler](model, torch.randn((1, video_channels, total, h, w), generator=generator,
+                                                    dtype=torch.float32, device=device), sigmas,
                                  callback=lambda i, n, x: report("sample", i + 1, n), cancel=cancel)[0]
     evaluations, skipped = _evaluation_counts(windowed, s.batch_guidance, step_cache)
-    del model, windowed, shared, y, noise, video_latent
+    del model, windowed, shared, y
 
     report("decode", 0, 1)
     out = None
