@@ -106,6 +106,18 @@ def composite(original: torch.Tensor, generated: torch.Tensor, mask: torch.Tenso
     return torch.lerp(original, generated.to(original.dtype), m.expand_as(original))
 
 
+def composite_chunk(original: torch.Tensor, generated: torch.Tensor, face_mask: torch.Tensor,
+                    head_mask: Optional[torch.Tensor] = None, dilation: int = 0, feather_radius: int = 0,
+                    device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+    """A few frames composited: original/generated [k,H,W,3] float, face_mask [k,H,W], head_mask [k,H,W] or
+    None -> (frames [k,H,W,3] float32 in [0, 1], blend mask [k,H,W] float32), both on the CPU."""
+    head = head_mask.to(device) if head_mask is not None else None
+    m = blend_mask(face_mask.to(device), head, dilation, feather_radius)
+    o = original.to(device, torch.float32)
+    out = composite(o, generated.to(device, torch.float32), m).clamp_(0.0, 1.0)
+    return out.cpu(), m.cpu()
+
+
 def composite_video(frames: torch.Tensor, generated: torch.Tensor, face_mask: torch.Tensor,
                     head_mask: Optional[torch.Tensor] = None, dilation: int = 0, feather_radius: int = 0,
                     device="cpu", chunk: int = DEFAULT_CHUNK,
@@ -128,9 +140,7 @@ def composite_video(frames: torch.Tensor, generated: torch.Tensor, face_mask: to
         if cancel is not None and cancel():
             raise Cancelled("composite cancelled")
         sl = slice(start, min(count, start + max(1, int(chunk))))
-        head = head_mask[sl].to(device) if head_mask is not None else None
-        m = blend_mask(face_mask[sl].to(device), head, dilation, feather_radius)
-        o = src[sl].to(device, torch.float32)
-        out[sl] = composite(o, gen[sl].to(device, torch.float32), m).clamp_(0.0, 1.0).cpu()
-        out_mask[sl] = m.cpu()
+        out[sl], out_mask[sl] = composite_chunk(src[sl], gen[sl], face_mask[sl],
+                                                head_mask[sl] if head_mask is not None else None, dilation,
+                                                feather_radius, device)
     return out, out_mask

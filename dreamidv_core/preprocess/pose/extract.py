@@ -1,14 +1,20 @@
 """Pose video + face mask + keypoints from a clip, with the three sources.
 
-    result = extract_mediapipe(frames, landmarker, reference=ref_image)
-    result = extract_dwpose(frames, dwpose)
-    result = extract_keypoints(frames, pose_keypoint_data)
+    track = track_mediapipe(frames, landmarker, reference=ref_image)   # or track_dwpose, track_keypoints
+    track.pose[a:b], track.mask[a:b]                                   # drawn on demand
+    result = extract_mediapipe(frames, landmarker, reference=ref_image)  # = track_...(...).result()
 
-``frames``: anything indexable with ``len`` whose items (or 1-frame slices) are frames: uint8 or float
-0..1, [H, W, C] with 1, 3 or 4 channels (ComfyUI's IMAGE tensor works; it is read one frame at a time).
-Results: ``pose`` float32 [F, H, W, 3] in 0..1, ``mask`` float32 [F, H, W] in {0, 1} (written frame by
-frame into preallocated arrays: no other whole-video copy), ``keypoints`` (POSE_KEYPOINT list),
-``filled`` (indices of frames with no face, filled from the nearest frame with one) and ``info``.
+``frames``: a frame sequence (:mod:`dreamidv_core.io.frames`): uint8 or float 0..1, [H, W, C] with 1, 3 or
+4 channels (a ComfyUI IMAGE tensor or a lazy video reader; it is read one frame at a time).
+
+A :class:`PoseTrack` keeps what was found in each frame (retargeted face points, or people) and draws the
+pose and mask frames only when they are read: ``pose`` uint8 [k, H, W, 3], ``mask`` uint8 [k, H, W] in
+{0, 255}, at the clip's frame size, exactly the drawings of the whole-clip result. A clip of any length
+therefore costs its keypoints, not its frames. :meth:`PoseTrack.result` draws everything into a
+:class:`PoseResult`: ``pose`` float32 [F, H, W, 3] in 0..1, ``mask`` float32 [F, H, W] in {0, 1}
+(preallocated arrays, the memory-hungry form ComfyUI's IMAGE/MASK outputs need), ``keypoints``
+(POSE_KEYPOINT list), ``filled`` (indices of frames with no face, filled from the nearest frame with one)
+and ``info``.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import numpy as np
 
 from ...errors import InputError
 from ...progress import Cancel, Progress, check_cancel, reporter
+from ...io.frames import LazyFrames
 from ...io.video import to_uint8_frames
 from . import render
 from .face_geometry import retarget
@@ -71,8 +78,76 @@ def _fill_note(filled: List[int], total: int) -> str:
     return f"face found in {total - len(filled)} of {total} frames; filled {len(filled)} from neighbours: [{shown}]"
 
 
-def extract_mediapipe(frames, landmarker, reference=None, what: str = "frames",
-                      progress: Progress = None, cancel: Cancel = None) -> PoseResult:
+FACE, PEOPLE = "face", "people"
+
+
+@dataclass
+class PoseTrack:
+    """What a pose source found in every frame of a clip, and how to draw it (module docstring).
+
+    ``items``: per frame, the retargeted MediaPipe points [478, 2] in pixels (``kind`` "face") or the people
+    (``kind`` "people"); ``height`` x ``width``: the frames' size. ``start``/``stride``: which frames of the
+    source clip the track's frames are (set by whoever selected them; 0 and 1 for a whole clip).
+    """
+
+    kind: str
+    items: list
+    height: int
+    width: int
+    filled: List[int] = field(default_factory=list)
+    info: str = ""
+    start: int = 0
+    stride: int = 1
+    available: int = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def pose_frame(self, i: int) -> np.ndarray:
+        """uint8 [H, W, 3]: the pose drawing of frame ``i``."""
+        if self.kind == FACE:
+            return render.draw_face_points(self.items[i], self.height, self.width)
+        return render.draw_openpose(self.items[i], self.height, self.width)
+
+    def mask_frame(self, i: int) -> np.ndarray:
+        """uint8 [H, W] in {0, 255}: the face mask of frame ``i``."""
+        if self.kind == FACE:
+            drawn = render.face_oval_mask(self.items[i], self.height, self.width)
+        else:
+            drawn = render.dwpose_face_mask(self.items[i], self.height, self.width)
+        return np.where(drawn > 0, np.uint8(255), np.uint8(0))
+
+    @property
+    def pose(self) -> LazyFrames:
+        """The pose video, drawn when sliced: uint8 [k, H, W, 3]."""
+        return LazyFrames(len(self), lambda idx: np.stack([self.pose_frame(i) for i in idx]), "pose")
+
+    @property
+    def mask(self) -> LazyFrames:
+        """The face mask video, drawn when sliced: uint8 [k, H, W] in {0, 255}."""
+        return LazyFrames(len(self), lambda idx: np.stack([self.mask_frame(i) for i in idx]), "mask")
+
+    def keypoints(self) -> list:
+        """POSE_KEYPOINT: one dict per frame, pixel coordinates."""
+        if self.kind == FACE:
+            return [face_mesh_to_dict(pts, self.width, self.height) for pts in self.items]
+        return [people_to_dict(people, self.width, self.height) for people in self.items]
+
+    def result(self, pose: bool = True, mask: bool = True, keypoints: bool = True) -> PoseResult:
+        """Every frame drawn: the whole-clip arrays (those not asked for are left empty)."""
+        count, h, w = len(self), self.height, self.width
+        pose_arr = np.zeros((count if pose else 0, h, w, 3), np.float32)
+        mask_arr = np.zeros((count if mask else 0, h, w), np.float32)
+        for i in range(count):
+            if pose:
+                pose_arr[i] = self.pose_frame(i) / np.float32(255)
+            if mask:
+                mask_arr[i] = self.mask_frame(i) > 0
+        return PoseResult(pose_arr, mask_arr, self.keypoints() if keypoints else [], list(self.filled), self.info)
+
+
+def track_mediapipe(frames, landmarker, reference=None, what: str = "frames",
+                    progress: Progress = None, cancel: Cancel = None) -> PoseTrack:
     """MediaPipe source with the reference pipeline's expression retargeting onto ``reference`` (an
     image, uint8 or float [H, W, C] / [1, H, W, C]); without it the driving face itself is drawn."""
     count, h, w = _size(frames, what)
@@ -94,39 +169,32 @@ def extract_mediapipe(frames, landmarker, reference=None, what: str = "frames",
     neutral_frame = min(detected, key=lambda i: faces[i].expression)  # first minimum, as argmin
     neutral = faces[neutral_frame].mesh
     target = ref_face.mesh if ref_face is not None else neutral
-    pose = np.zeros((count, h, w, 3), np.float32)
-    mask = np.zeros((count, h, w), np.float32)
-    keypoints = []
-    for i, face in enumerate(faces):
-        pts = retarget(face.mesh, neutral, target, face.pose, face.landmarks, w, h)
-        pose[i] = render.draw_face_points(pts, h, w) / np.float32(255)
-        mask[i] = render.face_oval_mask(pts, h, w) > 0
-        keypoints.append(face_mesh_to_dict(pts, w, h))
+    points = [retarget(face.mesh, neutral, target, face.pose, face.landmarks, w, h) for face in faces]
     info = (f"source: MediaPipe face landmarker; {count} frames {w}x{h}; {_fill_note(filled, count)}; "
             f"most neutral frame: {neutral_frame}; "
             f"expression retargeted onto the reference: {'yes' if ref_face is not None else 'no (no reference)'}")
-    return PoseResult(pose, mask, keypoints, filled, info)
+    return PoseTrack(FACE, points, h, w, filled, info)
 
 
-def _render_people(per_frame: list, count: int, h: int, w: int, filled: List[int], head: str) -> PoseResult:
-    pose = np.zeros((count, h, w, 3), np.float32)
-    mask = np.zeros((count, h, w), np.float32)
-    keypoints = []
-    for i, people in enumerate(per_frame):
-        pose[i] = render.draw_openpose(people, h, w) / np.float32(255)
-        mask[i] = render.dwpose_face_mask(people, h, w) > 0
-        keypoints.append(people_to_dict(people, w, h))
+def extract_mediapipe(frames, landmarker, reference=None, what: str = "frames",
+                      progress: Progress = None, cancel: Cancel = None) -> PoseResult:
+    """:func:`track_mediapipe`, every frame drawn."""
+    return track_mediapipe(frames, landmarker, reference, what, progress, cancel).result()
+
+
+def _people_track(per_frame: list, h: int, w: int, filled: List[int], head: str) -> PoseTrack:
+    count = len(per_frame)
     people_max = max(len(p) for p in per_frame)
     info = f"{head}; {count} frames {w}x{h}; up to {people_max} people per frame; {_fill_note(filled, count)}"
-    return PoseResult(pose, mask, keypoints, filled, info)
+    return PoseTrack(PEOPLE, per_frame, h, w, filled, info)
 
 
 def _face_or_none(people: list, h: int, w: int):
     return people if render.largest_face_hull(people, h, w) is not None else None
 
 
-def extract_dwpose(frames, dwpose, what: str = "frames", progress: Progress = None,
-                   cancel: Cancel = None) -> PoseResult:
+def track_dwpose(frames, dwpose, what: str = "frames", progress: Progress = None,
+                 cancel: Cancel = None) -> PoseTrack:
     """DWPose source: each frame resized to the 1024 canvas (Lanczos up / area down), people found
     there, drawn as the reference does. Frames without a usable face copy the nearest one's people."""
     import cv2
@@ -145,14 +213,25 @@ def extract_dwpose(frames, dwpose, what: str = "frames", progress: Progress = No
         report("pose", i + 1, count)
     per_frame, filled = fill_gaps(per_frame, what)
     head = "source: DWPose" + (f" ({dwpose.note})" if getattr(dwpose, "note", "") else "")
-    return _render_people(per_frame, count, h, w, filled, head)
+    return _people_track(per_frame, h, w, filled, head)
 
 
-def extract_keypoints(frames, data, what: str = "keypoints", progress: Progress = None) -> PoseResult:
+def extract_dwpose(frames, dwpose, what: str = "frames", progress: Progress = None,
+                   cancel: Cancel = None) -> PoseResult:
+    """:func:`track_dwpose`, every frame drawn."""
+    return track_dwpose(frames, dwpose, what, progress, cancel).result()
+
+
+def track_keypoints(frames, data, what: str = "keypoints", progress: Progress = None) -> PoseTrack:
     """Keypoints from another node (POSE_KEYPOINT), drawn like DWPose at the frames' size."""
     count, h, w = _size(frames, "frames")
     per_frame, normalised = parse_pose_keypoints(data, count, w, h)
     per_frame, filled = fill_gaps([_face_or_none(p, h, w) for p in per_frame], what)
     reporter(progress)("pose", count, count)
     head = f"source: POSE_KEYPOINT ({'normalised' if normalised else 'pixel'} coordinates)"
-    return _render_people(per_frame, count, h, w, filled, head)
+    return _people_track(per_frame, h, w, filled, head)
+
+
+def extract_keypoints(frames, data, what: str = "keypoints", progress: Progress = None) -> PoseResult:
+    """:func:`track_keypoints`, every frame drawn."""
+    return track_keypoints(frames, data, what, progress).result()
