@@ -4,7 +4,14 @@
   :class:`~dreamidv_core.pipelines.adapters.PoseTokenSet`: the PoseGuider tokens, computed once, and the
   geometry they belong to).
 * ``DreamIDVSampler``: model + VAE + text context + identity + pose tokens + video + mask -> the swapped
-  frames at model resolution, the same frames pasted back into the source frames, and the frame count.
+  frames at model resolution, the same frames pasted back into the source frames, the frame count, and the
+  result as a VIDEO (pasted back, the source's frame rate and sound).
+
+Streaming (VIDEO in, VIDEO out): the video is read from its file a piece at a time, the mask drawn on demand
+from the pose node's DREAMIDV_POSE_MASK, and the decoded frames go to a file at the model's resolution
+(exact, uint8) in ComfyUI's temporary folder; the VIDEO output pastes them into the source frames and
+encodes them when it is saved. The IMAGE outputs hold the whole clip (frames_in_source: ~24 MB a 1080p
+frame) and are made only when connected.
   A model with a trained ArcFace ID-token projection also gets the identity's ArcFace embedding; if the
   identity has none (face detection off or no face found) the sampler stops with an error rather than
   silently sampling without the identity signal the projection was trained to use.
@@ -19,7 +26,8 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from dreamidv_core.errors import InputError
-from dreamidv_core.pipelines.adapters import PixelSpaceVAE, PoseTokenSet, context_from_conditioning, rgb_frames
+from dreamidv_core.pipelines.adapters import PixelSpaceVAE, PoseTokenSet, context_from_conditioning
+from dreamidv_core.pipelines.clips import CHUNK, StoreSink, SwappedClip, to_float_frames
 from dreamidv_core.pipelines.plan import ClipPlan
 from dreamidv_core.pipelines.swap import SwapSettings, id_embedding_rows, pose_tokens_for, swap_face
 from dreamidv_core.preprocess.identity_bundle import encode_reference
@@ -27,6 +35,7 @@ from dreamidv_core.preprocess.geometry import paste_back
 from dreamidv_core.sampling.samplers import SAMPLERS
 
 from . import common
+from .video import DreamIDVVideo, clip_of, plan_frames, source_geometry
 
 log = logging.getLogger(__name__)
 
@@ -106,26 +115,30 @@ class DreamIDVPoseGuider(io.ComfyNode):
             inputs=[
                 common.DreamIDVModel.Input("model", tooltip="The full DreamID-V model (the faster one has no "
                                                             "pose branch)."),
-                io.Image.Input("pose_video", tooltip="Pose frames from a DreamID-V pose node, same length and size "
-                                                     "as the video to swap."),
+                io.MultiType.Input("pose_video", types=[io.Image, io.Video, common.PoseMask],
+                                   tooltip="The pose node's pose_mask (drawn on demand), or pose frames (IMAGE or "
+                                           "VIDEO) of the same length and size as the video to swap."),
                 *_geometry_inputs(),
+                *common.frame_range_inputs(),
             ],
             outputs=[common.PoseTokens.Output(display_name="pose_tokens",
                                               tooltip="Pose tokens and the clip geometry they were made for.")],
         )
 
     @classmethod
-    def execute(cls, model, pose_video, width=832, height=480, frame_num=0, window=81, overlap=16) -> io.NodeOutput:
+    def execute(cls, model, pose_video, width=832, height=480, frame_num=0, window=81, overlap=16, start_frame=0,
+                select_every_nth=1) -> io.NodeOutput:
         _check_model(model)
         if not model.dit.cfg.has_pose:
             raise InputError(f"model: {model.name} is the faster DreamID-V variant, which has no pose branch; "
                              "connect the mask straight to the sampler and leave pose_tokens empty")
-        pose = rgb_frames(pose_video, "pose_video")
-        plan = ClipPlan.build(pose.shape[2], pose.shape[1], pose.shape[0], frame_num or None, width, height, window,
-                              overlap)
+        src_w, src_h, available = source_geometry(pose_video, "pose_video")
+        plan = ClipPlan.build(src_w, src_h, available, frame_num or None, width, height, window, overlap,
+                              start_frame, select_every_nth)
         model.load(memory_estimate(model.dit, plan, cache_pose_kv=False))
         try:
-            tokens = pose_tokens_for(model.dit, pose, plan, cancel=common.cancel_hook()).to("cpu")
+            with plan_frames(pose_video, plan, "pose_video", "pose") as pose:
+                tokens = pose_tokens_for(model.dit, pose, plan, cancel=common.cancel_hook()).to("cpu")
         finally:
             model.release()
         return io.NodeOutput(PoseTokenSet(tokens=tokens, plan=plan, model_key=model.key))
@@ -157,9 +170,14 @@ class DreamIDVSampler(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The text context of \"chang face\": DreamIDVTextContext, "
                                                           "or CLIPTextEncode with umT5-XXL (CLIPLoader type wan)."),
                 common.Identity.Input("identity", tooltip="The reference face, from the DreamID-V identity node."),
-                io.Image.Input("video", tooltip="Frames to swap (alpha is dropped, greyscale becomes RGB)."),
-                io.Mask.Input("mask", tooltip="Face mask per frame (white = face region), same length and size as "
-                                              "the video."),
+                io.MultiType.Input("video", types=[io.Image, io.Video],
+                                   tooltip="The clip to swap: a VIDEO (Load Video; read a piece at a time, its frame "
+                                           "rate and sound kept) or IMAGE frames (alpha is dropped, greyscale "
+                                           "becomes RGB)."),
+                io.MultiType.Input("mask", types=[io.Mask, io.Video, common.PoseMask],
+                                   tooltip="Face mask per frame (white = face region): the pose node's pose_mask "
+                                           "(drawn on demand), or a MASK / mask VIDEO of the same length and size "
+                                           "as the video."),
                 *_geometry_inputs(),
                 *sampling_inputs(io.Float.Input("identity_guidance", default=4.0, min=0.0, max=30.0, step=0.1,
                                                 tooltip=IDENTITY_GUIDANCE_TOOLTIP)),
@@ -183,39 +201,45 @@ class DreamIDVSampler(io.ComfyNode):
                 common.PoseTokens.Input("pose_tokens", optional=True,
                                         tooltip="From DreamIDVPoseGuider; required by the full model, ignored by "
                                                 "the faster one."),
+                *common.frame_range_inputs(),
             ],
             outputs=[
                 io.Image.Output(display_name="frames",
-                                tooltip="Swapped frames at model resolution (the resized, centre-cropped area)."),
+                                tooltip="Swapped frames at model resolution (the resized, centre-cropped area). "
+                                        "Whole clip in memory: made only when connected."),
                 io.Image.Output(display_name="frames_in_source",
                                 tooltip="The swapped frames resized back into the source frames: same size as "
-                                        "the input video; pixels outside the model's crop are the source's."),
+                                        "the input video; pixels outside the model's crop are the source's. Whole "
+                                        "clip at source size in memory (~24 MB a 1080p frame): made only when "
+                                        "connected; prefer the video output."),
                 io.Int.Output(display_name="frame_count",
-                              tooltip="Frames used: the first frame_num frames, floored to 4n+1."),
+                              tooltip="Frames swapped (the frame range, at most frame_num)."),
+                io.Video.Output(display_name="video",
+                                tooltip="The swapped frames pasted into the source frames, with the source's frame "
+                                        "rate (divided by select_every_nth) and sound; never held whole in memory. "
+                                        "For Save Video or the SAM2 composite."),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, **_inputs):
+        return common.output_links_fingerprint()
 
     @classmethod
     def execute(cls, model, vae, positive, identity, video, mask, width=832, height=480, frame_num=0, window=81,
                 overlap=16, steps=20, shift=5.0, identity_guidance=4.0, seed=0, sampler="unipc",
                 batch_guidance=False, background_strength=0.0, step_cache=0.0, vae_tile=0, vae_tile_overlap=8,
-                pose_tokens=None) -> io.NodeOutput:
+                pose_tokens=None, start_frame=0, select_every_nth=1) -> io.NodeOutput:
         _check_model(model)
         dit = model.dit
         context = conditioning_context(positive, dit.cfg.text_dim)
-        video = rgb_frames(video, "video")
-        mask = _mask_frames(mask)
-        if mask.shape[0] != video.shape[0]:
-            raise InputError(f"mask has {mask.shape[0]} frames but the video has {video.shape[0]}; they must have the "
-                             "same length")
-        if tuple(mask.shape[1:3]) != tuple(video.shape[1:3]):
-            raise InputError("mask is {}x{}, the video is {}x{}; they must have the same size".format(
-                mask.shape[2], mask.shape[1], video.shape[2], video.shape[1]))
+        source = clip_of(video, "video")
         if not hasattr(identity, "latent_for") or not hasattr(identity, "image"):
             raise InputError(f"identity: expected the output of the DreamID-V identity node, got {type(identity).__name__}")
         id_embedding = identity_embedding(dit, identity, model.name)
-        src_h, src_w = video.shape[1:3]
-        plan = ClipPlan.build(src_w, src_h, video.shape[0], frame_num or None, width, height, window, overlap)
+        plan = ClipPlan.build(source.width, source.height, source.count, frame_num or None, width, height, window,
+                              overlap, start_frame, select_every_nth)
         settings = SwapSettings(width=width, height=height, frame_num=frame_num or None, steps=steps, shift=shift,
                                 guidance=identity_guidance, seed=seed, sampler=sampler, batch_guidance=batch_guidance,
                                 window=window, overlap=overlap, background_strength=background_strength,
@@ -230,23 +254,41 @@ class DreamIDVSampler(io.ComfyNode):
         elif pose_tokens is not None:
             log.info("DreamID-V: %s is the faster variant; pose tokens are ignored", model.name)
 
+        wanted = common.wanted_outputs(cls)
+        use = (lambda slot: wanted is None or slot in wanted)
+        sink = StoreSink(plan, common.temp_folder(), store=use(3), keep=use(0) or use(1))
         need = memory_estimate(dit, plan, 2 if batch_guidance else 1)
         adapter = PixelSpaceVAE(vae, after_encode=lambda: model.load(need))
         ref_latent = identity.latent_for(plan.source_size, plan.area)
         if ref_latent is None:
             ref_latent = encode_reference(adapter, identity.image, plan.source_size, plan.area)
-        model.load(need)
-        try:
-            result = swap_face(dit, adapter, video, mask, None, context, settings=settings,
-                               progress=common.progress_hook(steps), cancel=common.cancel_hook(),
-                               pose_tokens=tokens, ref_latent=ref_latent, id_embedding=id_embedding, plan=plan)
-        finally:
-            model.release()
+        with source.open() as frames, plan_frames(mask, plan, "mask", "mask", source.count) as mask_frames:
+            model.load(need)
+            try:
+                result = swap_face(dit, adapter, plan.select(frames), mask_frames, None, context, settings=settings,
+                                   progress=common.progress_hook(steps), cancel=common.cancel_hook(),
+                                   pose_tokens=tokens, ref_latent=ref_latent, id_embedding=id_embedding, plan=plan,
+                                   sink=sink)
+            finally:
+                model.release()
         if step_cache > 0:
             log.info("DreamID-V: step cache skipped %d of %d DiT evaluations", result.skipped, result.evaluations)
-        frames = result.frames.to(mm.intermediate_device(), torch.float32)
-        in_source = paste_back(video[:plan.frames].to(frames.device), frames, plan.crop)
-        return io.NodeOutput(frames, in_source, result.frames_used)
+        frames = sink.kept.to(mm.intermediate_device(), torch.float32) if use(0) else None
+        in_source = pasted_in_source(source, plan, sink.kept) if use(1) else None
+        out_video = DreamIDVVideo(SwappedClip(source, plan, sink.store)) if use(3) else None
+        return io.NodeOutput(frames, in_source, result.frames_used, out_video)
+
+
+def pasted_in_source(source, plan: ClipPlan, frames: torch.Tensor) -> torch.Tensor:
+    """IMAGE [F, H, W, 3]: the model's frames (float) pasted into the plan's source frames, a chunk at a time
+    into one preallocated tensor (the memory-hungry output)."""
+    out = torch.empty(plan.frames, source.height, source.width, 3, dtype=torch.float32)
+    with source.open() as seq:
+        picked = plan.select(seq)
+        for a in range(0, plan.frames, CHUNK):
+            b = min(a + CHUNK, plan.frames)
+            out[a:b] = paste_back(to_float_frames(picked[a:b]), frames[a:b], plan.crop)
+    return out.to(mm.intermediate_device())
 
 
 def identity_embedding(dit, identity, model_name: str):
@@ -260,19 +302,6 @@ def identity_embedding(dit, identity, model_name: str):
                          "DreamID-V identity node (with the insightface models) and use a photo with a visible face")
     id_embedding_rows(dit, emb, 1)  # checks the width now, before any encoding
     return emb
-
-
-def _mask_frames(mask) -> torch.Tensor:
-    """MASK [F, H, W] (or [H, W] for one frame) -> float32 [F, H, W] in [0, 1]."""
-    if not isinstance(mask, torch.Tensor):
-        raise InputError(f"mask: expected a MASK tensor [frames, height, width], got {type(mask).__name__}")
-    if mask.dim() == 2:
-        mask = mask[None]
-    if mask.dim() == 4 and mask.shape[-1] in (1, 3, 4):  # an IMAGE wired as mask
-        mask = mask[..., 0]
-    if mask.dim() != 3:
-        raise InputError(f"mask: expected [frames, height, width], got {list(mask.shape)}")
-    return mask.float().clamp(0, 1)
 
 
 NODES = [DreamIDVPoseGuider, DreamIDVSampler]

@@ -4,12 +4,14 @@ from __future__ import annotations
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 from dreamidv_core.preprocess import composite as C
 from dreamidv_core.preprocess import segmentation as S
 from dreamidv_core.errors import CheckpointError, InputError
+from tests.test_video_stream import NTSC, make_clip
 
 TINY = "configs/sam2.1/sam2.1_hiera_t.yaml"
 
@@ -221,7 +223,7 @@ def test_node_schema(pack, sam2_folder):
     node = pack.nodes.composite.BackgroundComposite
     schema = node.define_schema()
     schema.validate()  # what ComfyUI checks when it registers the node (unique ids, ...)
-    assert list(node.RETURN_TYPES) == ["IMAGE", "MASK"] and "frames" in node.INPUT_TYPES()["required"]
+    assert list(node.RETURN_TYPES) == ["IMAGE", "MASK", "VIDEO"] and "frames" in node.INPUT_TYPES()["required"]
     assert schema.node_id == "DreamIDVBackgroundComposite" and schema.category == "DreamID-V"
     assert all(i.tooltip for i in schema.inputs)
     inputs = {i.id: i for i in schema.inputs}
@@ -235,8 +237,9 @@ def test_node_execute(pack, sam2_folder):
     frames, gen, face = _clip(n=3, h=40, w=56, box=(8, 30, 16, 40))
     res = node.execute(frames, gen, face, "sam2.1_hiera_tiny.pt", "tiny128.yaml", prompt_frames=2,
                        mask_dilation=2, feather=4, device="cpu")
-    out, mask = res.result
+    out, mask, video = res.result
     assert out.shape == (3, 40, 56, 3) and mask.shape == (3, 40, 56)
+    assert torch.equal(video.get_components().images, (out * 255).round() / 255)  # the VIDEO: the same frames
     assert torch.equal(out[:, 8:30, 16:40], gen[:, 8:30, 16:40])
     assert torch.all(mask[face >= 0.5] == 1) and float(mask.min()) >= 0 and float(mask.max()) <= 1
     off = mask == 0
@@ -255,3 +258,29 @@ def test_node_errors(pack, sam2_folder):
         node.execute(frames, gen[:, :, :30], face, "sam2.1_hiera_tiny.pt", "auto")
     with pytest.raises(CheckpointError, match="config not found"):
         node.execute(frames, gen, face, "sam2.1_hiera_tiny.pt", "absent.yaml")
+
+
+def test_node_streams_a_video_and_equals_the_image_path(pack, sam2_folder, tmp_path):
+    """VIDEO frames + a pose track (drawn on demand) composite exactly as the IMAGE frames + MASK do, and
+    the VIDEO output keeps the source's 30000/1001 frame rate and its sound."""
+    import av
+    from comfy_api.latest import InputImpl
+    from dreamidv_core.preprocess.pose.extract import PoseTrack
+
+    node = pack.nodes.composite.BackgroundComposite
+    src = InputImpl.VideoFromFile(str(make_clip(tmp_path / "c.mp4", frames=6, size=(56, 40))))
+    images = src.get_components().images
+    pts = [[np.array([[16.0 + i, 8], [40, 8], [40, 30], [16, 30]] + [[20, 12]] * 474)] for i in range(6)]
+    track = PoseTrack("face", [p[0] for p in pts], 40, 56)
+    gen = torch.rand(5, 40, 56, 3)
+    args = dict(sam2_checkpoint="sam2.1_hiera_tiny.pt", sam2_config="tiny128.yaml", prompt_frames=2,
+                mask_dilation=2, feather=4, device="cpu")
+    streamed = node.execute(src, gen, track, **args).result
+    mask = torch.from_numpy(np.stack([track.mask_frame(i) for i in range(6)]) > 0).float()
+    image_path = node.execute(images, gen, mask, **args).result
+    assert torch.equal(streamed[0], image_path[0]) and torch.equal(streamed[1], image_path[1])
+    video = streamed[2]
+    assert video.get_frame_rate() == NTSC and video.get_frame_count() == 5
+    with av.open(video.get_stream_source()) as c:  # encoded while the node ran
+        assert c.streams.video[0].average_rate == NTSC and c.streams.video[0].frames == 5 and c.streams.audio
+    assert torch.equal(video.get_components().images, (streamed[0] * 255).round() / 255)
