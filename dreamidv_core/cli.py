@@ -52,6 +52,7 @@ def cmd_swap(args) -> int:
     import torch
 
     from .weights.checkpoints import load_dit
+    from .pipelines.plan import ClipPlan
     from .pipelines.swap import SwapSettings, swap_face
     from .pipelines.text_context import get_text_context, load_precomputed_context
     from .models.vae import load_wan_vae
@@ -60,14 +61,21 @@ def cmd_swap(args) -> int:
     dit_path, vae_path, encoder, tokenizer = resolve_swap_files(args)
     device = _device(args.device)
     # the videos are read lazily and the output written as it is decoded: memory does not grow with the clip
-    video = VideoReader(args.video, max_frames=args.frame_num)
-    fps = video.fps
+    video = VideoReader(args.video)
+    settings = SwapSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
+                            shift=args.shift, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
+                            window=args.window, overlap=args.overlap, background_strength=args.background_strength,
+                            step_cache=args.step_cache, batch_guidance=args.batch_guidance, vae_tile=args.vae_tile)
+    plan = ClipPlan.build(video.probe.width, video.probe.height, len(video), args.frame_num, *args.size,
+                          args.window, args.overlap, start=args.start_frame, stride=args.every_nth)
+    rate, audio = output_rate_and_sound(args, video, plan)
     reference = read_image(args.reference)
     if args.mask:
-        mask = VideoReader(args.mask, max_frames=args.frame_num)
-        pose = VideoReader(args.pose, max_frames=args.frame_num) if args.pose else None
+        mask, pose = (None if path is None else _same_length(VideoReader(path), video) for path in (args.mask,
+                                                                                                   args.pose))
+        mask, pose = plan.select(mask), None if pose is None else plan.select(pose)
     else:
-        mask, pose = extract_pose_and_mask(args, video, reference)
+        mask, pose = extract_pose_and_mask(args, plan.select(video), reference)
     if args.context:
         context = load_precomputed_context(args.context)
     else:
@@ -83,32 +91,57 @@ def cmd_swap(args) -> int:
         from .sampling.offload import enable_block_offload
 
         print(enable_block_offload(dit, args.offload_blocks, device).describe())
-    settings = SwapSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
-                            shift=args.shift, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
-                            window=args.window, overlap=args.overlap, background_strength=args.background_strength,
-                            step_cache=args.step_cache, batch_guidance=args.batch_guidance, vae_tile=args.vae_tile)
     start = time.time()
 
     def progress(stage, i, n):
         print(f"\r{stage} {i}/{n}  {time.time() - start:6.1f}s", end="\n" if i == n else "", flush=True)
 
-    with VideoWriter(args.out, args.fps or fps) as writer:
+    with VideoWriter(args.out, rate, audio=audio) as writer:
 
         def sink(frames, start):
             if start != writer.frames_written:
                 raise RuntimeError(f"decoded frames arrive out of order ({start} after {writer.frames_written})")
             writer.write(frames.numpy())
 
-        result = swap_face(dit, vae, video, mask, reference, context.to(device), pose=pose, settings=settings,
-                           progress=progress, sink=sink)
-    print(f"wrote {args.out}: {result.frames_used} frames at {args.fps or fps:g} fps")
+        result = swap_face(dit, vae, plan.select(video), mask, reference, context.to(device), pose=pose,
+                           settings=settings, progress=progress, sink=sink, plan=plan)
+    print(f"wrote {args.out}: {result.frames_used} frames at {float(rate):g} fps"
+          + (", with the source's sound" if audio is not None else ", no sound"))
     return 0
 
 
+def _same_length(reader, video):
+    if len(reader) != len(video):
+        raise DreamIDVError(f"{reader.name}: has {len(reader)} frames but the video {video.name} has {len(video)}; "
+                            "they must have the same length")
+    return reader
+
+
+def output_rate_and_sound(args, video, plan):
+    """The output's frame rate (the source's exactly, divided by --every-nth; or --fps) and the source's sound
+    over the swapped frames' span of time (None without a sound track, with --no-audio, or when --fps changes
+    the playing speed, which would put picture and sound out of step)."""
+    from fractions import Fraction
+
+    from .io.audio import AudioClip, FileAudio
+
+    natural = video.rate / plan.stride
+    rate = Fraction(args.fps).limit_denominator(1001) if args.fps else natural
+    if args.no_audio or not video.probe.has_audio:
+        return rate, None
+    if rate != natural:
+        print(f"note: --fps {args.fps:g} plays the clip at another speed than the source's "
+              f"{float(natural):g} fps; its sound is left out")
+        return rate, None
+    sound = FileAudio(args.video)
+    return rate, AudioClip(sound, video.probe.frame_time(plan.start), float(plan.frames * plan.stride / video.rate))
+
+
 def extract_pose_and_mask(args, video, reference):
-    """Pose video and face mask from the driving video with MediaPipe, retargeted onto the reference."""
+    """Pose video and face mask from the driving video with MediaPipe, retargeted onto the reference: drawn
+    on demand from the keypoints (a few frames in memory at a time, however long the clip)."""
     from .weights.model_files import find_model_files, format_missing
-    from .preprocess.pose.extract import extract_mediapipe
+    from .preprocess.pose.extract import track_mediapipe
     from .preprocess.pose.mediapipe_face import FaceLandmarker
 
     task = args.landmarker or find_model_files(args.models_dir).path("face_landmarker")
@@ -117,10 +150,10 @@ def extract_pose_and_mask(args, video, reference):
                             + format_missing(find_model_files(args.models_dir)))
     print(f"pose and mask from the video with {task}")
     with FaceLandmarker(str(task)) as landmarker:
-        result = extract_mediapipe(video, landmarker, reference=reference)
-    if result.filled:
-        print(result.info)
-    return result.mask, result.pose
+        track = track_mediapipe(video, landmarker, reference=reference)
+    if track.filled:
+        print(track.info)
+    return track.mask, track.pose
 
 
 def cmd_convert(args) -> int:
@@ -171,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--context", help="precomputed text context (.safetensors or the official context.pth)")
     sw.add_argument("--faster", action="store_true", help="use dreamidv_faster (no pose branch)")
     sw.add_argument("--size", type=_size, default=(832, 480), help="maximum area as W*H, e.g. 832*480 or 1280*720")
-    sw.add_argument("--frame-num", type=int, help="swap only the first N frames (default: the whole clip)")
+    sw.add_argument("--frame-num", type=int, help="swap at most N frames (default: the whole clip, or range)")
+    sw.add_argument("--start-frame", type=int, default=0, help="skip the first N frames of the video")
+    sw.add_argument("--every-nth", type=int, default=1,
+                    help="swap every n-th frame (the result plays at the source's rate / n, with its sound)")
     sw.add_argument("--steps", type=int, default=20)
     sw.add_argument("--shift", type=float, default=5.0)
     sw.add_argument("--guidance", type=float, default=4.0, help="identity guidance scale")
@@ -188,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--weight-dtype", default="bf16", choices=("fp32", "bf16", "fp16", "fp8_e4m3fn"))
     sw.add_argument("--attention", default="sdpa", choices=("sdpa", "flash", "sage"))
     sw.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    sw.add_argument("--fps", type=float, help="output frame rate (default: the source's)")
+    sw.add_argument("--fps", type=float, help="output frame rate (default: the source's, exactly)")
+    sw.add_argument("--no-audio", action="store_true", help="leave the source's sound out of the result")
     sw.set_defaults(func=cmd_swap)
 
     cv = sub.add_parser("convert", help="convert an official .pth (DiT or VAE) to safetensors")
