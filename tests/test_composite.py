@@ -52,6 +52,25 @@ def test_dilate_reach():
         assert d[0, 20 + r, 20 + r] == (1 if r == 1 else 0)  # a rounded shape, not a square
 
 
+def test_fast_paths_are_exact():
+    """OpenCV dilation of bool masks equals max pooling, and the blend mask made on the box around the region
+    equals the one made on the whole frame (edges of the frame included)."""
+    g = torch.Generator().manual_seed(3)
+    for r in (1, 2, 5, 8):
+        m = torch.rand(3, 50, 70, generator=g) > 0.97
+        m[:, 0, 0] = m[:, -1, 30] = True
+        assert torch.equal(C.dilate(m, r), C.dilate(m.float(), r)), r
+    face = torch.zeros(2, 60, 80)
+    face[0, 20:30, 30:45] = 1
+    face[1, 0:8, 70:80] = 1  # touches the frame's edge
+    head = torch.zeros(2, 60, 80, dtype=torch.bool)
+    head[:, 15:35, 25:50] = True
+    for dil, fea in ((0, 0), (3, 0), (2, 7), (8, 16)):
+        region = (face >= 0.5) | head
+        whole = C.feather(C.dilate(region.float(), dil), fea)
+        assert torch.equal(C.blend_mask(face, head, dil, fea), whole), (dil, fea)
+
+
 def test_feather_edge_profile():
     hard = torch.zeros(1, 10, 80)
     hard[:, :, :30] = 1
