@@ -72,14 +72,14 @@ WF_CONTROL = {12: "fixed", 13: "fixed", 15: "fixed"}
 # (from node, output name, to node, input name)
 WF_LINKS = [
     (1, "VIDEO", 2, "video"),
-    (2, "images", 8, "frames"),
-    (2, "images", 9, "frames"),
+    (1, "VIDEO", 8, "frames"),  # the nodes that read the clip take the VIDEO (streamed); Get Video Components
+    (1, "VIDEO", 9, "frames"),  # feeds only the background recomposition and the writer, which hold the clip
     (3, "IMAGE", 9, "identity_image"),
-    (2, "images", 10, "frames"),
+    (1, "VIDEO", 10, "frames"),
     (8, "mask", 10, "mask"),
     (9, "pose", 10, "pose"),
     (3, "IMAGE", 11, "reference"),
-    (2, "images", 11, "video"),
+    (1, "VIDEO", 11, "video"),
     (6, "VAE", 11, "vae"),
     (10, "first", 12, "image"),
     (10, "first_mask", 12, "mask"),

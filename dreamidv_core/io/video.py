@@ -182,7 +182,7 @@ def probe_video(source, name: Optional[str] = None) -> VideoProbe:
                     if packet.is_keyframe:
                         key_pts.append(packet.pts)
         except av.error.FFmpegError as exc:
-            raise InputError(f"{name}: reading its packets failed ({exc}); the file is damaged") from None
+            raise InputError(f"{name}: reading its packets failed ({exc}): the file is truncated or damaged") from None
         declared = int(stream.frames or 0)
         count = len(pts) if seekable else packets
         if declared and packets < declared:
