@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import uuid
 import weakref
 from fractions import Fraction
 from pathlib import Path
@@ -87,7 +88,7 @@ class DreamIDVVideo(Input.Video):
         if path is not None and os.path.isfile(path):
             return Path(path)
         folder = common.temp_folder()
-        target = folder / f"video_{id(self):x}_{len(self._rendered)}.mp4"
+        target = folder / f"video_{uuid.uuid4().hex}.mp4"
         write_clip(self.clip, target, crf=key[0], preset=key[1],
                    progress=common.progress_hook(self.clip.count, "write"), cancel=common.cancel_hook())
         self._rendered[key] = str(target)

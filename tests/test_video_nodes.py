@@ -275,6 +275,10 @@ def test_frame_start_cap_and_stride(nodes):
         assert float(a.duration * a.time_base) == pytest.approx(float(10 / NTSC), abs=0.03)
     with pytest.raises(InputError, match=r"covers source frames 3\.\.19"):
         sample(n, n["faster"], src, ranged, start_frame=0, frame_num=5)
+    tokens = guide(n, whole, start_frame=3, frame_num=5, select_every_nth=2)  # the full model's pose tokens
+    assert sample(n, n["full"], src, whole, tokens, start_frame=3, frame_num=5, select_every_nth=2)[2] == 5
+    with pytest.raises(InputError, match="start_frame 3, select_every_nth 2"):  # made for other frames
+        sample(n, n["full"], src, whole, tokens, start_frame=5, frame_num=5, select_every_nth=2)
 
 
 @pytest.mark.parametrize("range_args, words", [
