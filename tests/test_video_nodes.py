@@ -9,7 +9,6 @@ import io
 import os
 import shutil
 import weakref
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np

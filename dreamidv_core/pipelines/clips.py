@@ -34,7 +34,7 @@ from ..io.frames import LazyFrames, iter_chunks, select_frames
 from ..io.video import VideoProbe, VideoReader, VideoWriter, probe_video, source_name, to_uint8_frames
 from ..preprocess.composite import composite_chunk
 from ..preprocess.geometry import resize_frames
-from ..preprocess.segmentation import frame_tensor, mask_frame, track_head_iter
+from ..preprocess.segmentation import mask_frame, track_head_iter
 from ..progress import Cancel, Progress, check_cancel, reporter
 from .plan import ClipPlan
 
