@@ -27,20 +27,20 @@ WORKFLOW_ID = "5f0d9e2c-6d1b-4f7e-9a51-d7e1d2a0c0a1"
 NODES = {
     1: ("LoadVideo", [0, 0], [300, 360], "Source video", {"file": "source.mp4"}),
     3: ("LoadImage", [0, 420], [300, 340], "Reference face photo", {"image": "reference.png"}),
-    4: ("DreamIDVModelLoader", [640, 470], [330, 130], None, {"model_name": "dreamidv.safetensors"}),
-    5: ("VAELoader", [640, 640], [330, 60], None, {"vae_name": "wan_2.1_vae.safetensors"}),
-    6: ("DreamIDVTextContext", [640, 740], [330, 110], None, {"text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+    4: ("DreamIDVModelLoader", [340, 470], [330, 130], None, {"model_name": "dreamidv.safetensors"}),
+    5: ("VAELoader", [340, 640], [330, 60], None, {"vae_name": "wan_2.1_vae.safetensors"}),
+    6: ("DreamIDVTextContext", [340, 740], [330, 110], None, {"text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
                                                               "precomputed_context": "none"}),
-    7: ("DreamIDVPoseExtract", [340, 0], [330, 330], None,
+    7: ("DreamIDVPoseExtract", [340, 0], [330, 350], None,
         {"source": "mediapipe", "mediapipe_model": "face_landmarker_v2_with_blendshapes.task",
          "detector_model": "yolox_l.onnx", "pose_model": "dw-ll_ucoco_384.onnx"}),
-    8: ("DreamIDVPoseGuider", [710, 0], [300, 230], None, {"width": W, "height": H}),
-    9: ("DreamIDVIdentityEncoder", [1050, 470], [320, 290], None, {"width": W, "height": H}),
-    10: ("DreamIDVSampler", [1050, 0], [320, 420], None,
+    8: ("DreamIDVPoseGuider", [710, 0], [300, 240], None, {"width": W, "height": H}),
+    9: ("DreamIDVIdentityEncoder", [710, 470], [320, 300], None, {"width": W, "height": H}),
+    10: ("DreamIDVSampler", [1090, 0], [320, 600], None,
          {"width": W, "height": H, "steps": STEPS, "shift": SHIFT, "identity_guidance": GUIDANCE, "seed": 0}),
-    11: ("DreamIDVBackgroundComposite", [1410, 0], [330, 300], None,
+    11: ("DreamIDVBackgroundComposite", [1450, 0], [330, 300], None,
          {"sam2_checkpoint": "sam2.1_hiera_tiny.pt", "sam2_config": "auto"}),
-    13: ("SaveVideo", [1780, 0], [420, 460], None, {"filename_prefix": "video/DreamID-V"}),
+    13: ("SaveVideo", [1850, 0], [420, 460], None, {"filename_prefix": "video/DreamID-V"}),
 }
 CONTROL = {10: "fixed"}  # control_after_generate value of seed widgets
 
@@ -67,11 +67,12 @@ LINKS = [
 ]
 
 GROUPS = [
-    ("Inputs: source video and reference face", [-20, -90, 320, 870], "#3f789e"),
-    ("Models", [620, 380, 370, 490], "#88A"),
-    ("Pose, sampling, background (streamed: flat memory for any clip length)", [320, -90, 1440, 460], "#b06634"),
-    ("Identity", [1030, 380, 360, 400], "#b58b2a"),
-    ("Output: source fps and audio", [1760, -90, 460, 570], "#a1309b"),
+    ("Source video, face photo", [-20, -90, 340, 870], "#3f789e"),
+    ("Pose and face mask (drawn on demand)", [320, -90, 720, 470], "#b06634"),
+    ("Models", [320, 400, 370, 470], "#88A"),
+    ("Identity", [690, 400, 360, 400], "#b58b2a"),
+    ("Sampling and background (streamed: flat memory for any clip length)", [1070, -90, 730, 720], "#b06634"),
+    ("Output: source fps and audio", [1830, -90, 460, 570], "#a1309b"),
 ]
 
 NODES_DEFAULT, LINKS_DEFAULT, GROUPS_DEFAULT, CONTROL_DEFAULT = NODES, LINKS, GROUPS, CONTROL

@@ -45,12 +45,12 @@ WF_NODES = {
     6: ("VAELoader", [340, 970], [330, 60], None, {"vae_name": "wan_2.1_vae.safetensors"}),
     7: ("DreamIDVTextContext", [340, 1070], [330, 110], None,
         {"text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "precomputed_context": "none"}),
-    8: ("DreamIDVPoseExtract", [640, 0], [330, 200], "Face mask of V_r",
+    8: ("DreamIDVPoseExtract", [640, 0], [330, 350], "Face mask of V_r",
         {"source": "mediapipe", "mediapipe_model": "face_landmarker_v2_with_blendshapes.task"}),
-    9: ("DreamIDVExpressionAdaptation", [640, 260], [330, 130], None,
+    9: ("DreamIDVExpressionAdaptation", [640, 410], [330, 130], None,
         {"mediapipe_model": "face_landmarker_v2_with_blendshapes.task"}),
     10: ("DreamIDVFirstLastFrames", [1010, 0], [300, 190], None, {}),
-    11: ("DreamIDVIdentityEncoder", [640, 440], [320, 290], "ArcFace ID of I_g", {"width": 832, "height": 480}),
+    11: ("DreamIDVIdentityEncoder", [1010, 250], [300, 300], "ArcFace ID of I_g", {"width": 832, "height": 480}),
     12: ("DreamIDVImageFaceSwap", [1350, 0], [320, 400], "Swap the first frame to I_g",
          {"width": 832, "height": 480, "steps": STEPS}),
     13: ("DreamIDVImageFaceSwap", [1350, 440], [320, 400], "Swap the last frame to I_g",
@@ -60,12 +60,12 @@ WF_NODES = {
          {"width": 832, "height": 480, "steps": STEPS}),
     16: ("DreamIDVBackgroundRecompose", [2070, 0], [340, 380], "V'_g: V_g over V_r's clean background",
          {"sam2_checkpoint": "sam2.1_hiera_tiny.pt", "sam2_config": "auto"}),
-    17: ("DreamIDVPoseExtract", [2070, 440], [330, 200], "Pose of V'_g onto the real person",
+    17: ("DreamIDVPoseExtract", [2070, 440], [330, 350], "Pose of V'_g onto the real person",
          {"source": "mediapipe", "mediapipe_model": "face_landmarker_v2_with_blendshapes.task"}),
     18: ("DreamIDVQuadrupletWriter", [2450, 0], [360, 560], None,
          {"dataset_folder": "dreamidv_dataset", "sample_prefix": "clip_0001"}),
-    19: ("CreateVideo", [2070, 700], [270, 80], "Preview V_g", {}),
-    20: ("SaveVideo", [2070, 820], [400, 420], None, {"filename_prefix": "syncid/V_g"}),
+    19: ("CreateVideo", [2070, 840], [270, 80], "Preview V_g", {}),
+    20: ("SaveVideo", [2070, 960], [400, 420], None, {"filename_prefix": "syncid/V_g"}),
 }
 WF_CONTROL = {12: "fixed", 13: "fixed", 15: "fixed"}
 
@@ -128,7 +128,7 @@ WF_GROUPS = [
     ("Pose, expression adaptation, first/last frames", [620, -90, 710, 830], "#b06634"),
     ("Image face swap of the first and last frames", [1330, -90, 360, 950], "#b58b2a"),
     ("Identity-Anchored Video Synthesizer", [1690, -90, 360, 800], "#8A8"),
-    ("Background recomposition and writer", [2050, -90, 780, 1340], "#a1309b"),
+    ("Background recomposition and writer", [2050, -90, 780, 1480], "#a1309b"),
 ]
 
 
