@@ -402,3 +402,16 @@ def test_bad_input_fails_with_clear_error_and_no_output(server, case, changes, w
     assert not outputs_under(server, prefix), f"{case}: an output was written"
     print(f"[workflow] {case}: {e.get('node_type')}: {e.get('exception_message')}")
     assert execution_error(err.value.entry) is not None
+
+
+def test_connecting_an_unused_image_output_later_runs_the_node_again(server):
+    """The streaming workflow leaves the sampler's IMAGE outputs unconnected, so the sampler does not make them;
+    connecting one afterwards must run the sampler again (not reuse its cached result without the frames)."""
+    prompt = swap_prompt(server, video="ntsc.mp4", prefix="dreamidv_test/cached")
+    server.run(prompt, timeout=180)
+    sampler = next(k for k, n in prompt.items() if n["class_type"] == "DreamIDVSampler")
+    prompt["900"] = {"class_type": "PreviewImage", "inputs": {"images": [sampler, 0]}}
+    prompt = {k: v for k, v in prompt.items() if v["class_type"] != "SaveVideo"}  # nothing else to do
+    entry = server.run(prompt, timeout=180)
+    previews = entry["outputs"]["900"]["images"]
+    assert len(previews) == FRAMES, entry["outputs"]
