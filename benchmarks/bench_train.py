@@ -13,6 +13,9 @@ Each configuration runs in a fresh process; peak memory = the process's max RSS 
     python benchmarks/bench_train.py --released --device cuda --frames 81 --steps 4
     python benchmarks/bench_train.py --released --check       # build the 1.3B model on the meta device only
                                                               # (sizes; no memory, no GPU needed)
+    python benchmarks/bench_train.py --data-loading           # mid config on a procedural mp4 dataset: s/step
+                                                              # with and without DataLoader workers and the
+                                                              # latent cache (steady state, after one epoch)
 
 Without a CUDA device ``--device cuda`` exits with status 2 and says so.
 
@@ -138,6 +141,66 @@ def child(args) -> dict:
     return out
 
 
+def data_child(args) -> dict:
+    """One data-loading configuration: the mid config, LoRA, stage 'synthetic' on a folder of procedural mp4
+    samples (training.dataset.DreamIDVDataset), ``--workers`` DataLoader workers, the latent cache on or off.
+    Times every step; the first epoch (which decodes everything and fills the cache) is reported apart."""
+    import torch
+
+    from training.dataset import DreamIDVDataset
+    from training.latent_cache import LatentCache
+    from training.stages import make_loss_fn
+    from training.trainer import TrainConfig, train
+
+    torch.set_num_threads(args.threads)
+    cfg, model, vae = build("mid", "cpu")
+    context = torch.randn(8, cfg.text_dim, generator=torch.Generator().manual_seed(0))
+    cache = LatentCache.for_vae(args.cache_dir, vae) if args.cache_dir else None
+    ds = DreamIDVDataset(args.data_dir, args.width, args.height, args.frames, latent_cache=cache)
+    n = len(ds)
+    config = TrainConfig(steps=n + args.steps, lr=1e-5, trainable="lora", lora_rank=16, lora_alpha=16.0,
+                         num_workers=args.workers, parallel="ddp", seed=0)
+    stamps = []
+    t0 = time.perf_counter()
+    train(model, ds, make_loss_fn("synthetic", vae, context, latent_cache=cache), config,
+          progress=lambda *a: stamps.append(time.perf_counter()))
+    times = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
+    later = sorted(times[n:])
+    return {"first_epoch_s_per_step": sum(times[:n]) / n, "s_per_step": later[len(later) // 2],
+            "mean_s_per_step": sum(later) / len(later), "steps": len(later)}
+
+
+def data_loading(args) -> int:
+    """Write a procedural dataset of mp4 samples, then time each data-loading configuration in a fresh process."""
+    import tempfile
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from synthetic_data import write_synthetic_dataset
+
+    frames, width, height = args.frames or 9, 128, 128
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data")
+        write_synthetic_dataset(data, args.samples, frames=frames, size=(height, width), seed=0)
+        print(f"data-loading benchmark: mid config (dim 512, 4 blocks), LoRA, stage 'synthetic' on {args.samples} "
+              f"procedural mp4 samples of {frames} frames {width}x{height} (driving, mask, pose, target, identity); "
+              f"tiny VAE; {args.threads} training threads; {args.steps} timed steps after one epoch "
+              f"({args.samples} steps) that decodes everything and fills the cache")
+        print(f"{'workers':>8} {'latent cache':>13} {'s/step':>8} {'mean s/step':>12} {'1st epoch s/step':>17}")
+        for workers, cached in ((0, False), (args.workers, False), (0, True), (args.workers, True)):
+            cache_dir = os.path.join(tmp, f"cache_{workers}") if cached else ""
+            cmd = [sys.executable, os.path.abspath(__file__), "--child-data", "--data-dir", data, "--cache-dir",
+                   cache_dir, "--workers", str(workers), "--steps", str(args.steps), "--threads", str(args.threads),
+                   "--frames", str(frames), "--width", str(width), "--height", str(height)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{workers:>8} {str(cached):>13} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{workers:>8} {'on' if cached else 'off':>13} {r['s_per_step']:>8.3f} {r['mean_s_per_step']:>12.3f} "
+                  f"{r['first_epoch_s_per_step']:>17.3f}", flush=True)
+    return 0
+
+
 def check(names, modes, lora_rank: int) -> int:
     """Build the DiT of each configuration on the meta device, select what trains, print the sizes."""
     import torch
@@ -181,10 +244,22 @@ def main(argv=None) -> int:
     ap.add_argument("--height", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--autocast", default="none", help=argparse.SUPPRESS)
+    ap.add_argument("--data-loading", action="store_true",
+                    help="time the mid config with and without DataLoader workers and the latent cache")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of --data-loading")
+    ap.add_argument("--samples", type=int, default=6, help="procedural mp4 samples of --data-loading")
+    ap.add_argument("--child-data", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--cache-dir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
         return 0
+    if args.child_data:
+        print(json.dumps(data_child(args)))
+        return 0
+    if args.data_loading:
+        return data_loading(args)
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():

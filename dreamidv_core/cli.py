@@ -1,6 +1,9 @@
-"""Command line: ``python -m dreamidv_core {swap,convert,text-context,check-models,identity-report}``.
+"""Command line: ``python -m dreamidv_core {swap,swap-batch,syncid-batch,convert,text-context,check-models,
+identity-report,evaluate}``.
 
-The swap needs no ComfyUI: it reads the weights from a folder laid out like ``ComfyUI/models``.
+The swap needs no ComfyUI: it reads the weights from a folder laid out like ``ComfyUI/models``. Under ``torchrun``
+``swap`` runs one clip on several processes (``--ulysses``, ``--cfg-parallel``, ``--dit-fsdp``) and
+``swap-batch`` / ``syncid-batch`` spread many clips over them (:mod:`dreamidv_core.parallel`).
 """
 from __future__ import annotations
 
@@ -49,11 +52,12 @@ def resolve_swap_files(args):
 
 
 def cmd_swap(args) -> int:
+    if parallel_swap_requested(args):  # under torchrun, or a parallel flag: one clip on a group of processes
+        return cmd_swap_parallel(args)
     import torch
 
     from .weights.checkpoints import load_dit
-    from .pipelines.plan import ClipPlan
-    from .pipelines.swap import SwapSettings, swap_face
+    from .pipelines.swap import swap_face
     from .pipelines.text_context import get_text_context, load_precomputed_context
     from .models.vae import load_wan_vae
     from .io.video import VideoReader, VideoWriter, read_image
@@ -62,20 +66,24 @@ def cmd_swap(args) -> int:
     device = _device(args.device)
     # the videos are read lazily and the output written as it is decoded: memory does not grow with the clip
     video = VideoReader(args.video)
-    settings = SwapSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
-                            shift=args.shift, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
-                            window=args.window, overlap=args.overlap, background_strength=args.background_strength,
-                            step_cache=args.step_cache, batch_guidance=args.batch_guidance, vae_tile=args.vae_tile)
-    plan = ClipPlan.build(video.probe.width, video.probe.height, len(video), args.frame_num, *args.size,
-                          args.window, args.overlap, start=args.start_frame, stride=args.every_nth)
+    settings = swap_settings(args)
+    plan = range_plan(args, video)
+    clip = plan.select(video)  # the frames of the range (--start-frame, --every-nth, --frame-num), lazily
     rate, audio = output_rate_and_sound(args, video, plan)
     reference = read_image(args.reference)
+    present = None
     if args.mask:
+        if args.target != "largest" or args.target_photo:
+            raise DreamIDVError("--target / --target-photo choose the person when the mask is made here; with --mask "
+                                "the mask already marks the person to swap")
         mask, pose = (None if path is None else _same_length(VideoReader(path), video) for path in (args.mask,
                                                                                                    args.pose))
         mask, pose = plan.select(mask), None if pose is None else plan.select(pose)
     else:
-        mask, pose = extract_pose_and_mask(args, plan.select(video), reference)
+        mask, pose, present = extract_pose_and_mask(args, clip, reference)
+    if args.face_crop:
+        plan = face_crop_range_plan(args, plan, len(video), mask)
+        print(plan.track.describe())
     if args.context:
         context = load_precomputed_context(args.context)
     else:
@@ -97,15 +105,11 @@ def cmd_swap(args) -> int:
         print(f"\r{stage} {i}/{n}  {time.time() - start:6.1f}s", end="\n" if i == n else "", flush=True)
 
     with VideoWriter(args.out, rate, audio=audio) as writer:
-
-        def sink(frames, start):
-            if start != writer.frames_written:
-                raise RuntimeError(f"decoded frames arrive out of order ({start} after {writer.frames_written})")
-            writer.write(frames.numpy())
-
-        result = swap_face(dit, vae, plan.select(video), mask, reference, context.to(device), pose=pose,
-                           settings=settings, progress=progress, sink=sink, plan=plan)
-    print(f"wrote {args.out}: {result.frames_used} frames at {float(rate):g} fps"
+        sink = output_sink(writer, clip, plan, present)
+        result = swap_face(dit, vae, clip, mask, reference, context.to(device), pose=pose, settings=settings,
+                           progress=progress, sink=sink, plan=plan)
+    size = "{}x{}".format(*plan.source_size) if plan.track is not None else f"{plan.size[1]}x{plan.size[0]}"
+    print(f"wrote {args.out}: {result.frames_used} frames {size} at {float(rate):g} fps"
           + (", with the source's sound" if audio is not None else ", no sound"))
     return 0
 
@@ -119,41 +123,122 @@ def _same_length(reader, video):
 
 def output_rate_and_sound(args, video, plan):
     """The output's frame rate (the source's exactly, divided by --every-nth; or --fps) and the source's sound
-    over the swapped frames' span of time (None without a sound track, with --no-audio, or when --fps changes
-    the playing speed, which would put picture and sound out of step)."""
-    from fractions import Fraction
+    over the swapped frames (:func:`~dreamidv_core.io.audio.clip_rate_and_sound`)."""
+    from .io.audio import clip_rate_and_sound
 
-    from .io.audio import AudioClip, FileAudio
-
-    natural = video.rate / plan.stride
-    rate = Fraction(args.fps).limit_denominator(1001) if args.fps else natural
-    if args.no_audio or not video.probe.has_audio:
-        return rate, None
-    if rate != natural:
+    rate, audio = clip_rate_and_sound(args.video, video.probe, plan.frames, plan.start, plan.stride, args.fps,
+                                      not args.no_audio)
+    if audio is None and args.fps and video.probe.has_audio and not args.no_audio:
         print(f"note: --fps {args.fps:g} plays the clip at another speed than the source's "
-              f"{float(natural):g} fps; its sound is left out")
-        return rate, None
-    sound = FileAudio(args.video)
-    return rate, AudioClip(sound, video.probe.frame_time(plan.start), float(plan.frames * plan.stride / video.rate))
+              f"{float(video.rate / plan.stride):g} fps; its sound is left out")
+    return rate, audio
+
+
+def swap_settings(args):
+    """The swap's settings from the command line (``swap`` and ``swap-batch``)."""
+    from .pipelines.swap import SwapSettings
+
+    return SwapSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
+                        shift=args.shift, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
+                        window=args.window, overlap=args.overlap, background_strength=args.background_strength,
+                        step_cache=args.step_cache, batch_guidance=args.batch_guidance, vae_tile=args.vae_tile)
+
+
+def range_plan(args, video):
+    """The whole-frame plan of the frame range: --start-frame, every --every-nth frame, at most --frame-num."""
+    from .pipelines.plan import ClipPlan
+
+    return ClipPlan.build(video.probe.width, video.probe.height, len(video), args.frame_num, *args.size,
+                          args.window, args.overlap, start=args.start_frame, stride=args.every_nth)
+
+
+def face_crop_range_plan(args, plan, available: int, mask):
+    """``--face-crop``: windows around the face of ``mask`` (the range's frames), pasted back per frame."""
+    from .pipelines.plan import face_crop_plan
+
+    return face_crop_plan(mask, *plan.source_size, available, args.frame_num, *args.size, args.window, args.overlap,
+                          margin=args.crop_margin, start=plan.start, stride=plan.stride)
+
+
+def output_sink(writer, clip, plan, present):
+    """Where decoded frames go (``clip``: the range's source frames): in face-crop mode pasted back into the
+    full-resolution source frames (the output has the source's size); whole frame: written at the model's
+    size as released, except frames without the target (``present`` False), which are the source frame
+    prepared the same way."""
+    import torch
+
+    from .pipelines.clip_stream import FrameSource
+    from .io.video import to_uint8_frames
+
+    source = FrameSource(clip, plan, "video") if plan.track is None else None
+
+    def sink(frames, start):
+        if start != writer.frames_written:
+            raise RuntimeError(f"decoded frames arrive out of order ({start} after {writer.frames_written})")
+        if plan.track is not None:
+            src = torch.from_numpy(to_uint8_frames(clip[start:start + frames.shape[0]], "video")).float().div_(255)
+            frames = plan.paste_back(src, frames, start)
+        elif present is not None:
+            frames = frames.clone()
+            for k in range(frames.shape[0]):
+                if not present[start + k]:
+                    frames[k] = source(start + k, start + k + 1)[:, 0].permute(1, 2, 0)
+        writer.write(frames.numpy())
+
+    return sink
 
 
 def extract_pose_and_mask(args, video, reference):
-    """Pose video and face mask from the driving video with MediaPipe, retargeted onto the reference: drawn
-    on demand from the keypoints (a few frames in memory at a time, however long the clip)."""
+    """Pose video and face mask of the target person from the driving video with MediaPipe, retargeted onto
+    the reference -> (mask, pose, per-frame presence of the target); pose and mask are drawn on demand from
+    the keypoints (a few frames in memory at a time, however long the clip)."""
     from .weights.model_files import find_model_files, format_missing
     from .preprocess.pose.extract import track_mediapipe
     from .preprocess.pose.mediapipe_face import FaceLandmarker
 
-    task = args.landmarker or find_model_files(args.models_dir).path("face_landmarker")
+    report = find_model_files(args.models_dir)
+    task = args.landmarker or report.path("face_landmarker")
     if task is None:
-        raise DreamIDVError("no --mask given and no MediaPipe face landmarker to make one.\n"
-                            + format_missing(find_model_files(args.models_dir)))
-    print(f"pose and mask from the video with {task}")
-    with FaceLandmarker(str(task)) as landmarker:
-        track = track_mediapipe(video, landmarker, reference=reference)
-    if track.filled:
-        print(track.info)
-    return track.mask, track.pose
+        raise DreamIDVError("no --mask given and no MediaPipe face landmarker to make one.\n" + format_missing(report))
+    spec, embed_face = target_choice(args, report)
+    print(f"pose and mask from the video with {task} (target: {args.target})")
+    with FaceLandmarker(str(task), num_faces=MAX_FACES, tile_levels=args.small_faces) as landmarker:
+        track = track_mediapipe(video, landmarker, reference=reference, target=spec, embed_face=embed_face)
+    print(track.info)
+    return track.mask, track.pose, track.present
+
+
+MAX_FACES = 6  # faces looked for per frame; all are tracked and the target is chosen among them
+
+
+def target_choice(args, report):
+    """--target, --target-index, --target-photo, --min-similarity -> (TargetSpec, ArcFace embedder or None).
+    ArcFace (the insightface pack, --insightface or found in the models folder) is used when there is one."""
+    from .io.video import read_image
+    from .preprocess.tracking import TargetSpec, analyzer_embedder, analyzer_photo_embedding
+
+    pack = args.insightface or report.path("insightface")
+    analyzer = None
+    if pack is not None:
+        from .preprocess.identity import load_analyzer
+
+        try:
+            analyzer = load_analyzer(pack)
+        except DreamIDVError as exc:
+            if args.target == "similar" or args.insightface:
+                raise
+            print(f"ArcFace unavailable ({exc}); people are re-identified by position, size and motion")
+    if args.target == "similar":
+        if not args.target_photo:
+            raise DreamIDVError("--target similar needs --target-photo (a photo of the person to swap)")
+        if analyzer is None:
+            raise DreamIDVError("--target similar compares faces with ArcFace: put an insightface pack (antelopev2 or "
+                                f"buffalo_l) in {args.models_dir}/insightface/models/ or pass --insightface")
+    embedding = None
+    if args.target == "similar":
+        embedding = analyzer_photo_embedding(analyzer, read_image(args.target_photo))
+    spec = TargetSpec(args.target, args.target_index, embedding, args.min_similarity, args.bridge_frames)
+    return spec, (analyzer_embedder(analyzer) if analyzer is not None else None)
 
 
 def cmd_convert(args) -> int:
@@ -182,6 +267,158 @@ def cmd_check_models(args) -> int:
     from .weights.model_files import main as check_main
 
     return check_main(["--models-dir", args.models_dir] + (["--strict"] if args.strict else []))
+
+
+# ------------------------------------------------------------------------------------------------ several processes
+def parallel_swap_requested(args) -> bool:
+    from .parallel.process import torchrun_world
+
+    return torchrun_world() > 1 or args.ulysses > 1 or args.cfg_parallel or args.dit_fsdp
+
+
+def _parallel_config(args):
+    from .parallel.mesh import ParallelConfig
+
+    return ParallelConfig(ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fsdp=args.dit_fsdp)
+
+
+def _swap_models(args, mesh):
+    """The swap's models on every rank of a torchrun job (pipelines.swap_batch.load_swap_models)."""
+    from .pipelines.swap_batch import load_swap_models
+    from .pipelines.text_context import get_text_context, load_precomputed_context
+
+    dit_path, vae_path, encoder, tokenizer = resolve_swap_files(args)
+    device = _device(args.device)
+    if mesh.active and args.device != "auto" and mesh.is_main:
+        print(f"--device {args.device} is ignored under torchrun: each process takes cuda:LOCAL_RANK (or the CPU)")
+
+    def context():
+        if args.context:
+            return load_precomputed_context(args.context)
+        print(f"text context from {encoder} (cached after the first run)")
+        return get_text_context(encoder, tokenizer, device=device if not mesh.active else mesh.device)
+
+    return load_swap_models(mesh, dit_path, vae_path, context, weight_dtype=args.weight_dtype, attention=args.attention,
+                            device=device, offload_blocks=args.offload_blocks, settings=swap_settings(args))
+
+
+def _refuse_face_crop(args) -> None:
+    if getattr(args, "face_crop", False):
+        raise DreamIDVError("--face-crop is not available with several processes or swap-batch yet: run the swap "
+                            "in one process (without --ulysses / --cfg-parallel / torchrun)")
+    if getattr(args, "start_frame", 0) or getattr(args, "every_nth", 1) != 1:
+        raise DreamIDVError("--start-frame / --every-nth are not available with several processes or swap-batch yet "
+                            "(--frame-num is): run the swap in one process (without --ulysses / --cfg-parallel / "
+                            "torchrun)")
+
+
+def _extractor(args):
+    """(video, reference) -> (mask, pose) with MediaPipe (the tracked target), for clips given without mask and
+    pose videos. Frames without the target get an empty mask (they are swapped, not copied, in these modes)."""
+    return lambda video, reference: extract_pose_and_mask(args, video, reference)[:2]
+
+
+def cmd_swap_parallel(args) -> int:
+    """``swap`` on a group of processes: ``torchrun --nproc_per_node=N -m dreamidv_core swap ... --ulysses U
+    [--cfg-parallel] [--dit-fsdp]`` with N = U (x 2 with --cfg-parallel)."""
+    _refuse_face_crop(args)
+    from .parallel.batch import Job
+    from .parallel.mesh import init_mesh
+    from .pipelines.swap_batch import swap_job
+
+    files = {"video": args.video, "reference": args.reference}
+    files.update({k: getattr(args, k) for k in ("mask", "pose") if getattr(args, k)})
+    with init_mesh(_parallel_config(args), one_job=True) as mesh:
+        models = _swap_models(args, mesh)
+        start = time.time()
+
+        def progress(stage, i, n):
+            print(f"\r{stage} {i}/{n}  {time.time() - start:6.1f}s", end="\n" if i == n else "", flush=True)
+
+        if mesh.is_main:
+            print(f"swapping on {mesh.world} process{'es' if mesh.world > 1 else ''}: {mesh.config.describe()}")
+        note = swap_job(mesh, models, Job("clip", files), args.out, swap_settings(args),
+                        extract=None if args.mask else _extractor(args), fps=args.fps, progress=progress,
+                        sound=not args.no_audio)
+        if mesh.is_main:
+            print(f"wrote {args.out}: {note.split(' -> ')[0]}")
+    return 0
+
+
+def cmd_swap_batch(args) -> int:
+    """Many clips over the processes: a line per clip, a summary; rerun to continue an interrupted run."""
+    _refuse_face_crop(args)
+    from .parallel.mesh import init_mesh
+    from .pipelines.swap_batch import run_swap_batch, swap_jobs
+
+    with init_mesh(_parallel_config(args)) as mesh:
+        jobs = mesh.run_on_main(lambda: swap_jobs(args.inputs, args.reference, args.frame_num, args.size),
+                                f"reading the jobs of {args.inputs}")
+        report = run_swap_batch(mesh, None, jobs, args.out_dir, swap_settings(args), extract=_extractor(args),
+                                fps=args.fps, load=lambda: _swap_models(args, mesh), sound=not args.no_audio)
+    return 1 if report is not None and report.failed else 0
+
+
+def cmd_syncid_batch(args) -> int:
+    """The SyncID-Pipe over a folder of real clips, one clip per process (data parallel)."""
+    import torch
+
+    from .parallel.mesh import init_mesh
+    from .synthesis.batch import run_syncid_batch, syncid_jobs
+
+    with init_mesh() as mesh:
+        jobs = mesh.run_on_main(lambda: syncid_jobs(args.clips, args.identities, args.frame_num, args.size),
+                                f"reading the jobs of {args.clips}")
+        with torch.no_grad():
+            report = run_syncid_batch(mesh, None, jobs, args.out_dir, _syncid_settings(args),
+                                      load=lambda: _syncid_models(args, mesh))
+    return 1 if report is not None and report.failed else 0
+
+
+def _syncid_settings(args):
+    from .synthesis.pipeline import SyncIDSettings
+    from .synthesis.writer import DIRECTIONS, QuadrupletSettings
+
+    low, high = args.min_identity_target, args.max_identity_driving
+    writer = QuadrupletSettings(directions=DIRECTIONS if args.directions == "both" else (args.directions,),
+                                min_identity_target=None if low <= -1 else low,
+                                max_identity_driving=None if high >= 1 else high,
+                                similarity_stride=args.similarity_stride)
+    return SyncIDSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
+                          shift=args.shift, identity_guidance=args.guidance, ivs_guidance=args.ivs_guidance,
+                          seed=args.seed, sampler=args.sampler, window=args.window, overlap=args.overlap,
+                          background_mode=args.background_mode, writer=writer)
+
+
+def _syncid_models(args, mesh):
+    from .synthesis.batch import load_syncid_models
+
+    return load_syncid_models(mesh, args.models_dir, dit=args.dit, ivs=args.ivs, vae=args.vae,
+                              text_encoder=args.text_encoder, tokenizer=args.tokenizer, context=args.context,
+                              landmarker=args.landmarker, insightface_dir=args.insightface_dir,
+                              insightface_pack=args.insightface_pack, provider=args.provider, sam2=args.sam2,
+                              weight_dtype=args.weight_dtype, device=_device(args.device))
+
+
+def add_parallel_options(parser) -> None:
+    parser.add_argument("--ulysses", "--ulysses-size", type=int, default=1, metavar="N",
+                        help="sequence parallelism: each clip's tokens split over N processes (N divides the 12 heads: "
+                             "2, 3, 4, 6, 12); under torchrun")
+    parser.add_argument("--cfg-parallel", action="store_true",
+                        help="the two identity-guidance passes on two processes (doubles the processes per clip)")
+    parser.add_argument("--dit-fsdp", action="store_true",
+                        help="shard the DiT blocks' weights over the processes of a clip (FSDP): less memory per GPU")
+
+
+def options_of(parser, skip=(), only=None) -> argparse.ArgumentParser:
+    """A parent parser with ``parser``'s options (``only`` those named, if given) except those in ``skip``."""
+    parent = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        names = set(action.option_strings)
+        if names and not names & set(skip) and (only is None or names & set(only)) \
+                and not isinstance(action, argparse._HelpAction):
+            parent._add_action(action)
+    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,7 +463,69 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     sw.add_argument("--fps", type=float, help="output frame rate (default: the source's, exactly)")
     sw.add_argument("--no-audio", action="store_true", help="leave the source's sound out of the result")
+    sw.add_argument("--target", default="largest", choices=("largest", "index", "similar"),
+                    help="the person to swap, chosen once for the clip and tracked: the largest face over the clip, "
+                         "--target-index, or the face most similar to --target-photo (ArcFace)")
+    sw.add_argument("--target-index", type=int, default=0,
+                    help="with --target index: 0 = the leftmost person at first appearance")
+    sw.add_argument("--target-photo", help="with --target similar: a photo of the person to swap")
+    sw.add_argument("--min-similarity", type=float, default=0.3,
+                    help="with --target similar: the least ArcFace similarity accepted (else an error)")
+    sw.add_argument("--bridge-frames", type=int, default=3,
+                    help="target misses of at most N frames keep its nearest pose and mask; longer absences are "
+                         "passed through unchanged")
+    sw.add_argument("--insightface", help="insightface pack folder for ArcFace (default: found in "
+                                          "<models-dir>/insightface/models/)")
+    sw.add_argument("--small-faces", type=int, default=0, choices=(0, 1, 2, 3),
+                    help="also search MediaPipe tiles for faces down to ~1/6, 1/12, 1/24 of the frame's short side "
+                         "(wide shots, 4K; slower)")
+    sw.add_argument("--face-crop", action="store_true",
+                    help="swap a window around the face at the model's resolution and paste it back into the "
+                         "full-resolution frames (the output keeps the source's size)")
+    sw.add_argument("--crop-margin", type=float, default=1.0,
+                    help="with --face-crop: context around the face in face sizes on each side")
     sw.set_defaults(func=cmd_swap)
+    add_parallel_options(sw)
+
+    per_clip = ("--video", "--reference", "--mask", "--pose", "--out")
+    sb = sub.add_parser("swap-batch", parents=[options_of(sw, per_clip)],
+                        help="swap many clips, spread over the processes of a torchrun job; resumable",
+                        description="Swap every clip of a folder or list. Under torchrun the processes form groups of "
+                                    "--ulysses (x 2 with --cfg-parallel) ranks, each group swapping its share of the "
+                                    "clips. Outputs are written atomically; a rerun skips the finished ones.")
+    sb.add_argument("--inputs", required=True, help="a folder of videos (each with a same-named reference image, or "
+                                                    "--reference) or a .csv/.jsonl list: video, reference, "
+                                                    "[mask, pose, name, seed]")
+    sb.add_argument("--reference", help="one face photo for every clip without its own")
+    sb.add_argument("--out-dir", required=True, help="where <name>.mp4 go (existing ones are skipped)")
+    sb.set_defaults(func=cmd_swap_batch)
+
+    shared = ("--models-dir", "--dit", "--vae", "--text-encoder", "--tokenizer", "--context", "--landmarker", "--size",
+              "--frame-num", "--steps", "--shift", "--guidance", "--seed", "--sampler", "--window", "--overlap",
+              "--weight-dtype", "--device")
+    sy = sub.add_parser("syncid-batch", parents=[options_of(sw, only=shared)],
+                        help="SyncID-Pipe training data from a folder of real clips; resumable",
+                        description="For every real clip: expression adaptation onto a new face I_g, DreamID-V on the "
+                                    "first/last frames (--guidance), the IVS (--window, --overlap), background "
+                                    "recomposition, then the forward and backward samples (training/DATASET.md). One "
+                                    "clip per process under torchrun.")
+    sy.add_argument("--clips", required=True, help="a folder of real clips or a .csv/.jsonl list: clip, identity, "
+                                                   "[real_identity, name, seed]")
+    sy.add_argument("--identities", help="with a folder of clips: a folder of new face images I_g (clip k gets face "
+                                         "k mod their number)")
+    sy.add_argument("--out-dir", required=True, help="the dataset folder")
+    sy.add_argument("--ivs", help="IVS DiT (default: found in <models-dir>/diffusion_models: dreamidv_ivs.safetensors)")
+    sy.add_argument("--insightface-dir", help="folder holding models/<pack> (default <models-dir>/insightface)")
+    sy.add_argument("--sam2", help="SAM 2 checkpoint: grow the masks to the tracked head")
+    sy.add_argument("--insightface-pack", default="antelopev2", choices=("antelopev2", "buffalo_l"))
+    sy.add_argument("--provider", default="CPU", help="onnxruntime provider for ArcFace (CPU, CUDA)")
+    sy.add_argument("--ivs-guidance", type=float, default=1.0, help="IVS text guidance (1: one pass)")
+    sy.add_argument("--background-mode", default="plate", choices=("plate", "inpaint"))
+    sy.add_argument("--directions", default="both", choices=("both", "forward", "backward"))
+    sy.add_argument("--min-identity-target", type=float, default=0.3, help="reject below (-1: off)")
+    sy.add_argument("--max-identity-driving", type=float, default=0.5, help="reject above (1: off)")
+    sy.add_argument("--similarity-stride", type=int, default=1)
+    sy.set_defaults(func=cmd_syncid_batch)
 
     cv = sub.add_parser("convert", help="convert an official .pth (DiT or VAE) to safetensors")
     cv.add_argument("src")
@@ -255,6 +554,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .eval.identity_report import identity_report_main
 
         return identity_report_main(argv[1:])
+    if argv[:1] == ["evaluate"]:  # its own parser: the IDBench-V-like evaluation of swapped videos
+        from .eval.benchmark import evaluate_main
+
+        return evaluate_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

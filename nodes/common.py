@@ -14,6 +14,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from dreamidv_core.errors import CheckpointError
+from dreamidv_core.preprocess.onnx_session import PROVIDER_CHOICES
 
 CATEGORY = "DreamID-V"
 NODE_PREFIX = "DreamIDV"
@@ -35,6 +36,14 @@ PACK_FOLDERS = {
     "dwpose": {".onnx"},
     "dreamidv": {".safetensors", ".pth", ".pt"},  # text-context cache and pack-specific files
 }
+
+
+def onnx_provider_input(what: str, optional: bool = False) -> io.Combo.Input:
+    """The ``provider`` combo of every node that runs ONNX models with onnxruntime."""
+    return io.Combo.Input("provider", options=list(PROVIDER_CHOICES), default="auto", optional=optional,
+                          tooltip=f"onnxruntime device for {what}. auto: the best the installed onnxruntime build "
+                          "offers (CUDA, ROCm, DirectML, CoreML, OpenVINO, else CPU). A device the build lacks runs on "
+                          "CPU with a note in the log; for CUDA install onnxruntime-gpu (instead of onnxruntime).")
 
 
 def register_model_folders() -> None:

@@ -24,6 +24,7 @@ from .video import DreamIDVVideo, clip_of, plan_frames
 
 SAM2_FOLDER = "sam2"
 CKPT_SUFFIXES = (".pt", ".pth", ".safetensors")
+NO_SAM2 = "none"  # composite inside the (dilated, feathered) face mask only: needs no sam2 package
 
 
 def sam2_config_path(config: str):
@@ -65,9 +66,11 @@ class BackgroundComposite(io.ComfyNode):
                 io.MultiType.Input("face_mask", types=[io.Mask, io.Video, common.PoseMask],
                                    tooltip="Face mask of the source frames: the pose node's pose_mask (or a MASK); "
                                            "SAM2 is prompted with it and the result always contains it."),
-                io.Combo.Input("sam2_checkpoint", options=common.model_choices(SAM2_FOLDER, CKPT_SUFFIXES),
+                io.Combo.Input("sam2_checkpoint", options=common.model_choices(SAM2_FOLDER, CKPT_SUFFIXES) + [NO_SAM2],
                                tooltip="SAM2 checkpoint in models/sam2 (sam2.1_hiera_tiny/small/base_plus/large.pt "
-                                       "or the SAM 2.0 sam2_hiera_*.pt files)."),
+                                       "or the SAM 2.0 sam2_hiera_*.pt files). 'none': no SAM2 (and no sam2 "
+                                       "package needed): the generated pixels are pasted inside the dilated, "
+                                       "feathered face mask only."),
                 io.Combo.Input("sam2_config", options=configs, default="auto",
                                tooltip="Model config: 'auto' tells it from the checkpoint; or a config bundled "
                                        "with the sam2 package, or a .yaml file in models/sam2."),
@@ -115,20 +118,10 @@ class BackgroundComposite(io.ComfyNode):
                              "sampler's video or frames_in_source)")
         plan = FrameSpan.of(source.width, source.height, picked[:gen.count])
         original = source.select(plan.source_frames)
-        ckpt = str(common.resolve_model_file(SAM2_FOLDER, sam2_checkpoint, "one of " + ", ".join(segmentation.OFFICIAL_NAMES)))
-        config = sam2_config_path(sam2_config)
         dev = sam2_device(device)
-        with plan_frames(face_mask, plan, "face_mask", "mask", source.count) as face:
-            segmentation.prompt_frame_indices(face, 1)  # fail before loading anything when there is no face
-            if dev.type != "cpu":
-                comfy.model_management.free_memory(3 * 1024 ** 3, dev)
-            predictor = segmentation.load_video_predictor(ckpt, config, device=dev)
-            try:
-                heads = track_heads(predictor, original, face, prompt_frames,
-                                    progress=common.progress_hook(gen.count, "segment"), cancel=common.cancel_hook())
-            finally:
-                del predictor
-                comfy.model_management.soft_empty_cache()
+        heads = None if sam2_checkpoint == NO_SAM2 else segment_heads(original, face_mask, plan, source.count,
+                                                                       sam2_checkpoint, sam2_config, dev,
+                                                                       prompt_frames)
         result = CompositedClip(original, gen, _PlanMask(face_mask, plan, source.count), heads, mask_dilation,
                                 feather, device=dev)
         wanted = common.wanted_outputs(cls)
@@ -140,6 +133,24 @@ class BackgroundComposite(io.ComfyNode):
             video = DreamIDVVideo(result)
             video.render()  # encoded now, once: Save Video (and any later save) copies the file
         return io.NodeOutput(out, mask, video)
+
+
+def segment_heads(original, face_mask, plan, source_count: int, sam2_checkpoint: str, sam2_config: str, dev,
+                  prompt_frames: int):
+    """The head masks SAM 2 tracks through ``original`` from the face mask (kept on disk, a chunk at a time)."""
+    ckpt = str(common.resolve_model_file(SAM2_FOLDER, sam2_checkpoint, "one of " + ", ".join(segmentation.OFFICIAL_NAMES)))
+    config = sam2_config_path(sam2_config)
+    with plan_frames(face_mask, plan, "face_mask", "mask", source_count) as face:
+        segmentation.prompt_frame_indices(face, 1)  # fail before loading anything when there is no face
+        if dev.type != "cpu":
+            comfy.model_management.free_memory(3 * 1024 ** 3, dev)
+        predictor = segmentation.load_video_predictor(ckpt, config, device=dev)
+        try:
+            return track_heads(predictor, original, face, prompt_frames,
+                               progress=common.progress_hook(plan.frames, "segment"), cancel=common.cancel_hook())
+        finally:
+            del predictor
+            comfy.model_management.soft_empty_cache()
 
 
 class _PlanMask:

@@ -1,7 +1,8 @@
 """DreamID-V nodes: the ArcFace ID-token encoder (reference photo -> DREAMIDV_IDENTITY).
 
-A thin adapter over :mod:`dreamidv_core.preprocess.identity`; the insightface pack comes from ComfyUI's
-``insightface`` model folder(s) (``models/insightface/models/<antelopev2|buffalo_l>/``).
+A thin adapter over :mod:`dreamidv_core.preprocess.identity`; the model files come from ComfyUI's
+``insightface`` model folder(s) (``models/insightface/models/<antelopev2|buffalo_l>/``) and run on
+onnxruntime (the optional "face" extra; the insightface package is not needed).
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ class DreamIDVIdentityEncoder(io.ComfyNode):
             node_id="DreamIDVIdentityEncoder",
             display_name="DreamID-V ArcFace ID Token Encoder",
             category=common.CATEGORY,
-            description="Reference photo -> DreamID-V identity: the face found with insightface, its ArcFace "
-                        "embedding, the photo letterboxed onto the video frame size and its VAE latent "
+            description="Reference photo -> DreamID-V identity: the face found by the insightface pack's detector, its "
+                        "ArcFace embedding, the photo letterboxed onto the video frame size and its VAE latent "
                         "(the released model's identity tokens).",
             inputs=[
                 io.Image.Input("reference", tooltip="The photo of the face to put into the video (alpha and "
@@ -44,9 +45,7 @@ class DreamIDVIdentityEncoder(io.ComfyNode):
                                tooltip="insightface model pack in models/insightface/models/<pack>/: antelopev2 "
                                "(scrfd_10g_bnkps.onnx + glintr100.onnx) or buffalo_l (det_10g.onnx + "
                                "w600k_r50.onnx). Never downloaded automatically."),
-                io.Combo.Input("provider", options=list(core.PROVIDERS), default="CPU",
-                               tooltip="onnxruntime device for insightface. CUDA needs onnxruntime-gpu "
-                               "(falls back to CPU with a warning otherwise)."),
+                common.onnx_provider_input("face detection and ArcFace"),
                 io.Int.Input("detection_size", default=640, min=128, max=2048, step=32,
                              tooltip="Square size the photo is fitted into for face detection (multiple of 32)."),
                 io.Float.Input("detection_threshold", default=0.5, min=0.05, max=0.99, step=0.01,
@@ -84,6 +83,8 @@ class DreamIDVIdentityEncoder(io.ComfyNode):
                                 "left to right; the chosen one in green."),
                 FaceEmbedding.Output(display_name="embedding", tooltip="L2-normalised ArcFace embedding "
                                      "[1, 512] of the chosen face."),
+                io.String.Output("info", display_name="info", tooltip="Which model files ran on which onnxruntime "
+                                 "build and device, the faces found and the one chosen."),
             ],
         )
 
@@ -99,7 +100,10 @@ class DreamIDVIdentityEncoder(io.ComfyNode):
             None if vae is None else PixelSpaceVAE(vae), (width, height))
         preview = bundle.letterboxed if bundle.letterboxed is not None else bundle.image
         embedding = torch.from_numpy(bundle.embedding.copy())[None]
-        return io.NodeOutput(bundle, _image(preview), _image(core.draw_faces(bundle.image, faces, chosen)), embedding)
+        info = (f"{analyzer.info}; {len(faces)} face{'s' if len(faces) != 1 else ''} found, "
+                f"#{chosen} chosen ({face_selection}, numbered left to right)")
+        return io.NodeOutput(bundle, _image(preview), _image(core.draw_faces(bundle.image, faces, chosen)), embedding,
+                             info)
 
 
 NODES = [DreamIDVIdentityEncoder]

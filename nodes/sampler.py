@@ -28,10 +28,10 @@ from comfy_api.latest import io
 from dreamidv_core.errors import InputError
 from dreamidv_core.pipelines.adapters import PixelSpaceVAE, PoseTokenSet, context_from_conditioning
 from dreamidv_core.pipelines.clips import CHUNK, StoreSink, SwappedClip, to_float_frames
-from dreamidv_core.pipelines.plan import ClipPlan
+from dreamidv_core.pipelines.plan import ClipPlan, face_crop_plan
+from dreamidv_core.preprocess.face_crop import DEFAULT_MARGIN, mask_presence
 from dreamidv_core.pipelines.swap import SwapSettings, id_embedding_rows, pose_tokens_for, swap_face
 from dreamidv_core.preprocess.identity_bundle import encode_reference
-from dreamidv_core.preprocess.geometry import paste_back
 from dreamidv_core.sampling.samplers import SAMPLERS
 
 from . import common
@@ -83,6 +83,22 @@ def sampling_inputs(guidance) -> list:
     ]
 
 
+def face_crop_inputs() -> list:
+    """``face_crop`` / ``crop_margin``: face-crop mode (:mod:`dreamidv_core.preprocess.face_crop`), the same on
+    the PoseGuider and the sampler."""
+    return [
+        io.Boolean.Input("face_crop", default=False, optional=True,
+                         tooltip="Off (as released): the whole frame is resized to the model's area. On: each frame "
+                                 "is cropped to a window around the face of the mask (width x height aspect ratio, "
+                                 "smoothed over time, inside the frame), swapped at the model's resolution and "
+                                 "pasted back into the full-resolution frames through a feathered edge: small faces "
+                                 "in large frames get many more model pixels. Set it the same on the PoseGuider."),
+        io.Float.Input("crop_margin", default=DEFAULT_MARGIN, min=0.0, max=5.0, step=0.05, optional=True,
+                       tooltip="Face crop: context around the face, in face sizes on each side (1: the face is a "
+                               "third of the window's height). Same value on the PoseGuider."),
+    ]
+
+
 IDENTITY_GUIDANCE_TOOLTIP = ("Identity guidance: pred = c + g * (c - u), with u the pass without the reference. "
                              "0 skips the second pass (released: 4).")
 
@@ -119,6 +135,10 @@ class DreamIDVPoseGuider(io.ComfyNode):
                                    tooltip="The pose node's pose_mask (drawn on demand), or pose frames (IMAGE or "
                                            "VIDEO) of the same length and size as the video to swap."),
                 *_geometry_inputs(),
+                io.MultiType.Input("mask", types=[io.Mask, io.Video, common.PoseMask], optional=True,
+                                   tooltip="Face crop only: the face mask (the pose node's pose_mask or mask), the "
+                                           "same one the sampler gets; the crop windows follow it."),
+                *face_crop_inputs(),
                 *common.frame_range_inputs(),
             ],
             outputs=[common.PoseTokens.Output(display_name="pose_tokens",
@@ -126,8 +146,8 @@ class DreamIDVPoseGuider(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, pose_video, width=832, height=480, frame_num=0, window=81, overlap=16, start_frame=0,
-                select_every_nth=1) -> io.NodeOutput:
+    def execute(cls, model, pose_video, width=832, height=480, frame_num=0, window=81, overlap=16, mask=None,
+                face_crop=False, crop_margin=DEFAULT_MARGIN, start_frame=0, select_every_nth=1) -> io.NodeOutput:
         _check_model(model)
         if not model.dit.cfg.has_pose:
             raise InputError(f"model: {model.name} is the faster DreamID-V variant, which has no pose branch; "
@@ -135,6 +155,8 @@ class DreamIDVPoseGuider(io.ComfyNode):
         src_w, src_h, available = source_geometry(pose_video, "pose_video")
         plan = ClipPlan.build(src_w, src_h, available, frame_num or None, width, height, window, overlap,
                               start_frame, select_every_nth)
+        if face_crop:
+            plan = face_crop_clip_plan(plan, available, window, overlap, crop_margin, mask)
         model.load(memory_estimate(model.dit, plan, cache_pose_kv=False))
         try:
             with plan_frames(pose_video, plan, "pose_video", "pose") as pose:
@@ -201,16 +223,19 @@ class DreamIDVSampler(io.ComfyNode):
                 common.PoseTokens.Input("pose_tokens", optional=True,
                                         tooltip="From DreamIDVPoseGuider; required by the full model, ignored by "
                                                 "the faster one."),
+                *face_crop_inputs(),
                 *common.frame_range_inputs(),
             ],
             outputs=[
                 io.Image.Output(display_name="frames",
-                                tooltip="Swapped frames at model resolution (the resized, centre-cropped area). "
-                                        "Whole clip in memory: made only when connected."),
+                                tooltip="Swapped frames at model resolution (the resized, centre-cropped area; with "
+                                        "face_crop: the face windows). Whole clip in memory: made only when "
+                                        "connected."),
                 io.Image.Output(display_name="frames_in_source",
                                 tooltip="The swapped frames resized back into the source frames: same size as "
-                                        "the input video; pixels outside the model's crop are the source's. Whole "
-                                        "clip at source size in memory (~24 MB a 1080p frame): made only when "
+                                        "the input video; pixels outside the model's crop (face_crop: outside the "
+                                        "face window) and frames whose mask is empty are the source's. Whole clip "
+                                        "at source size in memory (~24 MB a 1080p frame): made only when "
                                         "connected; prefer the video output."),
                 io.Int.Output(display_name="frame_count",
                               tooltip="Frames swapped (the frame range, at most frame_num)."),
@@ -230,7 +255,8 @@ class DreamIDVSampler(io.ComfyNode):
     def execute(cls, model, vae, positive, identity, video, mask, width=832, height=480, frame_num=0, window=81,
                 overlap=16, steps=20, shift=5.0, identity_guidance=4.0, seed=0, sampler="unipc",
                 batch_guidance=False, background_strength=0.0, step_cache=0.0, vae_tile=0, vae_tile_overlap=8,
-                pose_tokens=None, start_frame=0, select_every_nth=1) -> io.NodeOutput:
+                pose_tokens=None, face_crop=False, crop_margin=DEFAULT_MARGIN, start_frame=0,
+                select_every_nth=1) -> io.NodeOutput:
         _check_model(model)
         dit = model.dit
         context = conditioning_context(positive, dit.cfg.text_dim)
@@ -240,6 +266,8 @@ class DreamIDVSampler(io.ComfyNode):
         id_embedding = identity_embedding(dit, identity, model.name)
         plan = ClipPlan.build(source.width, source.height, source.count, frame_num or None, width, height, window,
                               overlap, start_frame, select_every_nth)
+        if face_crop:
+            plan = face_crop_clip_plan(plan, source.count, window, overlap, crop_margin, mask)
         settings = SwapSettings(width=width, height=height, frame_num=frame_num or None, steps=steps, shift=shift,
                                 guidance=identity_guidance, seed=seed, sampler=sampler, batch_guidance=batch_guidance,
                                 window=window, overlap=overlap, background_strength=background_strength,
@@ -259,10 +287,12 @@ class DreamIDVSampler(io.ComfyNode):
         sink = StoreSink(plan, common.temp_folder(), store=use(3), keep=use(0) or use(1))
         need = memory_estimate(dit, plan, 2 if batch_guidance else 1)
         adapter = PixelSpaceVAE(vae, after_encode=lambda: model.load(need))
-        ref_latent = identity.latent_for(plan.source_size, plan.area)
+        ref_latent = identity.latent_for(plan.reference_size, plan.area)
         if ref_latent is None:
-            ref_latent = encode_reference(adapter, identity.image, plan.source_size, plan.area)
+            ref_latent = encode_reference(adapter, identity.image, plan.reference_size, plan.area)
         with source.open() as frames, plan_frames(mask, plan, "mask", "mask", source.count) as mask_frames:
+            # whole frame: frames whose mask is empty stay the source's (face crop: the track knows them)
+            present = None if plan.track is not None else mask_presence(mask_frames, plan.frames)
             model.load(need)
             try:
                 result = swap_face(dit, adapter, plan.select(frames), mask_frames, None, context, settings=settings,
@@ -274,20 +304,33 @@ class DreamIDVSampler(io.ComfyNode):
         if step_cache > 0:
             log.info("DreamID-V: step cache skipped %d of %d DiT evaluations", result.skipped, result.evaluations)
         frames = sink.kept.to(mm.intermediate_device(), torch.float32) if use(0) else None
-        in_source = pasted_in_source(source, plan, sink.kept) if use(1) else None
-        out_video = DreamIDVVideo(SwappedClip(source, plan, sink.store)) if use(3) else None
+        in_source = pasted_in_source(source, plan, sink.kept, present) if use(1) else None
+        out_video = DreamIDVVideo(SwappedClip(source, plan, sink.store, present=present)) if use(3) else None
         return io.NodeOutput(frames, in_source, result.frames_used, out_video)
 
 
-def pasted_in_source(source, plan: ClipPlan, frames: torch.Tensor) -> torch.Tensor:
-    """IMAGE [F, H, W, 3]: the model's frames (float) pasted into the plan's source frames, a chunk at a time
-    into one preallocated tensor (the memory-hungry output)."""
+def face_crop_clip_plan(plan: ClipPlan, available: int, window: int, overlap: int, crop_margin: float,
+                        mask) -> ClipPlan:
+    """``plan``'s frame range in face-crop mode: windows around the face of ``mask`` (the pose node's), read
+    a frame at a time."""
+    if mask is None:
+        raise InputError("mask: face_crop is on but no mask is connected; connect the pose node's pose_mask or mask "
+                         "(the crop windows follow the face it marks)")
+    w, h = plan.source_size
+    with plan_frames(mask, plan, "mask", "mask", available) as mask_frames:
+        return face_crop_plan(mask_frames, w, h, available, plan.frames, *plan.area, window, overlap, crop_margin,
+                              start=plan.start, stride=plan.stride)
+
+
+def pasted_in_source(source, plan: ClipPlan, frames: torch.Tensor, present=None) -> torch.Tensor:
+    """IMAGE [F, H, W, 3]: the model's frames (float) pasted into the plan's source frames (``present``:
+    :meth:`ClipPlan.paste_back`), a chunk at a time into one preallocated tensor (the memory-hungry output)."""
     out = torch.empty(plan.frames, source.height, source.width, 3, dtype=torch.float32)
     with source.open() as seq:
         picked = plan.select(seq)
         for a in range(0, plan.frames, CHUNK):
             b = min(a + CHUNK, plan.frames)
-            out[a:b] = paste_back(to_float_frames(picked[a:b]), frames[a:b], plan.crop)
+            out[a:b] = plan.paste_back(to_float_frames(picked[a:b]), frames[a:b], a, present)
     return out.to(mm.intermediate_device())
 
 

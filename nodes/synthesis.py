@@ -337,7 +337,7 @@ class DreamIDVQuadrupletWriter(io.ComfyNode):
                              tooltip="Measure ArcFace on every k-th frame (faster; the others are null)."),
                 io.Combo.Input("insightface_pack", options=list(id_core.PACK_NAMES), default="antelopev2",
                                tooltip="insightface pack in models/insightface/models/<pack>/ (ArcFace)."),
-                io.Combo.Input("provider", options=list(id_core.PROVIDERS), default="CPU", tooltip="onnxruntime device."),
+                common.onnx_provider_input("face detection and ArcFace"),
                 io.Int.Input("detection_size", default=640, min=128, max=2048, step=32, tooltip="Face detection size."),
                 io.Float.Input("detection_threshold", default=0.5, min=0.05, max=0.99, step=0.01,
                                tooltip="Minimum detector confidence."),
@@ -354,7 +354,7 @@ class DreamIDVQuadrupletWriter(io.ComfyNode):
     def execute(cls, dataset_folder, sample_prefix, real_frames, generated, identity_image, forward_mask,
                 backward_mask=None, forward_pose=None, backward_pose=None, recomposed=None, real_identity=None,
                 directions="both", fps=24.0, min_identity_target=0.3, max_identity_driving=0.5, similarity_stride=1,
-                insightface_pack="antelopev2", provider="CPU", detection_size=640, detection_threshold=0.5,
+                insightface_pack="antelopev2", provider="auto", detection_size=640, detection_threshold=0.5,
                 source="") -> io.NodeOutput:
         root = dataset_root(dataset_folder)
         dirs = DIRECTIONS if directions == "both" else (directions,)

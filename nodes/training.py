@@ -10,6 +10,9 @@ checkpoint folder; ``resume`` continues the last run there). ComfyUI's Cancel st
 next step: the trainer saves a resumable checkpoint, then the node raises ComfyUI's interruption.
 ``validate_every`` > 0 adds the identity-report validation (:mod:`training.validation`): its mean
 similarity is drawn on the loss curve, every number goes to ``metrics.jsonl`` in each stage's folder.
+The appended recipe widgets (:func:`training_recipe`) switch on image-video hybrid training (``still_ratio``),
+the occlusion augmentation, the temporal TV penalty, the on-disk latent cache (under the checkpoint folder)
+and DataLoader workers; ``trains=modulation`` trains only the adaptive-norm modulation.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ log = logging.getLogger(__name__)
 
 STAGE_CHOICES = ("synthetic", "real", "irl", "curriculum", "ivs")
 CURRICULUM = ("synthetic", "real", "irl")
-TRAINS = ("lora", "pose", "full", "id_projection")
+TRAINS = ("lora", "pose", "full", "id_projection", "modulation")
 ID_TOKENS, ARCFACE_DIM = 4, 512  # a fresh ID-token projection: tokens, ArcFace embedding width
 DEFAULT_CHECKPOINT_DIR = "dreamidv_training"
 VALIDATION_SAMPLES = 2
@@ -94,6 +97,18 @@ def trainable_copy(model) -> torch.nn.Module:
                     if b is not None:
                         mod._buffers[name] = b.detach().clone()
     return dit
+
+
+def training_recipe(checkpoint_dir: Path, still_ratio: float, occlusion: float, temporal_tv: float,
+                    latent_cache: bool):
+    """The node's recipe widgets -> (training.dataset.DataOptions, training.objective.FlowMatchingObjective)."""
+    from ..training.dataset import DataOptions
+    from ..training.objective import FlowMatchingObjective
+
+    ratio = None if float(still_ratio) < 0 else float(still_ratio)
+    options = DataOptions(still_ratio=ratio, occlusion=float(occlusion or 0.0),
+                          latent_cache=str(Path(checkpoint_dir) / "latent_cache") if latent_cache else None)
+    return options, FlowMatchingObjective(temporal_tv=float(temporal_tv or 0.0))
 
 
 VALIDATION_COLOUR = (40, 160, 60)
@@ -180,7 +195,9 @@ class DreamIDVIRLFineTune(io.ComfyNode):
                 io.Combo.Input("trains", options=list(TRAINS), default="lora",
                                tooltip="lora: low-rank adapters on attention and FFN (small file, saved as "
                                        "lora.safetensors for the loader's lora option); pose: the pose branch only "
-                                       "(full model); full: every weight (needs the most memory)."),
+                                       "(full model); full: every weight (needs the most memory); id_projection: a "
+                                       "new ArcFace ID-token projection; modulation: only the adaptive-norm "
+                                       "modulation (blocks' and head's modulation tables, time_projection)."),
                 io.Int.Input("lora_rank", default=16, min=1, max=512, tooltip="LoRA rank (alpha = rank)."),
                 io.Int.Input("width", default=832, min=16, max=4096, step=16,
                              tooltip="Training area width: samples are resized (down only) into width x height, "
@@ -199,13 +216,31 @@ class DreamIDVIRLFineTune(io.ComfyNode):
                 io.Combo.Input("insightface_pack", options=list(face_core.PACK_NAMES), default="antelopev2",
                                optional=True,
                                tooltip="ArcFace for the irl stage: insightface pack in models/insightface/models/<pack>/."),
-                io.Combo.Input("provider", options=list(face_core.PROVIDERS), default="CPU", optional=True,
-                               tooltip="onnxruntime device for insightface (irl stage)."),
+                common.onnx_provider_input("ArcFace (irl stage)", optional=True),
                 io.Int.Input("validate_every", default=0, min=0, max=1000000, optional=True,
                              tooltip="0: off. N: before training, every N steps and at the end, swap the first "
                                      f"{VALIDATION_SAMPLES} dataset samples ({VALIDATION_STEPS} sampler steps) and "
                                      "score them with the identity report (ArcFace, insightface_pack); the mean "
                                      "similarity is drawn on the loss curve, all numbers go to metrics.jsonl."),
+                io.Float.Input("still_ratio", default=-1.0, min=-1.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Image-video hybrid training: share of the steps trained on still samples "
+                                       "(folders with driving.png/mask.png/target.png, one-frame clips). -1: the "
+                                       "folder's share of stills; 0: videos only."),
+                io.Float.Input("occlusion", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Occlusion augmentation: probability that a training sample gets a moving "
+                                       "hand- or object-like occluder in front of the face, in the driving and the "
+                                       "supervision video alike (the mask unchanged), so the model learns to keep "
+                                       "occluders. 0: off. Never used in validation."),
+                io.Float.Input("temporal_tv", default=0.0, min=0.0, max=100.0, step=0.01, optional=True,
+                               tooltip="Weight of a temporal total-variation penalty on the predicted clean latent "
+                                       "(smoother video, DynamicFace-style). 0: off."),
+                io.Boolean.Input("latent_cache", default=False, optional=True,
+                                 tooltip="Cache each sample's VAE latents on disk (<checkpoint_folder>/latent_cache, "
+                                         "keyed by the files' contents and the VAE): later epochs skip decoding "
+                                         "and encoding. Occluded samples are never cached."),
+                io.Int.Input("num_workers", default=0, min=0, max=64, optional=True,
+                             tooltip="Worker processes that read and decode samples while the model trains "
+                                     "(0: in the training loop)."),
             ],
             outputs=[common.DreamIDVModel.Output(display_name="model"),
                      io.Image.Output("loss_curve", display_name="loss_curve", tooltip="Loss per step."),
@@ -223,7 +258,8 @@ class DreamIDVIRLFineTune(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, positive, stage, dataset_folder, steps, learning_rate, trains, lora_rank,
                 width, height, frames, seed, checkpoint_folder, resume, insightface_pack="antelopev2",
-                provider="CPU", validate_every=0) -> io.NodeOutput:
+                provider="auto", validate_every=0, still_ratio=-1.0, occlusion=0.0, temporal_tv=0.0,
+                latent_cache=False, num_workers=0) -> io.NodeOutput:
         if not isinstance(model, LoadedDiT):
             raise InputError(f"model: expected the output of DreamIDVModelLoader, got {type(model).__name__}")
         if trains not in TRAINS:
@@ -236,6 +272,9 @@ class DreamIDVIRLFineTune(io.ComfyNode):
                              f"stage 'ivs'; got stage '{stage}' with a '{model.dit.cfg.variant}' model")
         if is_ivs and (trains == "id_projection" or validate_every):
             raise InputError("the IVS has no identity input: trains=id_projection and validate_every do not apply")
+        if is_ivs and (float(still_ratio) > 0 or occlusion or temporal_tv or latent_cache):
+            raise InputError("stage 'ivs' trains on plain clips: still_ratio, occlusion, temporal_tv and latent_cache "
+                             "apply to the DreamID-V stages only (leave them at -1 / 0 / off)")
         root = resolve_dataset_folder(dataset_folder)
         plan = stage_plan(stage, steps)
         stages = _stages()
@@ -250,7 +289,9 @@ class DreamIDVIRLFineTune(io.ComfyNode):
         config = TrainConfig(steps=int(steps), lr=float(learning_rate), trainable=trains, lora_rank=int(lora_rank),
                              lora_alpha=float(lora_rank), checkpoint_dir=str(out_dir), seed=int(seed),
                              resume=bool(resume), autocast="none", validate_every=validate_every,
-                             validation_samples=VALIDATION_SAMPLES, validation_steps=VALIDATION_STEPS)
+                             validation_samples=VALIDATION_SAMPLES, validation_steps=VALIDATION_STEPS,
+                             num_workers=int(num_workers or 0))
+        data_options, objective = training_recipe(out_dir, still_ratio, occlusion, temporal_tv, latent_cache)
         train_vae = PixelSpaceVAE(vae)
         validator = None
         if validate_every:
@@ -284,7 +325,8 @@ class DreamIDVIRLFineTune(io.ComfyNode):
                     with use_validator(validator):
                         result = stages.run_curriculum(dit, root, plan, config, train_vae, context,
                                                        identity_encoder=encoder, width=int(width), height=int(height),
-                                                       frames=int(frames), progress=progress, cancel=cancel)
+                                                       frames=int(frames), progress=progress, cancel=cancel,
+                                                       objective=objective, data_options=data_options)
             except Cancelled as exc:
                 log.info("DreamID-V: %s", exc)
                 mm.throw_exception_if_processing_interrupted()

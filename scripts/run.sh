@@ -60,7 +60,7 @@ if [ -n "$COMFY" ]; then
     [ -f "$COMFY/main.py" ] || die "$COMFY is not a ComfyUI folder (no main.py)"
     if [ -n "${COMFYUI_PYTHON:-}" ]; then
         COMFY_PY="$COMFYUI_PYTHON"
-        log "using $COMFY_PY for ComfyUI; install the pack's needs there with: $COMFY_PY -m pip install -r $ROOT/requirements.txt"
+        log "using $COMFY_PY for ComfyUI; install the pack's needs there with: $COMFY_PY -m pip install -r $ROOT/requirements.txt (and the requirements-<extra>.txt files you want, README \"Optional extras\")"
     else
         bash "$ROOT/scripts/get_comfyui.sh" --deps-only "$COMFY"
     fi

@@ -34,13 +34,15 @@ NODES = {
     7: ("DreamIDVPoseExtract", [340, 0], [330, 350], None,
         {"source": "mediapipe", "mediapipe_model": "face_landmarker_v2_with_blendshapes.task",
          "detector_model": "yolox_l.onnx", "pose_model": "dw-ll_ucoco_384.onnx"}),
-    8: ("DreamIDVPoseGuider", [710, 0], [300, 240], None, {"width": W, "height": H}),
+    8: ("DreamIDVPoseGuider", [710, 0], [300, 330], None, {"width": W, "height": H}),
     9: ("DreamIDVIdentityEncoder", [710, 470], [320, 300], None, {"width": W, "height": H}),
     10: ("DreamIDVSampler", [1090, 0], [320, 600], None,
          {"width": W, "height": H, "steps": STEPS, "shift": SHIFT, "identity_guidance": GUIDANCE, "seed": 0}),
     11: ("DreamIDVBackgroundComposite", [1450, 0], [330, 300], None,
          {"sam2_checkpoint": "sam2.1_hiera_tiny.pt", "sam2_config": "auto"}),
     13: ("SaveVideo", [1850, 0], [420, 460], None, {"filename_prefix": "video/DreamID-V"}),
+    14: ("PrimitiveBoolean", [1450, 400], [330, 60], "Face crop (off: whole frame, as released)", {"value": False}),
+    15: ("PrimitiveFloat", [1450, 490], [330, 60], "Crop margin (face sizes around the face)", {"value": 1.0}),
 }
 CONTROL = {10: "fixed"}  # control_after_generate value of seed widgets
 
@@ -64,6 +66,11 @@ LINKS = [
     (10, "video", 11, "generated"),
     (7, "pose_mask", 11, "face_mask"),
     (11, "video", 13, "video"),
+    (7, "pose_mask", 8, "mask"),
+    (14, "BOOLEAN", 8, "face_crop"),
+    (14, "BOOLEAN", 10, "face_crop"),
+    (15, "FLOAT", 8, "crop_margin"),
+    (15, "FLOAT", 10, "crop_margin"),
 ]
 
 GROUPS = [
@@ -72,6 +79,7 @@ GROUPS = [
     ("Models", [320, 400, 370, 470], "#88A"),
     ("Identity", [690, 400, 360, 400], "#b58b2a"),
     ("Sampling and background (streamed: flat memory for any clip length)", [1070, -90, 730, 720], "#b06634"),
+    ("Face crop: small faces in large frames", [1430, 330, 370, 230], "#3f8f6e"),
     ("Output: source fps and audio", [1830, -90, 460, 570], "#a1309b"),
 ]
 

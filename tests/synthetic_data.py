@@ -45,8 +45,19 @@ def identity_params(k: int) -> Dict:
             "eye_colour": list(EYE_COLOURS[(k // len(EYE_SHAPES) + k) % len(EYE_COLOURS)])}
 
 
-def face_keypoints(cx: float, cy: float, r: float) -> np.ndarray:
-    """The 68 face points (x, y in pixels) of a face centred at (cx, cy) with radius r -> [68, 2]."""
+def _rotate(points, cx: float, cy: float, roll: float) -> np.ndarray:
+    """Points [K, 2] turned by ``roll`` degrees (clockwise on screen, y down) about (cx, cy)."""
+    a = math.radians(roll)
+    p = np.asarray(points, np.float64) - (cx, cy)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return p @ rot.T + (cx, cy)
+
+
+def face_keypoints(cx: float, cy: float, r: float, roll: float = 0.0) -> np.ndarray:
+    """The 68 face points (x, y in pixels) of a face centred at (cx, cy) with radius r, turned by ``roll``
+    degrees in the image plane -> [68, 2]."""
+    if roll:
+        return _rotate(face_keypoints(cx, cy, r), cx, cy, roll)
     pts = []
     for a in np.linspace(math.pi * 0.05, math.pi * 0.95, 17)[::-1]:  # jaw 0-16 (lower half, left to right)
         pts.append((cx - math.cos(a) * r * 0.8, cy + math.sin(a) * r))
@@ -64,8 +75,31 @@ def face_keypoints(cx: float, cy: float, r: float) -> np.ndarray:
     return np.asarray(pts, np.float64)
 
 
-def draw_face(canvas: np.ndarray, look: Dict, cx: float, cy: float, r: float) -> None:
-    """Draw a face of look ``look`` at (cx, cy), radius r, onto uint8 RGB ``canvas`` in place."""
+def _draw_turned_face(canvas: np.ndarray, look: Dict, cx: float, cy: float, r: float, roll: float) -> None:
+    """:func:`draw_face` with the head turned by ``roll`` degrees in the image plane."""
+    c = (int(round(cx)), int(round(cy)))
+    cv2.ellipse(canvas, c, (max(1, int(round(0.8 * r))), max(1, int(round(r)))), roll, 0, 360,
+                tuple(look["identity_colour"]), -1)
+    eye = tuple(look["eye_colour"])
+    er = max(1.0, 0.14 * r)
+    for side in (-1, 1):
+        ex, ey = _rotate([[cx + side * 0.35 * r, cy - 0.2 * r]], cx, cy, roll)[0]
+        if look["eye_shape"] == "circle":
+            cv2.circle(canvas, (int(round(ex)), int(round(ey))), int(round(er)), eye, -1)
+            continue
+        half = (er, er) if look["eye_shape"] == "square" else (2 * er, max(1.0, er / 2))
+        box = cv2.boxPoints(((ex, ey), (2 * half[0], 2 * half[1]), roll))
+        cv2.fillConvexPoly(canvas, np.round(box).astype(np.int32), eye)
+    mx, my = _rotate([[cx, cy + 0.5 * r]], cx, cy, roll)[0]
+    cv2.ellipse(canvas, (int(round(mx)), int(round(my))), (max(1, int(round(0.35 * r))), max(1, int(round(0.1 * r)))),
+                roll, 0, 360, (150, 30, 40), -1)
+
+
+def draw_face(canvas: np.ndarray, look: Dict, cx: float, cy: float, r: float, roll: float = 0.0) -> None:
+    """Draw a face of look ``look`` at (cx, cy), radius r (turned by ``roll`` degrees in the image plane)
+    onto uint8 RGB ``canvas`` in place."""
+    if roll:
+        return _draw_turned_face(canvas, look, cx, cy, r, roll)
     c = (int(round(cx)), int(round(cy)))
     cv2.ellipse(canvas, c, (max(1, int(round(0.8 * r))), max(1, int(round(r)))), 0, 0, 360, tuple(look["identity_colour"]), -1)
     eye = tuple(look["eye_colour"])
@@ -82,12 +116,35 @@ def draw_face(canvas: np.ndarray, look: Dict, cx: float, cy: float, r: float) ->
     cv2.ellipse(canvas, (c[0], int(round(cy + 0.5 * r))), (mw, mh), 0, 0, 360, (150, 30, 40), -1)
 
 
-def face_mask(h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
+def face_mask(h: int, w: int, cx: float, cy: float, r: float, roll: float = 0.0) -> np.ndarray:
     """uint8 [H, W, 3]: the face ellipse in white on black."""
     m = np.zeros((h, w, 3), np.uint8)
     cv2.ellipse(m, (int(round(cx)), int(round(cy))), (max(1, int(round(0.8 * r))), max(1, int(round(r)))),
-                0, 0, 360, (255, 255, 255), -1)
+                roll, 0, 360, (255, 255, 255), -1)
     return m
+
+
+OCCLUDER_COLOURS = [(70, 50, 160), (30, 160, 110), (200, 120, 40), (120, 120, 120), (240, 240, 240)]
+
+
+def occluder_polygons(rng: np.random.Generator, frames: int, poses: List[List[float]]) -> List[List[np.ndarray]]:
+    """A test-set occluder (not the training augmentation's shapes): an "arm" (a long rotated rectangle)
+    ending in a "fist" (an octagon), sliding across the face -> per frame a list of int32 polygons."""
+    cx, cy, r = poses[0]
+    angle = float(rng.uniform(0, 180))
+    length, thick = float(rng.uniform(1.2, 2.0)) * r, float(rng.uniform(0.25, 0.45)) * r
+    start = np.array([cx, cy]) + rng.uniform(-0.3, 0.3, size=2) * r
+    move = rng.uniform(-0.5, 0.5, size=2) * r
+    out = []
+    for i in range(frames):
+        t = i / max(1, frames - 1)
+        fx, fy = start + t * move + (np.array(poses[i][:2]) - poses[0][:2])
+        arm = cv2.boxPoints(((fx + 0.5 * length * math.cos(math.radians(angle)),
+                              fy + 0.5 * length * math.sin(math.radians(angle))), (length, thick), angle))
+        fist = [(fx + 0.32 * r * math.cos(a), fy + 0.32 * r * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 8,
+                                                                                                  endpoint=False)]
+        out.append([np.round(arm).astype(np.int32), np.round(np.asarray(fist)).astype(np.int32)])
+    return out
 
 
 def pose_image(h: int, w: int, points: np.ndarray) -> np.ndarray:
@@ -157,10 +214,13 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 def render_synthetic_sample(frames: int = 9, size: Tuple[int, int] = (48, 64), seed: int = 0,
                             identity: int = None, driving_identity: int = None,
                             face_scale: Tuple[float, float] = (0.22, 0.36), hard_chunk: float = 0.0,
-                            hard_scale: float = 0.5, background: str = "gradient") -> Tuple[Dict, Dict]:
+                            hard_scale: float = 0.5, background: str = "gradient",
+                            roll: Tuple[float, float] = (0.0, 0.0), target_roll_offset: float = 0.0,
+                            occluder: bool = False) -> Tuple[Dict, Dict]:
     """The pixels of one sample, in memory -> (arrays, synthetic). arrays: ``driving``, ``target``, ``mask``,
-    ``pose`` uint8 [F, H, W, 3], ``identity`` uint8 [H, W, 3], ``points`` (per frame [68, 2] keypoints);
-    synthetic: the record's ``"synthetic"`` entry. Arguments as :func:`write_synthetic_sample`."""
+    ``pose`` uint8 [F, H, W, 3], ``identity`` uint8 [H, W, 3], ``points`` (per frame [68, 2] keypoints), and
+    with ``occluder`` ``occluder`` bool [F, H, W]; synthetic: the record's ``"synthetic"`` entry. Arguments
+    as :func:`write_synthetic_sample`."""
     if background not in ("gradient", "grey"):
         raise ValueError(f"background must be 'gradient' or 'grey', got {background!r}")
     h, w = size
@@ -175,20 +235,34 @@ def render_synthetic_sample(frames: int = 9, size: Tuple[int, int] = (48, 64), s
         bg = np.full_like(bg, int(bg[0, 0, 0]))
     poses = _poses(rng, frames, h, w, face_scale)
     hard = _hard_chunk(rng, poses, hard_scale) if hard_chunk > 0 and rng.random() < hard_chunk else 0
+    rolls = [0.0] * frames
+    if tuple(roll) != (0.0, 0.0):  # drawn after everything else: the other draws stay as they were
+        r0, r1 = (float(v) for v in rng.uniform(roll[0], roll[1], size=2))
+        rolls = [round(r0 + (r1 - r0) * i / max(1, frames - 1), 3) for i in range(frames)]
+    occluders = occluder_polygons(rng, frames, poses) if occluder else None
+    occ_colour = OCCLUDER_COLOURS[int(rng.integers(len(OCCLUDER_COLOURS)))] if occluder else None
 
     driving = np.empty((frames, h, w, 3), np.uint8)
     target = np.empty_like(driving)
     mask = np.empty_like(driving)
     pose = np.empty_like(driving)
+    occ_mask = np.zeros((frames, h, w), bool)
     points = []
     for i, (cx, cy, r) in enumerate(poses):
         driving[i] = bg
-        draw_face(driving[i], drv_look, cx, cy, r)
+        draw_face(driving[i], drv_look, cx, cy, r, rolls[i])
         target[i] = bg
-        draw_face(target[i], look, cx, cy, r)
-        mask[i] = face_mask(h, w, cx, cy, r)
-        points.append(face_keypoints(cx, cy, r))
+        draw_face(target[i], look, cx, cy, r, rolls[i] + target_roll_offset)
+        mask[i] = face_mask(h, w, cx, cy, r, rolls[i])
+        points.append(face_keypoints(cx, cy, r, rolls[i]))
         pose[i] = pose_image(h, w, points[-1])
+        if occluders is not None:
+            m = np.zeros((h, w), np.uint8)
+            for poly in occluders[i]:
+                cv2.fillConvexPoly(m, poly, 1)
+            occ_mask[i] = m > 0
+            driving[i][occ_mask[i]] = occ_colour
+            target[i][occ_mask[i]] = occ_colour
 
     ident = np.full((h, w, 3), 255, np.uint8)  # the identity photo: frontal, centred, on white
     draw_face(ident, look, w / 2, h / 2, 0.4 * h)
@@ -198,6 +272,11 @@ def render_synthetic_sample(frames: int = 9, size: Tuple[int, int] = (48, 64), s
                  "size": [h, w]}
     if hard_chunk > 0:
         synthetic["hard_chunk"] = hard
+    if any(rolls):
+        synthetic["rolls"] = rolls
+    if occluders is not None:
+        arrays["occluder"] = occ_mask
+        synthetic["occluder_colour"] = list(occ_colour)
     return arrays, synthetic
 
 
@@ -222,6 +301,8 @@ def synthetic_items(n_samples: int, frames: int = 9, size: Tuple[int, int] = (48
         items.append({"video": t(arrays["driving"], True), "target": t(arrays["target"], True),
                       "mask": t(arrays["mask"], False), "pose": t(arrays["pose"], False),
                       "identity": t(arrays["identity"][None], True), "index": i, "record": {"synthetic": syn}})
+        if "occluder" in arrays:
+            items[-1]["occluder"] = torch.from_numpy(arrays["occluder"]).float()
     return items
 
 
@@ -266,12 +347,37 @@ def write_synthetic_sample(folder, frames: int = 9, size: Tuple[int, int] = (48,
     return record
 
 
+def write_still_sample(folder, size: Tuple[int, int] = (48, 64), seed: int = 0, direction: str = "forward",
+                       pose_format: str = "video", **options) -> Dict:
+    """Write one **still** sample (training/DATASET.md: driving.png, mask.png, target.png, pose.png or a
+    one-frame keypoints.json, identity.png, record.json): frame 0 of :func:`render_synthetic_sample`."""
+    if direction not in ("forward", "backward"):
+        raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    arrays, synthetic = render_synthetic_sample(1, size, seed, **options)
+    _write_png(folder / "identity.png", arrays["identity"])
+    for name in ("driving", "mask", "target"):
+        _write_png(folder / f"{name}.png", arrays[name][0])
+    if pose_format == "video":
+        _write_png(folder / "pose.png", arrays["pose"][0])
+    else:
+        _write_bytes(folder / "keypoints.json", json.dumps(_keypoints_json(arrays["points"], h, w)).encode())
+    record = {"version": 1, "direction": direction, "frames": 1,
+              "source": {"generator": "tests/synthetic_data.py", "seed": seed, "kind": "still"},
+              "synthetic": synthetic}
+    _write_bytes(folder / "record.json", json.dumps(record, indent=1).encode())
+    return record
+
+
 def write_synthetic_dataset(root, n_samples: int, frames: int = 9, size: Tuple[int, int] = (48, 64), seed: int = 0,
                             direction: str = "forward", pose_format: str = "video", fps: float = 24.0,
-                            **options) -> List[Path]:
-    """Write ``n_samples`` sample folders ``root/sample_000`` ... -> their paths. ``direction``: "forward",
-    "backward" or "mixed" (alternating, forward first). size = (height, width). ``options``: the
-    learnability options of :func:`write_synthetic_sample` (face_scale, hard_chunk, hard_scale, background)."""
+                            stills: int = 0, **options) -> List[Path]:
+    """Write ``n_samples`` sample folders ``root/sample_000`` ... (and ``stills`` still samples
+    ``root/still_000`` ...) -> their paths. ``direction``: "forward", "backward" or "mixed" (alternating,
+    forward first). size = (height, width). ``options``: the learnability options of
+    :func:`write_synthetic_sample` (face_scale, hard_chunk, hard_scale, background, roll, occluder)."""
     if direction not in ("forward", "backward", "mixed"):
         raise ValueError(f"direction must be 'forward', 'backward' or 'mixed', got {direction!r}")
     root = Path(root)
@@ -281,6 +387,12 @@ def write_synthetic_dataset(root, n_samples: int, frames: int = 9, size: Tuple[i
         p = root / f"sample_{i:03d}"
         write_synthetic_sample(p, frames=frames, size=size, seed=seed * 100003 + i, direction=d,
                                pose_format=pose_format, fps=fps, **options)
+        paths.append(p)
+    for i in range(stills):
+        d = direction if direction != "mixed" else ("forward", "backward")[i % 2]
+        p = root / f"still_{i:03d}"
+        write_still_sample(p, size=size, seed=seed * 100003 + 50000 + i, direction=d, pose_format=pose_format,
+                           **options)
         paths.append(p)
     return paths
 

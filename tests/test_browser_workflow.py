@@ -26,7 +26,7 @@ from tests.comfy_harness import PACK_DIR, PACK_NAME, REPO_ROOT, ComfyServer
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
-WORKFLOWS = ("dreamidv_swap", "dreamidv_irl_finetune", "syncid_data_synthesis")  # every bundled workflow
+WORKFLOWS = ("dreamidv_swap", "dreamidv_irl_finetune", "syncid_data_synthesis", "dreamidv_swap_two_people")  # every bundled workflow
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 HEADLESS_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

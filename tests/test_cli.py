@@ -53,6 +53,38 @@ def test_cli_swap_end_to_end(tmp_path, models_dir, capsys):
     assert fps == pytest.approx(12.5)
 
 
+def test_cli_swap_face_crop_pastes_into_the_full_frames(tmp_path, models_dir, capsys):
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:96, 0:160]
+    smooth = np.stack([xx * 1.5, yy * 2.5, np.full_like(xx, 120)], -1).astype(np.uint8)  # what a codec keeps
+    video = np.repeat(smooth[None], 9, 0)
+    mask = np.zeros_like(video)
+    mask[:, 20:36, 40:56] = 255  # a 16 px face: a 48x64 window, swapped at 48x64 and pasted back
+    for name, arr in (("video", video), ("mask", mask), ("pose", np.zeros_like(video))):
+        write_video(tmp_path / f"{name}.mp4", arr, fps=10)
+    from PIL import Image
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(tmp_path / "face.png")
+    torch.save([torch.randn(3, 4096)], tmp_path / "context.pth")
+    out = tmp_path / "crop.mp4"
+    args = ["swap", "--video", str(tmp_path / "video.mp4"), "--mask", str(tmp_path / "mask.mp4"),
+            "--pose", str(tmp_path / "pose.mp4"), "--reference", str(tmp_path / "face.png"),
+            "--context", str(tmp_path / "context.pth"), "--models-dir", str(models_dir), "--size", "64*48",
+            "--steps", "1", "--weight-dtype", "fp32", "--device", "cpu"]
+    rc = main(args + ["--out", str(out), "--face-crop", "--crop-margin", "1"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "face crop: windows 48-48 px high" in captured.out and "wrote" in captured.out
+    frames, _ = read_video(out)
+    assert frames.shape == (9, 96, 160, 3)  # the source's size, not the model's
+    src, _ = read_video(tmp_path / "video.mp4")
+    far = np.abs(frames[:, 70:, 100:].astype(int) - src[:, 70:, 100:].astype(int)).mean()
+    near = np.abs(frames[:, 22:34, 42:54].astype(int) - src[:, 22:34, 42:54].astype(int)).mean()
+    assert far < 3 < near  # outside the window: the source (up to the video codec); the face: swapped
+    rc = main(args + ["--out", str(tmp_path / "t.mp4"), "--target", "index", "--target-index", "1"])
+    assert rc == 2 and "with --mask the mask already marks the person" in capsys.readouterr().err
+    assert not (tmp_path / "t.mp4").exists()
+
+
 def test_cli_missing_weights_says_what_and_where(tmp_path, capsys):
     write_inputs(tmp_path)
     rc = main(["swap", "--video", str(tmp_path / "video.mp4"), "--mask", str(tmp_path / "mask.mp4"),

@@ -246,7 +246,7 @@ def test_node_schema(pack, sam2_folder):
     assert schema.node_id == "DreamIDVBackgroundComposite" and schema.category == "DreamID-V"
     assert all(i.tooltip for i in schema.inputs)
     inputs = {i.id: i for i in schema.inputs}
-    assert inputs["sam2_checkpoint"].options == ["sam2.1_hiera_tiny.pt"]
+    assert inputs["sam2_checkpoint"].options == ["sam2.1_hiera_tiny.pt", "none"]  # none: face mask only, no sam2
     assert "tiny128.yaml" in inputs["sam2_config"].options and TINY in inputs["sam2_config"].options
     assert node in pack.nodes.composite.NODES
 
@@ -263,6 +263,18 @@ def test_node_execute(pack, sam2_folder):
     assert torch.all(mask[face >= 0.5] == 1) and float(mask.min()) >= 0 and float(mask.max()) <= 1
     off = mask == 0
     assert torch.equal(out[off], frames[off])
+
+
+def test_node_without_sam2_composites_inside_the_face_mask(pack):
+    """sam2_checkpoint 'none': no SAM2 model and no sam2 package, the face mask alone (dilated, feathered)."""
+    from dreamidv_core.preprocess import composite as C
+
+    node = pack.nodes.composite.BackgroundComposite
+    frames, gen, face = _clip(n=3, h=40, w=56, box=(8, 30, 16, 40))
+    out, mask = node.execute(frames, gen, face, "none", mask_dilation=2, feather=4, device="cpu").result
+    ref_out, ref_mask = C.composite_video(frames, gen, face, None, 2, 4)
+    assert torch.equal(out, ref_out) and torch.equal(mask, ref_mask)
+    assert torch.equal(out[:, 8:30, 16:40], gen[:, 8:30, 16:40]) and torch.equal(out[mask == 0], frames[mask == 0])
 
 
 def test_node_errors(pack, sam2_folder):

@@ -1,4 +1,5 @@
-"""dreamidv_core.preprocess.identity on insightface with test-built ONNX packs (tests/onnx_models.py); no ComfyUI."""
+"""dreamidv_core.preprocess.identity (face analysis on onnxruntime) with test-built ONNX packs
+(tests/onnx_models.py); no ComfyUI, no insightface."""
 from __future__ import annotations
 
 import socket
@@ -12,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_models as om  # noqa: E402
 
-insightface = pytest.importorskip("insightface")
+pytest.importorskip("onnxruntime", reason="the face extra (onnxruntime) is not installed")
 
 from dreamidv_core.preprocess import identity as core  # noqa: E402
 from dreamidv_core.errors import CheckpointError, InputError  # noqa: E402
@@ -32,18 +33,10 @@ def root(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    """Any download attempt or socket connection fails the test."""
-    import insightface.model_zoo.model_zoo as mz
-    import insightface.utils.download as dl
-    import insightface.utils.storage as st
-
+    """Any socket connection fails the test (nothing is ever downloaded)."""
     def refuse(*a, **k):
-        raise AssertionError(f"download attempted: {a}")
+        raise AssertionError(f"network access attempted: {a}")
 
-    for mod, name in ((st, "download"), (st, "download_onnx"), (st, "download_file"), (dl, "download_file"),
-                      (mz, "download_onnx")):
-        if hasattr(mod, name):
-            monkeypatch.setattr(mod, name, refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     yield
 
@@ -61,7 +54,9 @@ def three_faces():
 
 def test_onnx_signatures_route_like_the_real_packs(root):
     import onnx
-    from insightface.model_zoo import model_zoo
+
+    from dreamidv_core.preprocess import face_analysis as fa
+    from dreamidv_core.preprocess.onnx_session import make_session
 
     for pack, (det, rec) in core.PACK_FILES.items():
         folder = root / "models" / pack
@@ -71,16 +66,18 @@ def test_onnx_signatures_route_like_the_real_packs(root):
         r = onnx.load(str(folder / rec))
         assert [d.dim_value or d.dim_param for d in r.graph.input[0].type.tensor_type.shape.dim] == ["None", 3, 112, 112]
         assert [d.dim_value or d.dim_param for d in r.graph.output[0].type.tensor_type.shape.dim] == ["None", 512]
-        tasks = {p.name: model_zoo.get_model(str(p), providers=["CPUExecutionProvider"]).taskname
-                 for p in folder.glob("*.onnx")}
-        assert tasks == {det: "detection", rec: "recognition", "1k3d68.onnx": "landmark_3d_68",
-                         "2d106det.onnx": "landmark_2d_106", "genderage.onnx": "genderage"}
+        roles = {p.name: (fa.is_detector(s), fa.is_recognizer(s))
+                 for p in folder.glob("*.onnx") for s in [make_session(p, "CPU")]}
+        assert roles == {det: (True, False), rec: (False, True), "1k3d68.onnx": (False, False),
+                         "2d106det.onnx": (False, False), "genderage.onnx": (False, False)}
 
 
 @pytest.mark.parametrize("pack", ["buffalo_l", "antelopev2"])
 def test_detection_boxes_landmarks_embeddings(root, pack):
     analyzer = core.FaceAnalyzer(root / "models" / pack, "CPU", det_size=320)
-    assert sorted(analyzer.app.models) == ["detection", "recognition"]  # landmark / attribute files ignored
+    det, rec = core.PACK_FILES[pack]  # landmark / attribute files are never opened
+    assert Path(analyzer.detector.session.path).name == det and Path(analyzer.recognizer.session.path).name == rec
+    assert analyzer.info.startswith(f"{pack}: {det} + {rec} on onnxruntime") and analyzer.info.endswith("on CPU")
     img, centres = three_faces()
     faces = analyzer.faces(img)
     assert len(faces) == 3
@@ -136,20 +133,22 @@ def test_missing_pack_names_folder_and_files(tmp_path):
     # an empty / corrupt pack
     (tmp_path / "models" / "x").mkdir()
     (tmp_path / "models" / "x" / "bad.onnx").write_bytes(b"not onnx")
-    with pytest.raises(CheckpointError, match="could not load the insightface models"):
+    with pytest.raises(CheckpointError, match="onnxruntime cannot load it"):
         core.FaceAnalyzer(tmp_path / "models" / "x")
     with pytest.raises(CheckpointError, match="does not exist"):
         core.FaceAnalyzer(tmp_path / "models" / "nothing")
 
 
-def test_download_guard_catches_insightface_downloads(tmp_path):
-    """The guard used above is effective: insightface given a pack *name* tries to download it."""
-    from insightface.app import FaceAnalysis
-
-    with pytest.raises(AssertionError, match="download attempted"):
-        FaceAnalysis(name="antelopev2", root=str(tmp_path), providers=["CPUExecutionProvider"])
-    with pytest.raises(CheckpointError):  # this module never gets that far
-        core.FaceAnalyzer(core.find_pack([tmp_path], "antelopev2"))
+def test_pack_with_other_file_names_is_routed_by_signature(tmp_path):
+    """A pack folder with unknown file names (e.g. a renamed or other pack) is routed like insightface does."""
+    folder = tmp_path / "models" / "mypack"
+    om.build_scrfd(folder / "b_detector.onnx")
+    om.build_arcface(folder / "a_recognizer.onnx")
+    om.build_head(folder / "c_landmarks.onnx", 192, 212)
+    analyzer = core.FaceAnalyzer(folder, "CPU", det_size=320)
+    assert Path(analyzer.detector.session.path).name == "b_detector.onnx"
+    assert Path(analyzer.recognizer.session.path).name == "a_recognizer.onnx"
+    assert len(analyzer.faces(three_faces()[0])) == 3
 
 
 def test_nested_pack_folder_is_found(tmp_path):
@@ -211,12 +210,10 @@ def test_analyzer_cache_and_options(root):
     a = core.load_analyzer(root / "models" / "buffalo_l", "CPU", 320)
     assert core.load_analyzer(root / "models" / "buffalo_l", "CPU", 320) is a
     assert core.load_analyzer(root / "models" / "buffalo_l", "CPU", 640) is not a
-    providers, ctx = core.onnx_providers("CUDA")  # CPU onnxruntime here: falls back
-    assert providers[-1] == "CPUExecutionProvider"
     with pytest.raises(InputError, match="multiple of 32"):
         core.FaceAnalyzer(root / "models" / "buffalo_l", det_size=300)
     with pytest.raises(InputError, match="provider"):
-        core.onnx_providers("TPU")
+        core.FaceAnalyzer(root / "models" / "buffalo_l", "TPU")
     core.clear_cache()
 
 

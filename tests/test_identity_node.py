@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_models as om  # noqa: E402
 
-pytest.importorskip("insightface")
+pytest.importorskip("onnxruntime", reason="the face extra (onnxruntime) is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ class ComfyLikeVAE:
 
 
 def run(node, reference, **kw):
-    args = dict(insightface_pack="antelopev2", provider="CPU", detection_size=320, detection_threshold=0.5,
+    args = dict(insightface_pack="antelopev2", provider="auto", detection_size=320, detection_threshold=0.5,
                 face_selection="largest", face_index=0)
     args.update(kw)
     return node.execute(reference, **args).result
@@ -74,11 +74,12 @@ def test_schema(pack):
     names = [i.id for i in schema.inputs]
     assert names == ["reference", "insightface_pack", "provider", "detection_size", "detection_threshold",
                      "face_selection", "face_index", "similar_to", "video", "vae", "width", "height"]
-    assert [o.io_type for o in schema.outputs] == ["DREAMIDV_IDENTITY", "IMAGE", "IMAGE", "DREAMIDV_FACE_EMBEDDING"]
+    assert [o.io_type for o in schema.outputs] == ["DREAMIDV_IDENTITY", "IMAGE", "IMAGE", "DREAMIDV_FACE_EMBEDDING",
+                                                   "STRING"]
     assert isinstance(schema.inputs[9], io.Vae.Input)
     cls.VALIDATE_CLASS()
     info = cls.GET_NODE_INFO_V1()  # what /object_info serves
-    assert info["output"] == ["DREAMIDV_IDENTITY", "IMAGE", "IMAGE", "DREAMIDV_FACE_EMBEDDING"]
+    assert info["output"] == ["DREAMIDV_IDENTITY", "IMAGE", "IMAGE", "DREAMIDV_FACE_EMBEDDING", "STRING"]
     assert set(info["input"]["optional"]) == {"similar_to", "video", "vae"}
 
 
@@ -87,8 +88,10 @@ def test_execute_with_video_and_vae(node, pack):
 
     video = torch.rand(3, 360, 640, 3)
     vae = ComfyLikeVAE()
-    bundle, preview, faces, emb = run(node, faces_image(), face_selection="index", face_index=0, video=video,
-                                      vae=vae, width=320, height=192)
+    bundle, preview, faces, emb, info = run(node, faces_image(), face_selection="index", face_index=0, video=video,
+                                            vae=vae, width=320, height=192)
+    assert info.startswith("antelopev2: scrfd_10g_bnkps.onnx + glintr100.onnx on onnxruntime") and " on CPU" in info
+    assert info.endswith("3 faces found, #0 chosen (index, numbered left to right)")
     assert type(bundle).__name__ == IdentityBundle.__name__
     assert bundle.face.bbox == pytest.approx(om.face_box(80, 80, 60), abs=1e-3)  # leftmost face
     assert preview.shape == (1, 360, 640, 3) and preview.dtype == torch.float32
@@ -101,7 +104,7 @@ def test_execute_with_video_and_vae(node, pack):
 
 
 def test_execute_without_video_largest(node):
-    bundle, preview, _, _ = run(node, faces_image())
+    bundle, preview, _, _, _ = run(node, faces_image())
     assert bundle.face.bbox == pytest.approx(om.face_box(240, 96, 100), abs=1e-3)
     assert bundle.latent is None and bundle.letterboxed is None
     assert preview.shape == (1, 320, 320, 3)

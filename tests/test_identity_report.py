@@ -218,7 +218,7 @@ def test_plot_range_goes_below_zero_for_negative_values():
 # ------------------------------------------------------------------------------------- insightface
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
-    pytest.importorskip("insightface")
+    pytest.importorskip("onnxruntime", reason="the face extra (onnxruntime) is not installed")
     om = pytest.importorskip("onnx_models")
     root = tmp_path_factory.mktemp("insightface")
     om.build_pack(root, "buffalo_l", extras=False)

@@ -116,8 +116,8 @@ def test_core_has_no_import_cycles():
 
 # The core's folders from the bottom up (dreamidv_core/__init__.py describes them): a module may import from its
 # own folder and from the folders before it, never from one after it.
-LAYERS = ("errors", "progress", "io", "models", "weights", "sampling", "preprocess", "pipelines", "eval",
-          "synthesis", "cli", "__main__")
+LAYERS = ("errors", "progress", "optional", "io", "models", "weights", "sampling", "parallel", "preprocess",
+          "pipelines", "eval", "synthesis", "cli", "__main__")
 
 
 def layer_violations(graph: Dict[str, Set[str]]) -> List[str]:

@@ -466,3 +466,36 @@ def test_loader_applies_an_id_projection_and_the_sampler_needs_the_embedding(mod
         frames = run(pack, model, vae, ident=ident)[0]
         base = run(pack, plain, vae, ident=ident)[0]
         assert frames.shape == base.shape and not torch.equal(frames, base)
+
+
+# ------------------------------------------------------------------------------------------ face crop
+
+def test_pose_guider_and_sampler_in_face_crop_mode(pack, models, tiny_vaes, one_thread):
+    """face_crop on both nodes (same mask and margin): the model sees the face windows at the area's size;
+    frames_in_source is the source outside the windows and on frames whose mask is empty, bit for bit."""
+    full, _ = models
+    vae = tiny_vaes[1]
+    video, _ = clip()
+    mask = torch.zeros(F_SRC, H_SRC, W_SRC)
+    for i in range(F_SRC):
+        mask[i, 10:18, 24 + 4 * i:32 + 4 * i] = 1  # an 8x8 face moving right
+    mask[2] = 0
+    crop = dict(face_crop=True, crop_margin=1.0)
+    pose = pose_for(pack, full, mask=mask, **crop)
+    assert pose.plan.track is not None and pose.plan.size == (32, 64)
+    frames, in_source, count = run(pack, full, vae, pose, video, mask, **crop)
+    assert count == 5 and frames.shape == (5, 32, 64, 3) and in_source.shape == (5, H_SRC, W_SRC, 3)
+    track = pose.plan.track
+    assert torch.equal(in_source[2], video[2])
+    for i in (0, 1, 3, 4):
+        x0, y0, x1, y1 = track.region(i)
+        assert (x1 - x0, y1 - y0) in ((64, 32), (65, 32), (64, 33), (65, 33))  # 3x the face -> the 32 px minimum
+        keep = torch.ones(H_SRC, W_SRC, dtype=torch.bool)
+        keep[y0:y1, x0:x1] = False
+        assert torch.equal(in_source[i][keep], video[i][keep]) and not torch.equal(in_source[i], video[i])
+    with pytest.raises(InputError, match="face crop off \\(the sampler's is on\\)"):
+        run(pack, full, vae, pose_for(pack, full), video, mask, **crop)
+    with pytest.raises(InputError, match="another face-crop track"):
+        run(pack, full, vae, pose_for(pack, full, mask=mask, face_crop=True, crop_margin=0.5), video, mask, **crop)
+    with pytest.raises(InputError, match="face_crop is on but no mask is connected"):
+        pose_for(pack, full, **crop)

@@ -88,7 +88,10 @@ def test_a_second_copy_of_the_core_is_refused_with_a_clear_message(tmp_path, mon
 
 
 def test_pyproject_has_registry_metadata(repo_root):
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli", reason="Python 3.10 needs tomli (requirements-test.txt installs it)")
 
     data = tomllib.loads((repo_root / "pyproject.toml").read_text(encoding="utf-8"))
     proj, comfy = data["project"], data["tool"]["comfy"]

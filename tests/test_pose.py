@@ -123,9 +123,9 @@ def test_fill_gaps_nearest_and_count():
 def test_keypoints_source_fills_and_reports():
     frames = torch.rand(3, 50, 100, 3)
     data = [_frame([0.0] * 54, _square_face(20, 10, 30)), _frame([0.0] * 54, []),
-            _frame([0.0] * 54, _square_face(100, 40, 40))]
+            _frame([0.0] * 54, _square_face(24, 12, 30))]
     res = extract_keypoints(frames, data)
-    assert res.filled == [1] and "filled 1 from neighbours: [1]" in res.info and "pixel" in res.info
+    assert res.filled == [1] and "bridged 1 frames from the target's neighbours: 1" in res.info and "pixel" in res.info
     assert res.pose.shape == (3, 50, 100, 3) and res.mask.shape == (3, 50, 100)
     assert np.array_equal(res.mask[1], res.mask[0]) and res.mask[0].any()
     assert res.keypoints[1] == res.keypoints[0]

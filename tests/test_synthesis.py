@@ -161,7 +161,7 @@ def test_identity_similarity_with_frames_lacking_faces():
 
 
 def test_similarity_with_tiny_onnx_arcface(tmp_path):
-    pytest.importorskip("insightface")
+    pytest.importorskip("onnxruntime", reason="the face extra (onnxruntime) is not installed")
     import sys
     from pathlib import Path
 

@@ -179,7 +179,7 @@ def test_background_recompose_with_tiny_sam2(mod, tmp_path):
 # ------------------------------------------------------------------------------------------- writer
 @pytest.fixture(scope="module")
 def insightface_root(tmp_path_factory):
-    pytest.importorskip("insightface")
+    pytest.importorskip("onnxruntime", reason="the face extra (onnxruntime) is not installed")
     import onnx_models as om
 
     d = tmp_path_factory.mktemp("insightface")

@@ -3,11 +3,7 @@ with the same global batch, full (unsharded) checkpoints the swap loader reads, 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +12,6 @@ import torch
 from dreamidv_core.weights.lora import apply_lora_file
 from training.toy import ToyDataset, tiny_model, toy_flow_loss
 from training.trainer import TrainConfig, train
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def torchrun(tmp_path: Path, name: str, train_cfg: dict, nproc: int = 2) -> dict:
@@ -30,19 +24,10 @@ def torchrun(tmp_path: Path, name: str, train_cfg: dict, nproc: int = 2) -> dict
 def launch(conf: Path, out: Path, name: str, nproc: int = 2) -> dict:
     """``torchrun --nproc_per_node=nproc -m training --config conf`` (``nproc`` 1: plain ``python -m
     training``) -> the losses_out JSON."""
-    cmd = [sys.executable, "-m", "training", "--config", str(conf)]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone", *cmd[1:]]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # own group: a timeout kills the launcher and its workers
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{name}: training did not finish in 120 s\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    from tests.torchrun import run
+
+    code, stdout, stderr = run(["-m", "training", "--config", str(conf)], nproc, 120, f"{name} (training)")
+    assert code == 0, stdout[-2000:] + stderr[-4000:]
     return json.loads(out.read_text())
 
 

@@ -222,12 +222,12 @@ WF_NODES = {
     2: ("VAELoader", [0, 250], [330, 60], None, {"vae_name": "wan_2.1_vae.safetensors"}),
     3: ("DreamIDVTextContext", [0, 350], [330, 110], None,
         {"text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "precomputed_context": "none"}),
-    4: ("DreamIDVIRLFineTune", [380, 0], [360, 560], None,
+    4: ("DreamIDVIRLFineTune", [380, 0], [360, 700], None,
         {"stage": "curriculum", "dataset_folder": "dreamidv_dataset", "trains": "lora"}),
     5: ("PreviewImage", [790, 0], [500, 340], "Loss curve", {}),
 }
 WF_LINKS = [(1, "model", 4, "model"), (2, "VAE", 4, "vae"), (3, "positive", 4, "positive"), (4, "loss_curve", 5, "images")]
-WF_GROUPS = [("Models", [-20, -90, 370, 570], "#88A"), ("Fine-tune", [360, -90, 950, 670], "#b06634")]
+WF_GROUPS = [("Models", [-20, -90, 370, 570], "#88A"), ("Fine-tune", [360, -90, 950, 810], "#b06634")]
 
 
 def object_info(pack) -> dict:
@@ -326,3 +326,22 @@ def test_ivs_stage_trains_an_ivs_model_only(pack, dirs, comfy_vae):
         finetune(pack, load(pack), comfy_vae, dirs["data"], stage="ivs")
     with pytest.raises(InputError, match="stage 'ivs'"):
         finetune(pack, model, comfy_vae, dirs["data"], stage="synthetic")
+
+
+@pytest.mark.slow
+def test_recipe_widgets_hybrid_occlusion_tv_cache_and_modulation(pack, dirs, comfy_vae, tmp_path):
+    """The appended widgets: a folder with still samples (one-frame clips through ComfyUI's Wan VAE), the
+    occlusion augmentation, the TV penalty, the latent cache under the checkpoint folder and
+    trains=modulation: only the modulation parameters of the copy change."""
+    data = tmp_path / "mixed"
+    write_synthetic_dataset(data, 1, frames=5, size=(32, 48), seed=2, stills=1)
+    model = load(pack)
+    before = snapshot(model.dit)
+    tuned, _, ckpt = finetune(pack, model, comfy_vae, data, trains="modulation", steps=2, learning_rate=1e-2,
+                              still_ratio=0.5, occlusion=0.5, temporal_tv=0.1, latent_cache=True, num_workers=0)
+    after = tuned.dit.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith("modulation") or k.startswith("time_projection.") for k in changed)
+    assert list((dirs["output"] / "ft" / "latent_cache").rglob("*.safetensors"))  # something was cached
+    with pytest.raises(InputError, match="still_ratio is 0.5 but it has no still samples"):
+        finetune(pack, model, comfy_vae, dirs["data"], still_ratio=0.5, checkpoint_folder="ft2")

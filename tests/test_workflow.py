@@ -92,6 +92,14 @@ def _dwpose_models(folder: Path) -> None:
     ys[23:91] = SIMCC_Y // 3 + 90 * np.sin(t)
     dwpose_model(folder / "dw-ll_ucoco_384.onnx", xs, ys, np.ones(133))
     dwpose_model(folder / "dw_noface.onnx", xs, ys, np.zeros(133))
+    # two people side by side (stride-32 anchors at grid x 5 and 15, y 7 of the 640 letterbox): each gets the
+    # pose model's face ring in its own box, so a clip shows two faces (the two-people workflow)
+    two = {}
+    for gx in (5, 15):
+        anchor = np.zeros(85)
+        anchor[:6] = [0.0, 0.6, np.log(200 / 32), np.log(400 / 32), 0.9, 0.9]
+        two[6400 + 1600 + 7 * 20 + gx] = anchor
+    yolox_model(folder / "yolox_two.onnx", two)
 
 
 def _sam2_model(folder: Path) -> dict:
@@ -415,3 +423,63 @@ def test_connecting_an_unused_image_output_later_runs_the_node_again(server):
     entry = server.run(prompt, timeout=180)
     previews = entry["outputs"]["900"]["images"]
     assert len(previews) == FRAMES, entry["outputs"]
+# ----------------------------------------------------------------------------------- who and where
+TWO_PEOPLE = PACK_DIR / "workflows" / "dreamidv_swap_two_people.json"
+
+
+def test_two_people_workflow_matches_node_schemas(server):
+    """The committed two-pass workflow is what tests/build_two_people_workflow.py makes from the live schemas."""
+    from tests import build_two_people_workflow as b2
+
+    strip = lambda wf: ([{k: n[k] for k in ("id", "type", "inputs", "outputs", "widgets_values")}
+                         for n in wf["nodes"]], wf["links"])
+    assert strip(json.loads(TWO_PEOPLE.read_text())) == strip(b2.build(server.object_info())), \
+        "workflows/dreamidv_swap_two_people.json is stale: run python -m tests.build_two_people_workflow"
+    templates = server.get("/api/workflow_templates")
+    assert "dreamidv_swap_two_people" in templates.get(PACK_NAME, []), templates
+
+
+def test_two_people_workflow_swaps_both_in_two_passes(server):
+    """Pass 1 swaps person 0, pass 2 swaps person 1 on pass 1's output; face crop on through the one switch."""
+    import av
+
+    info = server.object_info()
+    api = ui_to_api(json.loads(TWO_PEOPLE.read_text()), info)
+    pose = {"source": "dwpose", "detector_model": "yolox_two.onnx", "pose_model": "dw-ll_ucoco_384.onnx"}
+    ident = {"width": W, "height": H, "insightface_pack": "antelopev2", "detection_size": 128, "provider": "CPU"}
+    changes = {
+        "1": {"file": "clip.mp4"}, "3": {"image": "reference.png"}, "4": {"image": "reference.png"},
+        "5": {"model_name": server.names["dit"], "weight_dtype": "fp32", "device": "cpu"},
+        "6": {"vae_name": server.names["vae"]}, "7": {"precomputed_context": server.names["context"]},
+        "8": pose, "13": pose, "10": ident, "15": ident,
+        "9": {"width": W, "height": H}, "14": {"width": W, "height": H},
+        "11": {"width": W, "height": H, "steps": 1}, "16": {"width": W, "height": H, "steps": 1},
+        "12": {"sam2_checkpoint": server.names["sam2"], "sam2_config": server.names["sam2_config"],
+               "device": "cpu", "prompt_frames": 1},
+        "19": {"filename_prefix": "dreamidv_test/two_people"}, "20": {"value": True},
+    }
+    changes["17"] = changes["12"]
+    for nid, values in changes.items():
+        api[nid]["inputs"].update(values)
+    assert api["13"]["inputs"]["target_index"] == 1 and api["13"]["inputs"]["frames"] == ["12", 2]
+    entry = server.run(api, timeout=300)
+    files = saved_videos(entry, server)
+    assert len(files) == 1
+    with av.open(str(files[0])) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == FRAMES and frames[0].shape == (H, W, 3)
+
+
+def test_swap_workflow_has_one_face_crop_switch_off_by_default(server):
+    """One switch (and one margin) in the bundled swap workflow drives the PoseGuider and the sampler; it is off
+    (whole frame, as released). The two-people workflow above runs the same wiring with the switch on."""
+    api = swap_prompt(server)
+    switch = [k for k, n in api.items() if n["class_type"] == "PrimitiveBoolean"]
+    margin = [k for k, n in api.items() if n["class_type"] == "PrimitiveFloat"]
+    assert len(switch) == len(margin) == 1 and api[switch[0]]["inputs"]["value"] is False
+    for cls in ("DreamIDVPoseGuider", "DreamIDVSampler"):
+        node = next(n for n in api.values() if n["class_type"] == cls)
+        assert node["inputs"]["face_crop"] == [switch[0], 0] and node["inputs"]["crop_margin"] == [margin[0], 0]
+    guider = next(n for n in api.values() if n["class_type"] == "DreamIDVPoseGuider")
+    extract = next(k for k, n in api.items() if n["class_type"] == "DreamIDVPoseExtract")
+    assert guider["inputs"]["mask"] == [extract, 4]  # pose_mask: drawn on demand

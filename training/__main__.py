@@ -5,7 +5,10 @@ Config keys:
 - ``model``: a DiT checkpoint path (:func:`dreamidv_core.weights.checkpoints.load_dit`, ``weight_dtype``
   default fp32), or ``"tiny"`` (``tiny_config('full', text_dim=32)``, ``model_seed``) for tests;
 - ``dataset``: a dataset folder (training/DATASET.md) or ``{"root", "width", "height", "frames", "seed"}``
-  (defaults 832, 480, 81, 0); ``"toy"`` + ``dataset_size`` + ``loss: "toy"`` is the trainer's smoke test;
+  (defaults 832, 480, 81, 0) plus ``still_ratio`` (share of still micro-batches, default the folder's
+  share), ``occlusion`` (probability of the occlusion augmentation, 0), ``occlusion_scale`` ([0.3, 0.7])
+  and ``latent_cache`` (a folder: cache each sample's VAE latents on disk);
+  ``"toy"`` + ``dataset_size`` + ``loss: "toy"`` is the trainer's smoke test;
 - ``vae``: a Wan 2.1 VAE file (:func:`dreamidv_core.models.vae.load_wan_vae`) or ``"tiny"`` (``vae_seed``);
 - ``context``: a precomputed text-context file (:func:`dreamidv_core.pipelines.text_context.load_precomputed_context`)
   or ``"random:<dim>"`` (``context_seed``, 8 tokens) for tests;
@@ -16,7 +19,8 @@ Config keys:
 - ``identity_encoder``: ``"insightface:<pack folder>"`` (ArcFace) or ``"colour"`` (test stand-in); needed
   by ``irl``;
 - ``objective``: :class:`training.objective.FlowMatchingObjective` settings (shift, identity_dropout,
-  timestep_sampling, logit_mean, logit_std); ``irl``: ``{"delta": 0.1, "frames_per_chunk": 1}``;
+  timestep_sampling, logit_mean, logit_std, temporal_tv (weight, 0 = off), temporal_tv_mode);
+  ``irl``: ``{"delta": 0.1, "frames_per_chunk": 1}``;
 - ``train``: every :class:`training.trainer.TrainConfig` field (``validate_every`` > 0 runs the
   identity-report validation, :mod:`training.validation`, on ``validation_samples`` samples of
   ``validation_root`` (default: the dataset folder) with ``identity_encoder``);
@@ -38,6 +42,8 @@ from pathlib import Path
 
 from dreamidv_core.errors import DreamIDVError, InputError
 
+from .dataset import DATASET_KEYS
+
 
 def load_config(path) -> dict:
     path = Path(path)
@@ -56,9 +62,11 @@ def load_config(path) -> dict:
 TOP_KEYS = ("model", "model_seed", "weight_dtype", "id_tokens", "id_embed_dim", "dataset", "dataset_size", "loss",
             "vae", "vae_seed", "context", "context_seed", "stages", "stage", "identity_encoder", "objective", "irl",
             "train", "losses_out", "ivs")
-SECTION_KEYS = {"objective": ("shift", "identity_dropout", "timestep_sampling", "logit_mean", "logit_std"),
+OBJECTIVE_KEYS = ("shift", "identity_dropout", "timestep_sampling", "logit_mean", "logit_std", "temporal_tv",
+                  "temporal_tv_mode")
+SECTION_KEYS = {"objective": OBJECTIVE_KEYS,
                 "irl": ("delta", "frames_per_chunk"),
-                "dataset": ("root", "width", "height", "frames", "seed"),
+                "dataset": DATASET_KEYS,
                 "ivs": ("text_dropout",)}
 STAGE_ENTRY_KEYS = ("stage", "steps")  # a [[stages]] entry; extend with a new stage's per-stage settings
 
@@ -229,10 +237,9 @@ def run_stages(cfg: dict, tc, progress):
     if not isinstance(spec, dict) or not spec.get("root"):
         raise InputError(f"dataset: expected a dataset folder or {{'root', 'width', 'height', 'frames', 'seed'}}, "
                          f"got {cfg.get('dataset')!r}")
-    data = _section({"dataset": spec}, "dataset", ("root", "width", "height", "frames", "seed"))
+    data = _section({"dataset": spec}, "dataset", DATASET_KEYS)
     stages = parse_stages(build_stages(cfg, tc.steps))
-    obj = FlowMatchingObjective(**_section(cfg, "objective", ("shift", "identity_dropout", "timestep_sampling",
-                                                               "logit_mean", "logit_std")))
+    obj = FlowMatchingObjective(**_section(cfg, "objective", OBJECTIVE_KEYS))
     irl = _section(cfg, "irl", ("delta", "frames_per_chunk"))
     encoder = build_identity_encoder(cfg)
     if encoder is None and any(s["stage"] == "irl" for s in stages):
@@ -251,13 +258,14 @@ def run_stages(cfg: dict, tc, progress):
         held_out = DreamIDVDataset(tc.validation_root or data["root"], width, height, frames, int(data.get("seed", 0)))
         validator = make_identity_validator(validation_items(held_out, tc.validation_samples), vae, context,
                                             encoder, steps=tc.validation_steps, seed=tc.seed)
+    from .dataset import DataOptions
     from .trainer import use_validator
     with use_validator(validator):
         return run_curriculum(model, data["root"], stages, tc, vae, context, encoder, width=width, height=height,
                               frames=frames, progress=progress, objective=obj,
                               identity_delta=float(irl.get("delta", 0.1)),
                               frames_per_chunk=int(irl.get("frames_per_chunk", 1)),
-                              dataset_seed=int(data.get("seed", 0)))
+                              dataset_seed=int(data.get("seed", 0)), data_options=DataOptions.from_spec(data))
 
 
 def build_dataset(cfg: dict):

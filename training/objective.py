@@ -32,7 +32,7 @@ from dreamidv_core.errors import InputError
 from dreamidv_core.sampling.samplers import NUM_TRAIN_TIMESTEPS, shift_sigmas
 
 __all__ = ["FlowMatchingObjective", "TrainingConditioning", "ChunkLoss", "prepare_conditions",
-           "encode_conditioning"]
+           "encode_conditioning", "encode_latents", "temporal_tv"]
 
 Context = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -61,12 +61,42 @@ class TrainingConditioning:
 class ChunkLoss(NamedTuple):
     """per_chunk [B, F'] float32 MSE per latent frame (VAE temporal chunk; graph attached);
     x0_hat [B, 16, F', h, w] detached one-step estimate ``x_t - sigma * v_pred``; sigma [B];
-    ref_dropped [B] bool (reference replaced by zeros)."""
+    ref_dropped [B] bool (reference replaced by zeros); x0 the same estimate with its graph (for
+    regularisers such as :func:`temporal_tv`)."""
 
     per_chunk: torch.Tensor
     x0_hat: torch.Tensor
     sigma: torch.Tensor
     ref_dropped: torch.Tensor
+    x0: Optional[torch.Tensor] = None
+
+
+TV_MODES = ("prediction", "residual")
+
+
+def temporal_tv(x0: torch.Tensor, target: Optional[torch.Tensor] = None, mode: str = "prediction") -> torch.Tensor:
+    """Total variation across time of a predicted clean latent -> [B] (graph kept).
+
+    x0, target: [B, C, F', h, w]. ``"prediction"``: mean |x0[t+1] - x0[t]| over latent frames, channels and
+    pixels; ``"residual"``: the same of (x0 - target), i.e. only the frame-to-frame change the supervision
+    video does not have (real motion is not penalised). A clip of one latent frame (a still, F = 1) has no
+    pair: 0 (with a graph, so the sum of losses still backpropagates).
+
+    After DynamicFace (Wang et al. 2025, arXiv:2501.08553), which smooths the denoised latents across time
+    (its "FusionTVO" total-variation optimisation, applied at inference). Here the penalty is a *training*
+    loss on the one-step estimate ``x0 = x_t - sigma * v`` - our interpretation of the issue, not the paper's
+    procedure.
+    """
+    if mode not in TV_MODES:
+        raise InputError(f"temporal_tv_mode must be one of {TV_MODES}, got {mode!r}")
+    x = x0.float()
+    if mode == "residual":
+        if target is None:
+            raise InputError("temporal_tv mode 'residual' needs the target latent")
+        x = x - target.to(x)
+    if x.shape[2] < 2:
+        return x.sum(dim=(1, 2, 3, 4)) * 0.0
+    return (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(1, 2, 3, 4))
 
 
 @torch.no_grad()
@@ -87,9 +117,17 @@ def encode_conditioning(vae, video: torch.Tensor, mask: torch.Tensor, reference:
         raise InputError(f"mask {list(mask.shape)} does not match the video {list(video.shape)}")
     if reference.shape[0] != video.shape[0] or reference.shape[-2:] != video.shape[-2:]:
         raise InputError(f"reference {list(reference.shape)} must be letterboxed to the video size {list(video.shape)}")
-    y = torch.cat([vae.encode(video.mul(2).sub(1)), vae.encode(mask)], dim=1)
-    ref = vae.encode(reference.mul(2).sub(1)[:, :, None])
-    return TrainingConditioning(context=context, y=y, ref_latent=ref, pose=pose)
+    video_lat, mask_lat, ref = encode_latents(vae, video, mask, reference)
+    return TrainingConditioning(context=context, y=torch.cat([video_lat, mask_lat], dim=1), ref_latent=ref, pose=pose)
+
+
+@torch.no_grad()
+def encode_latents(vae, video: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor):
+    """The three conditioning latents, in the sampler's conventions: video [B, 3, F, H, W] in [0, 1] ->
+    VAE(video in [-1, 1]); mask [B, 3, F, H, W] in [0, 1] -> VAE(mask, not normalised); reference [B, 3, H, W]
+    in [0, 1] -> VAE(reference in [-1, 1] as one frame) [B, 16, 1, h, w]. Shapes are not checked here
+    (:func:`encode_conditioning` does)."""
+    return vae.encode(video.mul(2).sub(1)), vae.encode(mask), vae.encode(reference.mul(2).sub(1)[:, :, None])
 
 
 def prepare_conditions(dit: DreamIDVTransformer, context: Context, y: torch.Tensor,
@@ -125,11 +163,14 @@ class FlowMatchingObjective:
 
     shift: the sampler's time shift (5.0 in the released recipe); identity_dropout: probability that a
     sample's reference latent is replaced by zeros; timestep_sampling: "uniform" or "logit_normal"
-    (u = sigmoid(N(logit_mean, logit_std))), before the shift.
+    (u = sigmoid(N(logit_mean, logit_std))), before the shift; temporal_tv: weight of the temporal
+    total-variation penalty on the one-step estimate (:func:`temporal_tv`; 0 = off), temporal_tv_mode its
+    kind ("prediction" or "residual").
     """
 
     def __init__(self, shift: float = 5.0, identity_dropout: float = 0.1, timestep_sampling: str = "uniform",
-                 logit_mean: float = 0.0, logit_std: float = 1.0):
+                 logit_mean: float = 0.0, logit_std: float = 1.0, temporal_tv: float = 0.0,
+                 temporal_tv_mode: str = "prediction"):
         if not shift > 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         if not 0.0 <= identity_dropout <= 1.0:
@@ -138,6 +179,11 @@ class FlowMatchingObjective:
             raise ValueError(f"timestep_sampling must be 'uniform' or 'logit_normal', got {timestep_sampling!r}")
         self.shift, self.identity_dropout, self.timestep_sampling = float(shift), float(identity_dropout), timestep_sampling
         self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
+        if isinstance(temporal_tv, bool) or not isinstance(temporal_tv, (int, float)) or not temporal_tv >= 0:
+            raise InputError(f"temporal_tv must be a weight >= 0 (0 = off), got {temporal_tv!r}")
+        if temporal_tv_mode not in TV_MODES:
+            raise InputError(f"temporal_tv_mode must be one of {TV_MODES}, got {temporal_tv_mode!r}")
+        self.temporal_tv, self.temporal_tv_mode = float(temporal_tv), temporal_tv_mode
 
     # ------------------------------------------------------------------ pieces
     def sample_sigma(self, batch: int, generator: Optional[torch.Generator] = None,
@@ -218,13 +264,21 @@ class FlowMatchingObjective:
         x_t = self.noisy(z, eps, sigma)
         v = dit(x_t, self.timestep(sigma), cond).float()
         per_chunk = (v - self.target(z, eps)).pow(2).mean(dim=(1, 3, 4))
-        x0_hat = (x_t - sigma.reshape(-1, 1, 1, 1, 1) * v).detach()
-        return ChunkLoss(per_chunk, x0_hat, sigma, dropped)
+        x0 = x_t - sigma.reshape(-1, 1, 1, 1, 1) * v
+        return ChunkLoss(per_chunk, x0.detach(), sigma, dropped, x0)
+
+    def regulariser(self, chunks: ChunkLoss, batch_latents: torch.Tensor) -> torch.Tensor:
+        """``temporal_tv`` x the batch mean of :func:`temporal_tv` of ``chunks.x0`` (a scalar; 0 when off)."""
+        if not self.temporal_tv:
+            return chunks.per_chunk.new_zeros(())
+        tv = temporal_tv(chunks.x0, batch_latents, self.temporal_tv_mode)
+        return self.temporal_tv * tv.mean()
 
     def loss(self, dit: DreamIDVTransformer, batch_latents: torch.Tensor, conditioning: TrainingConditioning,
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Plain flow-matching loss: the mean of :meth:`per_chunk_loss` (a scalar)."""
-        return self.per_chunk_loss(dit, batch_latents, conditioning, generator).per_chunk.mean()
+        """Plain flow-matching loss: the mean of :meth:`per_chunk_loss` (a scalar), plus :meth:`regulariser`."""
+        chunks = self.per_chunk_loss(dit, batch_latents, conditioning, generator)
+        return chunks.per_chunk.mean() + self.regulariser(chunks, batch_latents)
 
 
 def frozen_vae_for(vae, device: torch.device):

@@ -28,9 +28,10 @@ import torch.nn as nn
 
 from dreamidv_core.errors import InputError
 from . import checkpoint as ckpt
-from .dataset import DreamIDVDataset, scan_dataset
+from .dataset import DataOptions, DreamIDVDataset, scan_dataset
 from .irl import identity_coherence_weights, irl_loss
-from .objective import FlowMatchingObjective, encode_conditioning, frozen_vae_for
+from .latent_cache import batch_latents
+from .objective import FlowMatchingObjective, TrainingConditioning, frozen_vae_for
 from .trainer import TrainConfig, TrainResult, derive_seed, load_model_weights, select_trainable, train
 
 __all__ = ["STAGES", "STAGE_DIRECTIONS", "make_loss_fn", "stage_dataset", "parse_stages", "run_curriculum",
@@ -78,8 +79,12 @@ def insightface_identity_encoder(pack_dir, provider: str = "CPU", dim: int = 512
 # ---------------------------------------------------------------------------- the loss
 def make_loss_fn(stage: str, vae, context: torch.Tensor, objective: Optional[FlowMatchingObjective] = None,
                  identity_encoder: Optional[IdentityEncoder] = None, identity_delta: float = 0.1,
-                 frames_per_chunk: int = 1) -> Callable:
+                 frames_per_chunk: int = 1, latent_cache=None) -> Callable:
     """-> ``loss_fn(model, batch, generator)`` -> scalar loss for ``stage``.
+
+    The VAE latents come from :func:`training.latent_cache.batch_latents`: read from the dataset's latent
+    cache where the item was served from it, else encoded (and written to ``latent_cache``). The objective's
+    temporal TV penalty (``objective.temporal_tv`` > 0) is added to every stage's loss.
 
     batch: collated :class:`training.dataset.DreamIDVDataset` items (video/target [B, 3, F, H, W] in
     [-1, 1], mask/pose [B, 3, F, H, W] in [0, 1], identity [B, 3, 1, H, W] in [-1, 1]); vae: frozen,
@@ -103,16 +108,15 @@ def make_loss_fn(stage: str, vae, context: torch.Tensor, objective: Optional[Flo
 
     def loss_fn(model, batch: Dict, generator: torch.Generator) -> torch.Tensor:
         dit = getattr(model, "module", model)
-        missing = [k for k in ("video", "mask", "identity", "target") if k not in batch]
-        if missing:
-            raise InputError(f"training batch lacks {missing}; expected training.dataset.DreamIDVDataset items")
-        device = batch["video"].device
+        if "identity" not in batch:
+            raise InputError("training batch lacks 'identity'; expected training.dataset.DreamIDVDataset items")
+        device = batch["identity"].device
         with frozen_vae_for(vae, device):
-            video01 = batch["video"].float().add(1).div(2)
             ref01 = batch["identity"][:, :, 0].float().add(1).div(2)
-            cond = encode_conditioning(vae, video01, batch["mask"].float(), ref01, context.to(device),
-                                       batch.get("pose"))
-            z = vae.encode(batch["target"].float())
+            lat = batch_latents(batch, vae, latent_cache)
+            cond = TrainingConditioning(context=context.to(device), y=torch.cat([lat["video"], lat["mask"]], dim=1),
+                                        ref_latent=lat["identity"], pose=batch.get("pose"))
+            z = lat["target"]
             ident = None
             if getattr(dit, "id_projection_active", False):
                 cond.id_embedding = ident = _id_embedding(dit, identity_encoder, ref01)
@@ -126,7 +130,7 @@ def make_loss_fn(stage: str, vae, context: torch.Tensor, objective: Optional[Flo
             # a sample whose reference was dropped cannot know the identity: plain (uniform) weights
             dropped = chunks.ref_dropped.to(weights.device)[:, None]
             weights = torch.where(dropped, torch.ones_like(weights), weights)
-        return irl_loss(chunks.per_chunk, weights)
+        return irl_loss(chunks.per_chunk, weights) + objective.regulariser(chunks, z)
 
     return loss_fn
 
@@ -145,8 +149,10 @@ def _id_embedding(dit, identity_encoder: Optional[IdentityEncoder], ref01: torch
 
 
 # ---------------------------------------------------------------------------- data
-def stage_dataset(root, stage: str, width: int, height: int, frames: Optional[int], seed: int = 0) -> DreamIDVDataset:
-    """The samples of ``root`` that ``stage`` trains on (synthetic: forward, real: backward, irl: all)."""
+def stage_dataset(root, stage: str, width: int, height: int, frames: Optional[int], seed: int = 0,
+                  **options) -> DreamIDVDataset:
+    """The samples of ``root`` that ``stage`` trains on (synthetic: forward, real: backward, irl: all).
+    ``options``: :class:`training.dataset.DreamIDVDataset` options (still_ratio, occlusion, latent_cache)."""
     _check_stage(stage)
     samples = scan_dataset(root)
     wanted = STAGE_DIRECTIONS[stage]
@@ -155,7 +161,7 @@ def stage_dataset(root, stage: str, width: int, height: int, frames: Optional[in
         found = sorted({s.direction for s in samples})
         raise InputError(f"dataset folder {root} has no {'/'.join(wanted)} samples for stage {stage!r} "
                          f"(its {len(samples)} samples are {', '.join(found)}); record.json 'direction' decides")
-    return DreamIDVDataset(root, width, height, frames, seed, samples=chosen)
+    return DreamIDVDataset(root, width, height, frames, seed, samples=chosen, **options)
 
 
 def parse_stages(stages) -> List[Dict]:
@@ -192,8 +198,12 @@ def run_curriculum(model: nn.Module, root, stages: Sequence[Dict], config: Train
                    context: torch.Tensor, identity_encoder: Optional[IdentityEncoder] = None,
                    width: int = 832, height: int = 480, frames: Optional[int] = 81, progress=None, cancel=None,
                    objective: Optional[FlowMatchingObjective] = None, identity_delta: float = 0.1,
-                   frames_per_chunk: int = 1, dataset_seed: int = 0, validator=None) -> CurriculumResult:
+                   frames_per_chunk: int = 1, dataset_seed: int = 0, validator=None,
+                   data_options: Optional[DataOptions] = None) -> CurriculumResult:
     """Run ``stages`` ([{"stage", "steps"}]) in order on the dataset folder ``root``.
+
+    ``data_options`` (:class:`training.dataset.DataOptions`): still/video mixing, occlusion augmentation
+    and the latent cache of every stage's dataset (default: none of them).
 
     Each stage trains ``model`` in place with ``config`` (its ``steps`` replaced by the stage's, its seed
     derived from (config.seed, stage index, name), its checkpoints in
@@ -210,7 +220,8 @@ def run_curriculum(model: nn.Module, root, stages: Sequence[Dict], config: Train
     if config.trainable == "id_projection" and identity_encoder is None:
         raise InputError("trainable='id_projection' trains the ArcFace ID-token projection: give an identity "
                          "encoder (identity_encoder: 'insightface:<pack folder>')")
-    datasets = [stage_dataset(root, s["stage"], width, height, frames, dataset_seed) for s in plan]
+    options = (data_options or DataOptions()).build(dataset_seed, vae)
+    datasets = [stage_dataset(root, s["stage"], width, height, frames, dataset_seed, **options) for s in plan]
     total = sum(s["steps"] for s in plan)
     result = CurriculumResult()
     done = 0
@@ -233,7 +244,8 @@ def run_curriculum(model: nn.Module, root, stages: Sequence[Dict], config: Train
             if latest is None and previous is not None:
                 _load_final_weights(model, previous, stage_cfg)
             previous = None
-        loss_fn = make_loss_fn(name, vae, context, objective, identity_encoder, identity_delta, frames_per_chunk)
+        loss_fn = make_loss_fn(name, vae, context, objective, identity_encoder, identity_delta, frames_per_chunk,
+                               latent_cache=options["latent_cache"])
         offset = done
         stage_progress = None if progress is None else (lambda s, n, loss, _o=offset: progress(_o + s, total, loss))
         stage_res = train(model, data, loss_fn, stage_cfg, progress=stage_progress, cancel=cancel, validator=validator)

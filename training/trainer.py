@@ -15,6 +15,11 @@ it is cut into micro-batches ("units") of ``batch_size`` samples, unit ``u`` goi
 resumed run repeats an uninterrupted one exactly, and N processes with grad_accum G/N compute the
 same losses as one process with grad_accum G (up to float summation order).
 
+Data: the keys of unit ``u`` come from the dataset's ``unit_keys`` when it has one
+(:class:`training.dataset.DreamIDVDataset`: ``(index, epoch)`` keys, still and video micro-batches mixed by
+``still_ratio``), else from :func:`sample_indices`. ``num_workers`` > 0 reads the micro-batches in DataLoader
+worker processes (:class:`UnitBatches`), which gives the same batches as reading them in the loop.
+
 Validation: ``validate_every`` > 0 runs a ``validator(model) -> metrics`` (the identity report of a few
 swaps, :mod:`training.validation`) before step 1, every N steps and at the end; ``metrics.jsonl`` in the
 checkpoint folder logs every step's loss and every validation.
@@ -46,7 +51,7 @@ from . import checkpoint as ckpt
 from . import lora as lora_mod
 from .distributed import Dist as _Dist, agree as _agree, average_grads as _average_grads, init_distributed, shard_fsdp
 
-TRAINABLE = ("full", "lora", "pose", "id_projection")
+TRAINABLE = ("full", "lora", "pose", "id_projection", "modulation")
 POSE_ATTN = ("k_pose", "v_pose", "norm_k_pose", "pose_gate")
 
 
@@ -59,7 +64,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup: int = 0                # linear LR warmup steps
     max_grad_norm: float = 0.0     # 0: no clipping
-    trainable: str = "full"        # full | lora | pose | id_projection
+    trainable: str = "full"        # full | lora | pose | id_projection | modulation
     lora_rank: int = 16
     lora_alpha: float = 16.0
     lora_targets: str = ",".join(lora_mod.DEFAULT_TARGETS)
@@ -76,6 +81,8 @@ class TrainConfig:
     validation_samples: int = 2    # held-out samples swapped per validation
     validation_steps: int = 4      # sampler steps per validation swap
     validation_root: Optional[str] = None  # held-out dataset folder (default: the training folder's first samples)
+    num_workers: int = 0           # DataLoader worker processes reading and decoding samples (0: in the loop)
+    prefetch_factor: int = 2       # micro-batches each worker prepares ahead
 
     def validate(self) -> "TrainConfig":
         if self.trainable not in TRAINABLE:
@@ -84,10 +91,10 @@ class TrainConfig:
             raise InputError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
         if self.parallel not in ("auto", "fsdp", "ddp"):
             raise InputError(f"parallel must be 'auto', 'fsdp' or 'ddp', got {self.parallel!r}")
-        for name in ("validate_every",):
+        for name in ("validate_every", "num_workers"):
             if int(getattr(self, name)) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("steps", "batch_size", "grad_accum", "validation_samples", "validation_steps"):
+        for name in ("steps", "batch_size", "grad_accum", "validation_samples", "validation_steps", "prefetch_factor"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.resume and not self.checkpoint_dir:
@@ -167,6 +174,8 @@ def select_trainable(model: nn.Module, config: TrainConfig) -> Dict[str, nn.Para
             parts = name.split(".")
             keep = name.startswith("project_pose.") or (
                 len(parts) >= 4 and parts[0] == "blocks" and parts[2] == "self_attn" and parts[3] in POSE_ATTN)
+        elif mode == "modulation":
+            keep = is_modulation_parameter(name)
         else:
             keep = name.startswith("id_projection")
         p.requires_grad_(keep)
@@ -174,9 +183,82 @@ def select_trainable(model: nn.Module, config: TrainConfig) -> Dict[str, nn.Para
             chosen[name] = p
     if not chosen:
         what = {"pose": "a pose branch (project_pose / self_attn.k_pose...): this is not the full DreamID-V variant",
-                "id_projection": "an ID-token projection (parameters named 'id_projection...')"}.get(mode, "parameters")
+                "id_projection": "an ID-token projection (parameters named 'id_projection...')",
+                "modulation": "adaptive-norm modulation parameters (blocks.N.modulation, head.modulation, "
+                              "time_projection)"}.get(mode, "parameters")
         raise InputError(f"trainable={mode!r} but the model has no {what}")
     return chosen
+
+
+def is_modulation_parameter(name: str) -> bool:
+    """The adaptive-norm modulation of the Wan DiT: each block's ``modulation`` table [1, 6, dim] and the
+    head's [1, 2, dim] (learned shift/scale/gate offsets), and ``time_projection`` (the layer that turns
+    the timestep embedding into the shared 6 x dim modulation). ``trainable = "modulation"`` trains only
+    these, after Magic Mirror (Zhang et al. 2025, arXiv:2501.03931), which adapts a video DiT to a new data
+    distribution through its (conditioned) adaptive normalisation; counting ``time_projection`` in (and
+    the timestep MLP ``time_embedding`` out) is our reading of "modulation layers" for Wan's layout."""
+    return name.endswith(".modulation") or name == "modulation" or name.startswith("time_projection.")
+
+
+# ---------------------------------------------------------------------------- data feeding
+def unit_keys(dataset, n_data: int, config: "TrainConfig", unit: int) -> list:
+    """Dataset keys of micro-batch number ``unit`` of the run (unit = step * units per step + the unit
+    within the step, units going to ranks as in the module docstring): the dataset's own
+    ``unit_keys(seed, unit, batch_size, shuffle)`` when it has one (:class:`training.dataset.DreamIDVDataset`:
+    (index, epoch) keys, still/video micro-batches), else :func:`sample_indices`."""
+    own = getattr(dataset, "unit_keys", None)
+    if own is not None:
+        return own(config.seed, unit, config.batch_size, config.shuffle)
+    return sample_indices(n_data, config.seed, unit * config.batch_size, config.batch_size, config.shuffle)
+
+
+class _UnitKeys:
+    """The key lists of this rank's micro-batches from step ``start`` to the end, in training order
+    (a DataLoader ``batch_sampler``)."""
+
+    def __init__(self, dataset, n_data, config, rank, units, start):
+        self.dataset, self.n_data, self.config = dataset, n_data, config
+        self.rank, self.units, self.start = rank, units, start
+
+    def __iter__(self):
+        cfg = self.config
+        for step in range(self.start, cfg.steps):
+            for k in range(cfg.grad_accum):
+                yield unit_keys(self.dataset, self.n_data, cfg, step * self.units + self.rank * cfg.grad_accum + k)
+
+    def __len__(self):
+        return (self.config.steps - self.start) * self.config.grad_accum
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the training threads
+
+
+class UnitBatches:
+    """This rank's collated micro-batches from step ``start`` on, in training order: read in the loop
+    (``num_workers`` 0) or prepared ahead by ``num_workers`` DataLoader worker processes (decoding,
+    resizing, reading cached latents), ``prefetch_factor`` micro-batches each. Both give the same
+    batches (the dataset's items depend only on their keys). :meth:`close` stops the workers."""
+
+    def __init__(self, dataset, config: "TrainConfig", rank: int, world: int, start: int, collate_fn, device):
+        keys = _UnitKeys(dataset, len(dataset), config, rank, config.grad_accum * world, start)
+        self.device = device
+        if config.num_workers > 0:
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=keys, num_workers=config.num_workers, collate_fn=collate_fn,
+                prefetch_factor=config.prefetch_factor, worker_init_fn=_worker_init,
+                pin_memory=torch.device(device).type == "cuda")
+            self._it = iter(loader)
+        else:
+            self._it = (collate_fn([dataset[k] for k in ks]) for ks in keys)
+
+    def __next__(self):
+        return _to_device(next(self._it), self.device)
+
+    def close(self) -> None:
+        stop = getattr(self._it, "_shutdown_workers", None) or getattr(self._it, "close", None)
+        if stop is not None:
+            stop()
 
 
 # ---------------------------------------------------------------------------- gradient checkpointing
@@ -423,8 +505,6 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None
         raise InputError("validate_every is set but no validator was given (training.validation.make_identity_validator)")
     metrics = MetricsLog(config.checkpoint_dir, dist_ctx.rank, start if config.resume else None)
     undo_gc = enable_gradient_checkpointing(model) if config.gradient_checkpointing else (lambda: None)
-    units = config.grad_accum * dist_ctx.world
-    global_batch = config.batch_size * units
     get = getattr(dataset, "collate", None) or collate
     amp = (torch.autocast(dist_ctx.device.type, dtype=torch.bfloat16) if config.autocast == "bf16"
            else torch.autocast(dist_ctx.device.type, enabled=False))
@@ -441,8 +521,10 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None
             result.validation.append(record)
             metrics.write(record)
 
+    feed = None
     model.train()
     try:
+        feed = UnitBatches(dataset, config, dist_ctx.rank, dist_ctx.world, start, get, dist_ctx.device)
         validate(start)
         for step in range(start, config.steps):
             if cancel is not None and _agree(dist_ctx, bool(cancel())):
@@ -454,9 +536,7 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None
             step_loss = torch.zeros((), device=dist_ctx.device)
             for k in range(config.grad_accum):
                 unit = dist_ctx.rank * config.grad_accum + k
-                idx = sample_indices(n_data, config.seed, step * global_batch + unit * config.batch_size,
-                                     config.batch_size, config.shuffle)
-                batch = _to_device(get([dataset[i] for i in idx]), dist_ctx.device)
+                batch = next(feed)
                 gen = torch.Generator(device=dist_ctx.device).manual_seed(derive_seed(config.seed, "unit", step, unit))
                 with amp:
                     loss = loss_fn(model, batch, gen)
@@ -480,6 +560,8 @@ def train(model: nn.Module, dataset, loss_fn, config: TrainConfig, progress=None
             if (config.save_every and (step + 1) % config.save_every == 0) or step + 1 == config.steps:
                 result.last_checkpoint = save(step + 1) or result.last_checkpoint
     finally:
+        if feed is not None:
+            feed.close()
         undo_gc()
     return result
 

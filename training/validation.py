@@ -7,10 +7,14 @@ identity-report node and command use).
 numbers to ``<checkpoint_dir>/metrics.jsonl`` and keeps them in ``TrainResult.validation``.
 
 Per sample: :func:`dreamidv_core.pipelines.swap.swap_face` on the sample's driving video, mask and pose with its
-identity image as the reference (``steps`` sampler steps), then the report of the swapped frames
-against the same identity image. Metrics: the mean over samples of the report's mean similarity, the
-lowest per-frame similarity over all samples, the mean frame-to-frame change of the similarity and
-the mean cosine between consecutive frames' embeddings (stability), and each sample's numbers.
+identity image as the reference (``steps`` sampler steps), then the evaluation of the swapped clip
+(:func:`dreamidv_core.eval.benchmark.score_clip`, the code of ``python -m dreamidv_core evaluate``: its identity
+part is the identity report's) against the same identity image, the driving video and the mask. Metrics: the
+mean over samples of the report's mean similarity, the lowest per-frame similarity over all samples, the mean
+frame-to-frame change of the similarity and the mean cosine between consecutive frames' embeddings
+(stability); the background PSNR / SSIM outside the face mask and the flicker excess; with an ``observer``
+(a landmarker) the head-pose and expression errors; and each sample's numbers. Still samples (one frame)
+are not validated: the sampler needs a clip.
 """
 from __future__ import annotations
 
@@ -48,9 +52,13 @@ def _finite_min(values: Sequence[float]) -> Optional[float]:
     return float(np.min(vals)) if vals else None
 
 
+EVAL_METRICS = ("bg_psnr", "bg_ssim", "flicker_excess", "pose_error", "expression_error", "fm_inter_gap")
+
+
 def summarise(reports: Sequence[dict]) -> Dict:
-    """Per-sample ``IdentityReport.as_dict()`` -> the validation metrics (None where nothing was measured)."""
-    return {
+    """Per-sample ``IdentityReport.as_dict()`` (with the evaluation's numbers under ``"metrics"``) -> the
+    validation metrics (None where nothing was measured)."""
+    out = {
         "val_mean_similarity": _finite_mean([r["mean_similarity"] for r in reports]),
         "val_min_similarity": _finite_min([r["min_similarity"] for r in reports]),
         "val_mean_abs_change": _finite_mean([r["stability"]["mean_abs_change"] for r in reports]),
@@ -59,6 +67,9 @@ def summarise(reports: Sequence[dict]) -> Dict:
         "val_samples": [{"path": r.get("path"), "mean": r["mean_similarity"], "min": r["min_similarity"],
                          "mean_abs_change": r["stability"]["mean_abs_change"]} for r in reports],
     }
+    for key in EVAL_METRICS:
+        out[f"val_{key}"] = _finite_mean([r.get("metrics", {}).get(key) for r in reports])
+    return out
 
 
 def _frames(t: torch.Tensor, signed: bool) -> torch.Tensor:
@@ -69,23 +80,37 @@ def _frames(t: torch.Tensor, signed: bool) -> torch.Tensor:
 
 
 def validation_items(dataset, count: int) -> List[dict]:
-    """The first ``count`` items of a :class:`training.dataset.DreamIDVDataset` (read once, kept)."""
-    n = min(int(count), len(dataset))
+    """The first ``count`` video items of a :class:`training.dataset.DreamIDVDataset` (read once, kept;
+    still samples are skipped), read without the occlusion augmentation and the latent cache (validation
+    swaps the plain samples)."""
+    samples = getattr(dataset, "samples", None)
+    videos = [i for i in range(len(dataset)) if samples is None or samples[i].kind == "video"]
+    n = min(int(count), len(videos))
     if n < 1:
-        raise InputError("validation: the validation dataset has no samples")
-    return [dataset[i] for i in range(n)]
+        raise InputError("validation: the validation dataset has no video samples (still samples cannot be "
+                         "validated: the sampler swaps clips)")
+    saved = {k: getattr(dataset, k) for k in ("occlusion", "latent_cache") if hasattr(dataset, k)}
+    try:
+        for k in saved:
+            setattr(dataset, k, None)
+        return [dataset[i] for i in videos[:n]]
+    finally:
+        for k, v in saved.items():
+            setattr(dataset, k, v)
 
 
 def make_identity_validator(items: Sequence[dict], vae, context: torch.Tensor, embedder, steps: int = 4,
-                            seed: int = 0, guidance: float = 4.0, shift: float = 5.0) -> Callable:
+                            seed: int = 0, guidance: float = 4.0, shift: float = 5.0, observer=None) -> Callable:
     """-> ``validator(model) -> metrics`` (see :func:`summarise`).
 
     items: :class:`training.dataset.DreamIDVDataset` items (video [3, F, H, W] in [-1, 1], mask/pose
     [3, F, H, W] in [0, 1], identity [3, 1, H, W] in [-1, 1]); vae: the frozen training VAE; context:
     [L, text_dim]; embedder: an identity-report embedder (``insightface_embedder``) or a training identity
-    encoder (torch, wrapped with :func:`embedder_from_encoder`); steps: sampler steps per swap.
+    encoder (torch, wrapped with :func:`embedder_from_encoder`); steps: sampler steps per swap; observer:
+    an optional face observer (:func:`dreamidv_core.eval.face_metrics.mediapipe_observer`) for the pose and
+    expression errors.
     """
-    from dreamidv_core.eval.identity_report import identity_report
+    from dreamidv_core.eval.benchmark import score_clip
     from dreamidv_core.pipelines.swap import SwapSettings, swap_face
 
     if not items:
@@ -114,8 +139,9 @@ def make_identity_validator(items: Sequence[dict], vae, context: torch.Tensor, e
                                      "encoder (the training one), not a report embedder")
                 extra["id_embedding"] = embedder(ref.permute(2, 0, 1)[None])[0].float()
             out = swap_face(dit, vae, video, mask, ref, context, pose=pose, settings=settings, **extra)
-            report = identity_report(out.frames, ref, embed).as_dict()
-            report["path"] = item.get("path")
+            scored = score_clip(out.frames, video, ref, embed, observer, mask=mask, name=str(item.get("path")))
+            report = scored.identity.as_dict()
+            report["path"], report["metrics"] = item.get("path"), scored.metrics
             reports.append(report)
         return summarise(reports)
 

@@ -5,7 +5,8 @@ Pure numpy/PIL (no ComfyUI); the IRL trainer uses the same code for validation w
 * ``embedder``: any callable ``images uint8 [n, H, W, 3] -> n items``, each an embedding ``[D]``
   (L2-normalised; it is normalised again here) or ``None`` when the image has no face. A 2-D array
   ``[n, D]`` is accepted too (a row of NaN = no face). :func:`insightface_embedder` builds one on
-  :mod:`dreamidv_core.preprocess.identity` (insightface pack folder, largest face, ArcFace embedding).
+  :mod:`dreamidv_core.preprocess.face_analysis` (onnxruntime on an insightface pack folder, largest face,
+  ArcFace embedding; the insightface package is not needed).
 * ``landmarker``: optional callable ``frame uint8 [H, W, 3] -> [K, 2] landmarks (x, y) or None``;
   :func:`insightface_landmarker` gives insightface's 5 points of the largest face.
 
@@ -35,6 +36,7 @@ import numpy as np
 from ..errors import DreamIDVError, InputError
 from ..io.video import to_uint8_frames
 from ..progress import Progress, reporter
+from ..preprocess.onnx_session import PROVIDER_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +260,7 @@ def identity_report(frames, reference, embedder: Embedder, driving=None, landmar
         raise InputError("identity report: the video has no frames")
     if driving is not None and landmarker is None:
         raise InputError("identity report: driving frames were given without a landmarker")
-    ref = reference_embedding(reference, embedder)
-    sims = np.full(n, np.nan)
-    cons = np.full(max(n - 1, 0), np.nan)
+    acc = IdentityAccumulator(reference, embedder, n)
     errors = None
     compared = 0
     if driving is not None and landmarker is not None:
@@ -269,25 +269,46 @@ def identity_report(frames, reference, embedder: Embedder, driving=None, landmar
             log.info("identity report: %d frames against %d driving frames; comparing the first %d",
                      n, len(driving), compared)
         errors = np.full(compared, np.nan)
-    prev = None
     report = reporter(progress)
     for i in range(n):
         image = _frame(frames, i, "video")
-        emb = _embed_one(embedder, image, f"video frame {i}", ref.size)
-        if emb is not None:
-            sims[i] = float(emb @ ref)
-            if prev is not None:
-                cons[i - 1] = float(emb @ prev)
-        prev = emb
+        acc.add(i, image)
         if i < compared:
             got = landmarker(image[0])
             want = landmarker(_frame(driving, i, "driving")[0])
             if got is not None and want is not None:
                 errors[i] = landmark_error(got, want)
         report("frames", i + 1, n)
-    return IdentityReport(similarities=sims, consecutive_cosines=cons, landmark_errors=errors,
-                          driving_frames=None if driving is None else len(driving),
-                          no_face_frames=[int(i) for i in np.flatnonzero(~np.isfinite(sims))])
+    return acc.report(errors, None if driving is None else len(driving))
+
+
+class IdentityAccumulator:
+    """The identity numbers of a video built one frame at a time (what :func:`identity_report` and the
+    evaluation, :mod:`dreamidv_core.eval.benchmark`, share): ``add(i, image uint8 [1, H, W, 3])`` for
+    i = 0 .. frames-1 in order, then :meth:`report`."""
+
+    def __init__(self, reference, embedder: Embedder, frames: int):
+        self.embedder = embedder
+        self.ref = reference_embedding(reference, embedder)
+        self.sims = np.full(frames, np.nan)
+        self.cons = np.full(max(frames - 1, 0), np.nan)
+        self.prev: Optional[np.ndarray] = None
+
+    def add(self, i: int, image: np.ndarray) -> Optional[np.ndarray]:
+        """Embed frame ``i`` -> its unit embedding (None: no face)."""
+        emb = _embed_one(self.embedder, image, f"video frame {i}", self.ref.size)
+        if emb is not None:
+            self.sims[i] = float(emb @ self.ref)
+            if self.prev is not None:
+                self.cons[i - 1] = float(emb @ self.prev)
+        self.prev = emb
+        return emb
+
+    def report(self, landmark_errors: Optional[np.ndarray] = None,
+               driving_frames: Optional[int] = None) -> "IdentityReport":
+        return IdentityReport(similarities=self.sims, consecutive_cosines=self.cons, landmark_errors=landmark_errors,
+                              driving_frames=driving_frames,
+                              no_face_frames=[int(i) for i in np.flatnonzero(~np.isfinite(self.sims))])
 
 
 # -------------------------------------------------------------------------------------------- plot
@@ -434,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--insightface", required=True,
                     help="insightface folder (holding models/<pack>/) or the pack folder itself")
     ap.add_argument("--pack", default="antelopev2", help="insightface model pack (default antelopev2)")
-    ap.add_argument("--provider", default="CPU", choices=["CPU", "CUDA"])
+    ap.add_argument("--provider", default="auto", choices=list(PROVIDER_CHOICES),
+                    help="onnxruntime device (auto: the best the installed onnxruntime build offers)")
     ap.add_argument("--det-size", type=int, default=640, help="face detection size (multiple of 32)")
     ap.add_argument("--driving", help="the driving video: adds the landmark pose/expression error")
     ap.add_argument("--max-frames", type=int, help="read at most this many frames")

@@ -171,3 +171,20 @@ class AudioClip:
         if not parts:
             return np.zeros((self.channels, 0), np.float32)
         return np.concatenate(parts, axis=1)
+
+
+def clip_rate_and_sound(source, probe, frames: int, start: int = 0, stride: int = 1, fps: Optional[float] = None,
+                        sound: bool = True):
+    """The frame rate and sound of a clip made of ``frames`` frames of a video (``probe``, the file or bytes
+    ``source``) from frame ``start``, every ``stride``-th -> (Fraction rate, AudioClip or None).
+
+    The rate is the source's exactly, divided by ``stride``, or ``fps``; the sound is the source's over the
+    frames' span of time, None without a sound track, when ``sound`` is False, or when ``fps`` changes the
+    playing speed (which would put picture and sound out of step)."""
+    from fractions import Fraction
+
+    natural = probe.rate / stride
+    rate = Fraction(fps).limit_denominator(1001) if fps else natural
+    if not sound or not probe.has_audio or rate != natural:
+        return rate, None
+    return rate, AudioClip(FileAudio(source), probe.frame_time(start), float(frames * stride / probe.rate))

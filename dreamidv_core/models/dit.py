@@ -17,6 +17,11 @@ Models built with ``cfg.id_tokens > 0`` (or :meth:`DreamIDVTransformer.attach_id
 the ArcFace ID-token projection (:mod:`dreamidv_core.models.id_projection`): ``prepare(..., id_embedding=[R, E])``
 computes every block's ID K/V once, and each self-attention adds ``gate_i * Attn(q, K_id, V_id)`` (query
 before RoPE). With every gate 0 this is exactly the model without it.
+
+Sequence parallelism (several processes on one clip, :mod:`dreamidv_core.parallel.ulysses`) enters through
+``prepare(..., parallel=)``: the conditions then carry it, the forward runs the blocks on this rank's part of the
+token sequence and exchanges q/k/v around each self-attention. Without it (``None``, the default) nothing
+changes.
 """
 from __future__ import annotations
 
@@ -58,25 +63,36 @@ class _AttentionLayers(nn.Module):
 class SelfAttention(_AttentionLayers):
     """Multi-head self-attention with qk RMSNorm, 3-axis RoPE and (optionally) gated pose attention."""
 
-    def pose_kv(self, pose_tokens: torch.Tensor, rope) -> KV:
-        """pose_tokens [1, L, C] (zeros at reference positions) -> roped pose K, pose V [1, L, N, D]."""
-        k = apply_rope(self._heads(self.norm_k_pose(self.k_pose(pose_tokens))), *rope)
-        return k.to(pose_tokens.dtype), self._heads(self.v_pose(pose_tokens))
+    def pose_kv(self, pose_tokens: torch.Tensor, rope, sp=None) -> KV:
+        """pose_tokens [1, L, C] (zeros at reference positions) -> roped pose K, pose V [1, L, N, D]
+        (with ``sp``, a sequence-parallel group: this rank's heads only, [1, L, N/P, D])."""
+        k, v = self._heads(self.norm_k_pose(self.k_pose(pose_tokens))), self._heads(self.v_pose(pose_tokens))
+        if sp is not None:
+            k, v = sp.heads(k), sp.heads(v)
+        return apply_rope(k, *rope).to(pose_tokens.dtype), v
 
     def forward(self, x: torch.Tensor, rope, pose_kv: Optional[KV], backend: str,
-                id_attn: Optional[IDAttn] = None) -> torch.Tensor:
+                id_attn: Optional[IDAttn] = None, sp=None) -> torch.Tensor:
         """x [B, L, C] (compute dtype) -> [B, L, C]. ``id_attn``: this block's ID K/V and gate (ID tokens have
-        no position, so they are attended with the query before RoPE)."""
+        no position, so they are attended with the query before RoPE). ``sp``: this forward's sequence shard
+        (:class:`dreamidv_core.parallel.ulysses.SequenceShard`): x and rope are this rank's rows, pose/ID K/V
+        this rank's heads; q/k/v go to head layout for the attentions and the output comes back."""
         q0 = self._heads(self.norm_q(self.q(x)))
         q = apply_rope(q0, *rope).to(x.dtype)
         k = apply_rope(self._heads(self.norm_k(self.k(x))), *rope).to(x.dtype)
-        out = attention(q, k, self._heads(self.v(x)), backend)
+        v = self._heads(self.v(x))
+        q_id = None if id_attn is None else q0.to(x.dtype)
+        if sp is not None:
+            q, k, v, *rest = sp.to_heads(q, k, v, *([] if q_id is None else [q_id]))
+            q_id = rest[0] if rest else None
+        out = attention(q, k, v, backend)
         if pose_kv is not None:
             out = out.float() + self.pose_gate.float() * attention(q, *pose_kv, backend).float()
         if id_attn is not None:
             id_k, id_v, gate = id_attn
-            out = out.float() + gate.float() * attention(q0.to(x.dtype), id_k, id_v, backend).float()
-        return self.o(out.to(x.dtype))
+            out = out.float() + gate.float() * attention(q_id, id_k, id_v, backend).float()
+        out = out.to(x.dtype)
+        return self.o(out if sp is None else sp.to_seq(out))
 
 
 class CrossAttention(_AttentionLayers):
@@ -110,11 +126,12 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
     def forward(self, x, e0, rope, context_kv: KV, pose_kv: Optional[KV], cdtype, backend,
-                id_attn: Optional[IDAttn] = None):
-        """x [B, L, C] (compute dtype, then float32), e0 [B, 6, C] float32 -> [B, L, C] float32."""
+                id_attn: Optional[IDAttn] = None, sp=None):
+        """x [B, L, C] (compute dtype, then float32), e0 [B, 6, C] float32 -> [B, L, C] float32.
+        ``sp``: see :meth:`SelfAttention.forward` (every other op works token by token)."""
         e = (self.modulation.float() + e0).chunk(6, dim=1)
         h = self.norm1(x).float() * (1 + e[1]) + e[0]
-        x = x + self.self_attn(h.to(cdtype), rope, pose_kv, backend, id_attn).float() * e[2]
+        x = x + self.self_attn(h.to(cdtype), rope, pose_kv, backend, id_attn, sp).float() * e[2]
         x = x + self.cross_attn(self.norm3(x).to(cdtype), context_kv, backend).float()
         h = self.norm2(x).float() * (1 + e[4]) + e[3]
         return x + self.ffn(h.to(cdtype)).float() * e[5]
@@ -144,6 +161,8 @@ class DiTConditions:
     then the zeroed reference). ``pose_kv`` holds each block's pose K/V when cached, otherwise
     ``pose_tokens`` [1, Lr + Lv, C] is kept and K/V are recomputed per call. ``id_kv``: each block's ArcFace
     ID K/V [R, T, N, D] (one row per reference row) when the model has an active ID projection.
+    ``parallel``: the sequence-parallel group (:class:`dreamidv_core.parallel.ulysses.SequenceParallel`) the
+    forward splits the tokens over; pose and ID K/V then hold this rank's heads only. ``None``: one process.
     """
 
     grid: Tuple[int, int, int]
@@ -155,6 +174,7 @@ class DiTConditions:
     pose_kv: Optional[List[KV]] = None
     extra: dict = field(default_factory=dict)
     id_kv: Optional[List[KV]] = None
+    parallel: Optional[object] = None
 
     @property
     def num_refs(self) -> int:
@@ -249,7 +269,7 @@ class DreamIDVTransformer(nn.Module):
     def prepare(self, context, y: Optional[torch.Tensor] = None,
                 ref_latents: Optional[torch.Tensor] = None, pose_tokens: Optional[torch.Tensor] = None,
                 latent_grid: Optional[Tuple[int, int, int]] = None, cache_pose_kv: bool = True,
-                id_embedding: Optional[torch.Tensor] = None) -> DiTConditions:
+                id_embedding: Optional[torch.Tensor] = None, parallel=None) -> DiTConditions:
         """Compute once what every step reuses.
 
         context [L, text_dim] (or one per sample, see :meth:`embed_context`); y [32, F, h8, w8] or
@@ -258,7 +278,8 @@ class DreamIDVTransformer(nn.Module):
         in training one per sample); pose_tokens [1 or B, Lv, C] from :meth:`pose_tokens` (``None``: no
         pose attention); id_embedding [R, id_embed_dim] (ArcFace; one row per reference row: at inference
         the embedding and zeros) for a model with an active ID projection (:attr:`id_projection_active`),
-        ignored otherwise. Grad-agnostic: inference calls it under ``no_grad``, training with autograd.
+        ignored otherwise. ``parallel``: a sequence-parallel group (see :class:`DiTConditions`; inference only).
+        Grad-agnostic: inference calls it under ``no_grad``, training with autograd.
         """
         cfg, cd = self.cfg, self.compute_dtype
         device = self.patch_embedding.weight.device
@@ -293,7 +314,7 @@ class DreamIDVTransformer(nn.Module):
         ctx = self.embed_context(context)
         context_kv = [blk.cross_attn.context_kv(ctx) for _, blk in self.streamed_blocks()]
         cond = DiTConditions(grid=grid, y=None if y is None else y.to(device, cd), ref_tokens=ref_tokens,
-                             rope=rope, context_kv=context_kv)
+                             rope=rope, context_kv=context_kv, parallel=parallel)
         if self.id_projection_active:
             if id_embedding is None:
                 raise InputError("this model has a trained ArcFace ID-token projection: give the identity's ArcFace "
@@ -304,6 +325,8 @@ class DreamIDVTransformer(nn.Module):
                 raise InputError(f"{emb.shape[0]} ID embedding rows for {ref_tokens.shape[0]} reference rows; give "
                                  "one per reference row (inference: the embedding, then zeros)")
             cond.id_kv = self.id_projection.all_kv(emb, cd)
+            if parallel is not None:
+                cond.id_kv = [(parallel.heads(k), parallel.heads(v)) for k, v in cond.id_kv]
         if pose_tokens is not None:
             if not cfg.has_pose:
                 raise InputError("pose tokens were given but this checkpoint (faster variant) has no pose branch")
@@ -317,7 +340,7 @@ class DreamIDVTransformer(nn.Module):
                              dim=1)
             full = full.to(device, cd)
             if cache_pose_kv:
-                cond.pose_kv = [blk.self_attn.pose_kv(full, rope) for _, blk in self.streamed_blocks()]
+                cond.pose_kv = [blk.self_attn.pose_kv(full, rope, parallel) for _, blk in self.streamed_blocks()]
             else:
                 cond.pose_tokens = full
         return cond
@@ -372,31 +395,35 @@ class DreamIDVTransformer(nn.Module):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
         e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
+        sp = None if cond.parallel is None else cond.parallel.bind(tokens.shape[1])
+        local = tokens if sp is None else sp.take(tokens)  # this rank's part of the sequence
         cache = cond.extra.get("step_cache")  # sampling.step_cache.StepCache: may skip the blocks
         if cache is None:
-            h = self.run_blocks(tokens, e0, cond, id_kv)
+            h = self.run_blocks(local, e0, cond, id_kv, sp)
         else:
             h = cache.run(self, tokens, e0, num_ref_tokens, cache.key(cond, refs),
-                          lambda x: self.run_blocks(x, e0, cond, id_kv))
-        out = self.head(h[:, num_ref_tokens:], e)
+                          lambda x: self.run_blocks(x, e0, cond, id_kv, sp), local=local)
+        if sp is None:
+            out = self.head(h[:, num_ref_tokens:], e)
+        else:  # the head works token by token: on this rank's part, then its narrow output is gathered
+            out = sp.gather(self.head(h, e))[:, num_ref_tokens:]
         return self.unpatchify(out, cond.grid)
 
     def run_blocks(self, h: torch.Tensor, e0: torch.Tensor, cond: DiTConditions,
-                   id_kv: Optional[List[KV]] = None) -> torch.Tensor:
+                   id_kv: Optional[List[KV]] = None, sp=None) -> torch.Tensor:
         """tokens [B, L, C] (compute dtype), e0 [B, 6, C] float32 -> output of the last block [B, L, C] float32.
-        ``id_kv``: each block's ID K/V with one row per batch element (see :meth:`forward`)."""
+        ``id_kv``: each block's ID K/V with one row per batch element (see :meth:`forward`). ``sp``: the
+        forward's sequence shard; ``h`` is then this rank's rows [B, Lp/P, C]."""
         cd, backend = self.compute_dtype, self.attention_backend
+        rope = cond.rope if sp is None else sp.rope(cond.rope)
         for i, blk in self.streamed_blocks():
             pose_kv = None
             if cond.pose_kv is not None:
                 pose_kv = cond.pose_kv[i]
             elif cond.pose_tokens is not None:
-                pose_kv = blk.self_attn.pose_kv(cond.pose_tokens, cond.rope)
-            if id_kv is None:
-                h = blk(h, e0, cond.rope, cond.context_kv[i], pose_kv, cd, backend)
-            else:
-                id_attn = (*id_kv[i], self.id_projection.blocks[i].gate)
-                h = blk(h, e0, cond.rope, cond.context_kv[i], pose_kv, cd, backend, id_attn)
+                pose_kv = blk.self_attn.pose_kv(cond.pose_tokens, cond.rope, sp)
+            id_attn = None if id_kv is None else (*id_kv[i], self.id_projection.blocks[i].gate)
+            h = blk(h, e0, rope, cond.context_kv[i], pose_kv, cd, backend, id_attn, sp)
         return h
 
     def unpatchify(self, x: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:

@@ -190,9 +190,15 @@ class PoseTokenSet:
             problems.append("a {}x{} pose video (the video is {}x{})".format(*mine.source_size, *plan.source_size))
         if mine.area != plan.area:
             problems.append("area {}x{} (the sampler's is {}x{})".format(*mine.area, *plan.area))
+        if (mine.track is None) != (plan.track is None):
+            problems.append("face crop {} (the sampler's is {})".format(*("on" if p.track is not None else "off"
+                                                                            for p in (mine, plan))))
+        elif mine.track != plan.track:
+            problems.append("another face-crop track (another mask or crop_margin than the sampler's)")
         if self.model_key != model_key:
             problems.append("another DreamID-V model")
         if problems:
             raise InputError("pose tokens were computed for " + "; ".join(problems) + ". Give DreamIDVPoseGuider the "
                              "same model, the pose video of this clip, and the same width, height, frame_num, "
-                             "window, overlap and frame range as the sampler")
+                             "window, overlap and frame range as the sampler (and the same face_crop, crop_margin and\n"
+                             "mask)")

@@ -1,8 +1,8 @@
 """A clip streamed through the VAE and the PoseGuider window by window: frames are read, prepared and
 encoded a piece at a time, so memory stays that of one window however long the clip is.
 
-* :class:`FrameSource`: frames [start, stop) of a clip, resized and cropped to the model's size, padded at
-  the end to 4n+1 frames;
+* :class:`FrameSource`: frames [start, stop) of a clip, resized and cropped to the model's size (in face-crop
+  mode: each frame's crop window of the plan's track, resized), padded at the end to 4n+1 frames;
 * :func:`encode_clip` / :func:`decode_clip`: the whole clip's latent from / to frames, streaming;
 * :func:`clip_pose_tokens`: the PoseGuider tokens of the whole clip, window piece by piece;
 * :func:`clip_face_mask`: the mask video on the latent grid (for background preservation).
@@ -16,6 +16,7 @@ import torch
 from ..errors import InputError
 from ..io.frames import select_frames
 from ..models.frame_grid import TEMPORAL_STRIDE, latent_frame_count
+from ..preprocess.face_crop import prepare_crops
 from ..preprocess.video_ops import prepare_frames
 from ..progress import Cancel, check_cancel
 from ..sampling.windows import group_frames, latent_face_mask
@@ -43,6 +44,8 @@ class FrameSource:
         return self.plan.size
 
     def _prepare(self, start: int, stop: int) -> torch.Tensor:
+        if self.plan.track is not None:  # face-crop mode: every frame's own window, at the model's size
+            return prepare_crops(self.frames, self.plan.track, start, stop, self.plan.size, self.what)
         # a lazy view: prepare_frames reads one source frame at a time, never the whole piece at source size
         out = prepare_frames(select_frames(self.frames, range(start, stop)), stop - start, *self.plan.area, self.what)
         if tuple(out.shape[-2:]) != self.plan.size:

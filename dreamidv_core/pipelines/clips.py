@@ -33,7 +33,6 @@ from ..io.frame_store import FrameStore, MaskStore
 from ..io.frames import LazyFrames, iter_chunks, select_frames
 from ..io.video import VideoProbe, VideoReader, VideoWriter, probe_video, source_name, to_uint8_frames
 from ..preprocess.composite import composite_chunk
-from ..preprocess.geometry import resize_frames
 from ..preprocess.segmentation import mask_frame, track_head_iter
 from ..progress import Cancel, Progress, check_cancel, reporter
 from .plan import ClipPlan
@@ -171,17 +170,20 @@ def sub_audio(audio: Optional[AudioClip], rate: Fraction, indices: range) -> Opt
 
 
 class SwappedClip(Clip):
-    """The swap's result in its source: frame i is the plan's i-th source frame with the plan's paste-back
-    box replaced by frame i of ``store`` (the model's frames, uint8) resized to the box (bicubic). Plays at
-    the source's rate divided by the plan's stride, with the source's sound over the same span."""
+    """The swap's result in its source: frame i is the plan's i-th source frame with frame i of ``store``
+    (the model's frames, uint8) pasted back by :meth:`ClipPlan.paste_back` (whole frame: the paste-back box
+    replaced by the frame resized to it; face crop: the frame's window blended in through its feathered
+    mask; frames with ``present`` False, or absent from the crop track: the source's). Plays at the source's
+    rate divided by the plan's stride, with the source's sound over the same span."""
 
-    def __init__(self, source: Clip, plan: ClipPlan, store: FrameStore, name: Optional[str] = None):
+    def __init__(self, source: Clip, plan: ClipPlan, store: FrameStore, name: Optional[str] = None,
+                 present: Optional[Sequence[bool]] = None):
         if len(store) < plan.frames:
             raise InputError(f"{name or source.name}: {len(store)} swapped frames for a plan of {plan.frames}")
         if (source.width, source.height) != plan.source_size:
             raise InputError(f"{source.name}: frames are {source.width}x{source.height}, the swap was planned for "
                              "{}x{}".format(*plan.source_size))
-        self.source, self.plan, self.store = source, plan, store
+        self.source, self.plan, self.store, self.present = source, plan, store, present
         self.width, self.height, self.count = source.width, source.height, plan.frames
         self.rate = source.rate / plan.stride
         self.name = name or f"{source.name} (swapped)"
@@ -189,10 +191,12 @@ class SwappedClip(Clip):
 
     def paste(self, source_frames, index: Sequence[int]) -> np.ndarray:
         """uint8 [k, H, W, 3]: source frames (already those of ``index``) with the swapped frames pasted in."""
-        box = self.plan.crop
-        out = to_float_frames(source_frames).clone()
+        index = list(index)
+        src = to_float_frames(source_frames)
         gen = to_float_frames(take(self.store, index))
-        out[:, box.top:box.bottom, box.left:box.right] = resize_frames(gen, box.height, box.width)
+        out = torch.empty(len(index), self.height, self.width, 3)
+        for j, i in enumerate(index):  # one frame at a time: the indices need not be consecutive
+            out[j:j + 1] = self.plan.paste_back(src[j:j + 1], gen[j:j + 1], i, self.present)
         return to_uint8_frames(out, self.name)
 
     @contextlib.contextmanager

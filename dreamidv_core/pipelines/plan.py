@@ -9,17 +9,25 @@ handed down to everything that needs the geometry, so no stage works it out agai
   of 16, :mod:`dreamidv_core.preprocess.video_ops`);
 * the paste-back box: which box of the source frame the model's frames show
   (:func:`dreamidv_core.preprocess.geometry.source_crop_box`);
-* the window layout of the padded clip (:func:`dreamidv_core.sampling.windows.plan_windows`).
+* the window layout of the padded clip (:func:`dreamidv_core.sampling.windows.plan_windows`);
+* face-crop mode (optional): a crop window per frame around the target's face
+  (:class:`dreamidv_core.preprocess.face_crop.CropTrack`); the model's frames are then those windows at the
+  area's own size, :class:`~.clip_stream.FrameSource` crops every stream (video, mask, pose) with them and
+  :meth:`ClipPlan.paste_back` puts the result back per frame.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
+
+import torch
 
 from ..errors import InputError
 from ..io.frames import select_frames
 from ..models.frame_grid import CROP_MULTIPLE, MIN_FRAMES, PATCH, SPATIAL_STRIDE
-from ..preprocess.geometry import CropBox, source_crop_box
+from ..preprocess.face_crop import (DEFAULT_MARGIN, DEFAULT_SMOOTHING, CropTrack, crop_model_size,
+                                    crop_track_from_masks, paste_crops)
+from ..preprocess.geometry import CropBox, paste_back, source_crop_box
 from ..preprocess.video_ops import output_size
 from ..sampling.windows import WindowLayout, plan_windows
 
@@ -118,6 +126,9 @@ class ClipPlan(SourceRange):
 
     ``source_size`` and ``area`` are (width, height); ``size`` is the model's frame (height, width). The
     clip's ``frames`` frames are the source frames ``start, start + stride, ...`` (:attr:`source_frames`).
+    ``crop`` is the whole-frame mode's paste-back box; with a ``track`` (face-crop mode, one window per frame
+    of the range) the model's frames are the track's windows and ``crop`` is not used: paste back with
+    :meth:`paste_back`, which knows both.
     """
 
     source_size: Tuple[int, int]
@@ -128,14 +139,17 @@ class ClipPlan(SourceRange):
     layout: WindowLayout
     start: int = 0  # first source frame swapped
     stride: int = 1  # every stride-th source frame from start
+    track: Optional[CropTrack] = None
 
     @classmethod
     def build(cls, source_width: int, source_height: int, available: int, frame_num: Optional[int] = None,
               width: int = 832, height: int = 480, window: int = 81, overlap: int = 16, start: int = 0,
-              stride: int = 1) -> "ClipPlan":
+              stride: int = 1, track: Optional[CropTrack] = None) -> "ClipPlan":
         """The plan of a clip of ``available`` frames of ``source_width`` x ``source_height``, swapped whole
         (``frame_num`` None) or at most ``frame_num`` frames from ``start`` every ``stride``-th frame
-        (:func:`frame_range`), at a ``width`` x ``height`` area."""
+        (:func:`frame_range`), at a ``width`` x ``height`` area; with a face crop ``track`` (made for the
+        frames of this range and :func:`~dreamidv_core.preprocess.face_crop.crop_model_size` of this area)
+        the model sees the track's windows at ``width`` x ``height``."""
         if min(source_width, source_height) <= 0:
             raise InputError(f"the video's frames are {source_width}x{source_height}; they must not be empty")
         if min(width, height) <= 0:
@@ -143,13 +157,42 @@ class ClipPlan(SourceRange):
         picked = frame_range(available, frame_num, start, stride)
         frames = len(picked)
         size = output_size(source_height, source_width, width, height)
+        if track is not None:
+            size = crop_model_size(width, height)
+            _check_track(track, (source_width, source_height), frames, size)
         if min(size) < CROP_MULTIPLE:
             raise InputError(f"frames of {source_width}x{source_height} are too small for the {width}x{height} area: "
                              f"they become {size[1]}x{size[0]}, and the model needs at least "
                              f"{CROP_MULTIPLE}x{CROP_MULTIPLE}")
         return cls(source_size=(source_width, source_height), frames=frames, area=(width, height), size=size,
                    crop=source_crop_box(source_height, source_width, width, height),
-                   layout=plan_windows(frames, window, overlap), start=picked.start, stride=picked.step)
+                   layout=plan_windows(frames, window, overlap), start=picked.start, stride=picked.step,
+                   track=track)
+
+    @property
+    def reference_size(self) -> Tuple[int, int]:
+        """(width, height) of the frame the reference photo is letterboxed onto: the source frame, or in
+        face-crop mode the window (at the model's size: same aspect ratio)."""
+        return self.source_size if self.track is None else (self.size[1], self.size[0])
+
+    def paste_back(self, source: torch.Tensor, generated: torch.Tensor, start: int = 0,
+                   present: Optional[Sequence[bool]] = None) -> torch.Tensor:
+        """The model's frames put back into the source frames -> new float32 [k, H, W, 3].
+
+        source: frames ``start``..``start+k-1`` of the clip [k, H, W, C] float in [0, 1]; generated: the
+        same frames from the model [k, h, w, 3]. Whole frame: ``crop`` replaced by the resized frames. Face
+        crop: each window blended in through its feathered mask. Either way the frames where the face is
+        absent (``present`` False for frame start+j; in face-crop mode the track's) are the source's, and so
+        is every pixel outside the paste region, bit for bit.
+        """
+        if self.track is not None:
+            return paste_crops(source, generated, self.track, start)
+        out = paste_back(source, generated, self.crop)
+        if present is not None:
+            for j in range(out.shape[0]):
+                if not present[start + j]:
+                    out[j] = source[j, ..., :3].to(out.dtype)
+        return out
 
     @property
     def window(self) -> Tuple[int, int]:
@@ -164,3 +207,30 @@ class ClipPlan(SourceRange):
     @property
     def tokens_per_latent_frame(self) -> int:
         return (self.size[0] // (SPATIAL_STRIDE * PATCH)) * (self.size[1] // (SPATIAL_STRIDE * PATCH))
+
+
+def face_crop_plan(mask, source_width: int, source_height: int, available: int, frame_num: Optional[int] = None,
+                   width: int = 832, height: int = 480, window: int = 81, overlap: int = 16,
+                   margin: float = DEFAULT_MARGIN, smoothing: float = DEFAULT_SMOOTHING, start: int = 0,
+                   stride: int = 1) -> ClipPlan:
+    """The plan of a clip in face-crop mode: crop windows around the face of ``mask`` (frames [F, H, W] or a
+    mask video, the target only, one mask per frame of the range: ``start``, every ``stride``-th,
+    :func:`frame_range`), ``margin`` face sizes on each side, smoothed over ``smoothing`` frames."""
+    frames = len(frame_range(available, frame_num, start, stride))
+    if len(mask) < frames:
+        raise InputError(f"mask has {len(mask)} frames but the clip swaps {frames}; they must have the same length")
+    track = crop_track_from_masks(mask, (source_width, source_height), crop_model_size(width, height), frames,
+                                  margin, smoothing)
+    return ClipPlan.build(source_width, source_height, available, frame_num, width, height, window, overlap, start,
+                          stride, track)
+
+
+def _check_track(track: CropTrack, source_size: Tuple[int, int], frames: int, size: Tuple[int, int]) -> None:
+    if tuple(track.source_size) != tuple(source_size):
+        raise InputError("the face-crop track was made for {}x{} frames, the video is {}x{}".format(
+            *track.source_size, *source_size))
+    if len(track) < frames:
+        raise InputError(f"the face-crop track covers {len(track)} frames, the clip swaps {frames}")
+    if abs(track.aspect - size[1] / size[0]) > 1e-3 * track.aspect:
+        raise InputError(f"the face-crop track's windows have the aspect ratio {track.aspect:.4f}, the model's frames "
+                         f"{size[1]}x{size[0]} ({size[1] / size[0]:.4f}): make the track for the same width and height")

@@ -18,8 +18,9 @@ video + mask + pose frames + reference photo + text context -> swapped frames.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -28,6 +29,7 @@ from ..models.dit import DreamIDVTransformer
 from ..preprocess.identity_bundle import encode_reference
 from ..io.video import to_uint8_frames
 from ..progress import Cancel, Progress, reporter
+from ..sampling.guidance import make_guided_model
 from ..sampling.samplers import SAMPLERS, flow_sigmas
 from ..sampling.step_cache import StepCache, attach_step_cache
 from ..sampling.windows import WindowLayout, WindowedModel, preserve_background
@@ -135,12 +137,56 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
     video and ``settings``).
     """
     s = settings
+    check_settings(s)
+    report = reporter(progress)
+    plan = plan or plan_for(video, s)
+    inputs = encode_inputs(dit, vae, video, mask, reference, plan, s, pose=pose, pose_tokens=pose_tokens,
+                           ref_latent=ref_latent, id_embedding=id_embedding, progress=report, cancel=cancel)
+    latent, evaluations, skipped = sample_latent(dit, inputs, context, plan, s, progress=report, cancel=cancel)
+    del inputs
+    out = decode_frames(vae, latent, plan, s, sink, report, cancel)
+    return SwapResult(frames=out, latent=latent, frames_used=plan.frames, plan=plan, evaluations=evaluations,
+                      skipped=skipped)
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+# swap_face = encode_inputs -> sample_latent -> decode_frames. Under torchrun (pipelines.swap_parallel) one rank
+# encodes, every rank of the clip's group samples together, and that rank decodes.
+
+@dataclass
+class SwapInputs:
+    """What sampling needs from the clip, made once from the files (under torchrun: by one rank, then shared).
+
+    y [32, F', h, w] float32 (video latent, then mask latent); ref_latent [1, 16, 1, h, w]; pose_tokens
+    [1, F' * hw, C] (CPU) or None (faster model); noise [16, F', h, w] float32 (seeded); face [F', h, w] the
+    face mask on the latent grid (only with background preservation) or None; id_rows [R, E] the ArcFace rows
+    (:func:`id_embedding_rows`) or None.
+    """
+
+    y: torch.Tensor
+    ref_latent: torch.Tensor
+    noise: torch.Tensor
+    pose_tokens: Optional[torch.Tensor] = None
+    face: Optional[torch.Tensor] = None
+    id_rows: Optional[torch.Tensor] = None
+
+    def tensors(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def check_settings(s: SwapSettings) -> None:
     if s.sampler not in SAMPLERS:
         raise InputError(f"unknown sampler '{s.sampler}'; choose one of {', '.join(SAMPLERS)}")
     if not 0.0 <= s.background_strength <= 1.0:
         raise InputError(f"background_strength must be in [0, 1], got {s.background_strength}")
-    report = reporter(progress)
-    plan = plan or plan_for(video, s)
+
+
+def encode_inputs(dit: DreamIDVTransformer, vae, video, mask, reference, plan: ClipPlan, settings: SwapSettings,
+                  pose=None, pose_tokens: Optional[torch.Tensor] = None, ref_latent: Optional[torch.Tensor] = None,
+                  id_embedding=None, progress: Progress = None, cancel: Cancel = None) -> SwapInputs:
+    """The clip's files -> :class:`SwapInputs` (arguments as :func:`swap_face`'s): checks, VAE encodings,
+    PoseGuider tokens, noise. Progress stage "encode"."""
+    s, report = settings, reporter(progress)
     count, layout = plan.frames, plan.layout
     src_w, src_h = plan.source_size
     _check_stream(video, "video", count, (src_h, src_w))
@@ -162,58 +208,83 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
     mask_latent = encode_clip(vae, mask_src, lambda p: p, device, cancel)
     report("encode", 2, 3)
     if ref_latent is None:
-        ref_latent = encode_reference(vae, reference, plan.source_size, plan.area)
+        ref_latent = encode_reference(vae, reference, plan.reference_size, plan.area)
     report("encode", 3, 3)
 
     if dit.cfg.has_pose and pose_tokens is None:
         pose_tokens = pose_tokens_for(dit, pose, plan, cancel)
     if not dit.cfg.has_pose:
         pose_tokens = None
-    video_channels, total, h, w = video_latent.shape
+    total = video_latent.shape[1]
     if pose_tokens is not None and pose_tokens.shape[-2] % total:
         raise InputError(f"pose tokens ({pose_tokens.shape[-2]}) were made for another clip: this one has {count} "
                          f"frames (padded to {layout.frames}, {total} latent frames); compute them with "
                          "pose_tokens_for and the same frame count, size, window and overlap")
     y = torch.cat([video_latent, mask_latent])
-    del mask_latent, video_latent  # y holds both (y[:16] is the video latent): no second clip-length copy
+    del mask_latent, video_latent
     ref_latent = ref_latent.reshape(1, *ref_latent.shape[-4:]).to(y.device)
-    refs = torch.cat([ref_latent, torch.zeros_like(ref_latent)]) if s.guidance != 0 else ref_latent
+    generator = torch.Generator(device=device).manual_seed(s.seed)
+    noise = torch.randn(y[:16].shape, generator=generator, dtype=torch.float32, device=device)
+    face = clip_face_mask(mask_src).to(device) if s.background_strength > 0 else None
+    return SwapInputs(y=y, ref_latent=ref_latent, noise=noise, pose_tokens=pose_tokens, face=face, id_rows=id_rows)
+
+
+def sample_latent(dit: DreamIDVTransformer, inputs: SwapInputs, context: torch.Tensor, plan: ClipPlan,
+                  settings: SwapSettings, progress: Progress = None, cancel: Cancel = None,
+                  mesh=None) -> Tuple[torch.Tensor, int, int]:
+    """Sample the clip's latent -> (latent [16, F', h, w] float32, DiT evaluations, of which skipped).
+    Progress stages "sample" (per step) and "window". ``mesh``: this rank's
+    :class:`dreamidv_core.parallel.mesh.Mesh` when several ranks sample the clip together (every rank of the
+    group calls this with the same inputs; ``None``: one process)."""
+    s, report = settings, reporter(progress)
+    layout, y, device = plan.layout, inputs.y, dit.patch_embedding.weight.device
+    sp = None if mesh is None else mesh.sp
+    pair = None if mesh is None else mesh.pair
+    refs = torch.cat([inputs.ref_latent, torch.zeros_like(inputs.ref_latent)]) if s.guidance != 0 else inputs.ref_latent
+    make_model = partial(make_guided_model, pair=pair)
     if layout.count == 1:  # the released single pass
         cache_kv = s.cache_pose_kv if s.cache_pose_kv is not None else dit.should_cache_pose_kv(tuple(y.shape[1:]))
-        shared = dit.prepare(context, y, refs, pose_tokens, cache_pose_kv=cache_kv, id_embedding=id_rows)
+        shared = dit.prepare(context, y, refs, inputs.pose_tokens, cache_pose_kv=cache_kv, id_embedding=inputs.id_rows,
+                             parallel=sp)
         model = WindowedModel(dit, shared, layout, y, None, s.guidance, s.batch_guidance,
-                              progress=report, cancel=cancel)
+                              progress=report, cancel=cancel, make_model=make_model)
         model._cache[0] = shared
     else:
         # several windows: caching every window's pose K/V would make memory grow with the clip for ~2%
         # of compute, so "auto" recomputes them per evaluation (True caches them all anyway)
         cache_kv = bool(s.cache_pose_kv)
-        shared = dit.prepare(context, y[:, :layout.latent_window], refs, None, id_embedding=id_rows)
-        model = WindowedModel(dit, shared, layout, y, pose_tokens, s.guidance, s.batch_guidance,
-                              cache_pose_kv=cache_kv, progress=report, cancel=cancel)
+        shared = dit.prepare(context, y[:, :layout.latent_window], refs, None, id_embedding=inputs.id_rows,
+                             parallel=sp)
+        model = WindowedModel(dit, shared, layout, y, inputs.pose_tokens, s.guidance, s.batch_guidance,
+                              cache_pose_kv=cache_kv, progress=report, cancel=cancel, make_model=make_model)
 
-    step_cache = StepCache(s.step_cache, steps=s.steps) if s.step_cache > 0 else None
-    if step_cache is not None:
+    step_cache = None
+    if s.step_cache > 0:
+        step_cache = StepCache(s.step_cache, steps=s.steps, agree=None if mesh is None else mesh.agree)
         attach_step_cache(shared, step_cache)  # every window and guidance pass keeps its own state
     windowed = model
 
-    generator = torch.Generator(device=device).manual_seed(s.seed)
-    if s.background_strength > 0:
-        face = clip_face_mask(mask_src).to(device)
-        keep = (s.background_strength * (1 - face))[None, None]
-        model = preserve_background(model, y[None, :video_channels].to(device), keep)
+    if inputs.face is not None:
+        keep = (s.background_strength * (1 - inputs.face))[None, None]
+        model = preserve_background(model, y[None, :16].to(device), keep)
     sigmas = flow_sigmas(s.steps, shift=s.shift)
-    # the noise is made in the call: once the sampler has stepped, no clip-length copy of it stays alive
-    latent = SAMPLERS[s.sampler](model, torch.randn((1, video_channels, total, h, w), generator=generator,
-                                                    dtype=torch.float32, device=device), sigmas,
+    latent = SAMPLERS[s.sampler](model, inputs.noise[None], sigmas,
                                  callback=lambda i, n, x: report("sample", i + 1, n), cancel=cancel)[0]
     evaluations, skipped = _evaluation_counts(windowed, s.batch_guidance, step_cache)
-    del model, windowed, shared, y
+    if step_cache is not None and mesh is not None:  # each rank of a guidance pair counted its own pass
+        evaluations, skipped = mesh.sum_over_pair([evaluations, skipped])
+    return latent, evaluations, skipped
 
+
+def decode_frames(vae, latent: torch.Tensor, plan: ClipPlan, settings: SwapSettings,
+                  sink: Optional[Callable[[torch.Tensor, int], None]] = None, progress: Progress = None,
+                  cancel: Cancel = None) -> Optional[torch.Tensor]:
+    """Latent -> the plan's N frames [N, H, W, 3] float32 (``None`` when ``sink`` takes them). Stage "decode"."""
+    s, report = settings, reporter(progress)
     report("decode", 0, 1)
     out = None
     if sink is None:
-        out = torch.empty(count, *plan.size, 3, dtype=torch.float32)
+        out = torch.empty(plan.frames, *plan.size, 3, dtype=torch.float32)
 
         def sink(frames: torch.Tensor, start: int) -> None:
             out[start:start + frames.shape[0]] = frames
@@ -221,8 +292,7 @@ def swap_face(dit: DreamIDVTransformer, vae, video, mask, reference, context: to
     tiles = {} if not s.vae_tile else {"tile": s.vae_tile, "overlap": s.vae_tile_overlap}
     decode_clip(vae, latent, plan, sink, cancel, **tiles)
     report("decode", 1, 1)
-    return SwapResult(frames=out, latent=latent, frames_used=count, plan=plan, evaluations=evaluations,
-                      skipped=skipped)
+    return out
 
 
 def _evaluation_counts(windowed: WindowedModel, batch: bool, step_cache: Optional[StepCache]):

@@ -1,169 +1,31 @@
-"""The reference face: insightface detection + ArcFace embedding, face choice, identity bundle.
+"""The reference face: face detection + ArcFace embedding, face choice, identity bundle.
 
-insightface's model packs (``antelopev2``, ``buffalo_l``) are read from a folder the caller names
-(in ComfyUI: ``models/insightface/models/<pack>/``); nothing is ever downloaded: the pack folder is
-handed to ``FaceAnalysis`` as a directory path, which is the branch of its constructor that does
-not call ``ensure_available`` (the downloader), and a missing folder is reported before that.
-
-Faces are listed left to right (by box centre); the one used is picked by index, by size (largest
-box) or by cosine similarity of its ArcFace embedding to the largest face of another photo.
+Faces are found and embedded by :mod:`.face_analysis` (onnxruntime on insightface's model pack files,
+``models/insightface/models/<pack>/``; nothing is ever downloaded and the insightface package is not
+needed). Faces are listed left to right (by box centre); the one used is picked by index, by size
+(largest box) or by cosine similarity of its ArcFace embedding to the largest face of another photo.
 """
 from __future__ import annotations
 
 import logging
-import threading
-import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, DreamIDVError, InputError
+from ..errors import InputError
+from .face_analysis import (PACK_FILES, PACK_NAMES, FaceAnalyzer, clear_cache, find_pack, load_analyzer,  # noqa: F401
+                            sort_left_to_right)
 from .identity_bundle import FaceBox, IdentityBundle, encode_reference
 from ..io.video import to_uint8_frames
+from .onnx_session import PROVIDER_CHOICES
 from .video_ops import letterbox_reference
 
 log = logging.getLogger(__name__)
 
-# pack -> (detector, recogniser) file names as the packs ship them; other files (landmarks,
-# gender/age) may sit next to them: insightface opens them and this module ignores them.
-PACK_FILES = {
-    "antelopev2": ("scrfd_10g_bnkps.onnx", "glintr100.onnx"),
-    "buffalo_l": ("det_10g.onnx", "w600k_r50.onnx"),
-}
-PACK_NAMES = tuple(PACK_FILES)
-PROVIDERS = ("CPU", "CUDA")
+PROVIDERS = PROVIDER_CHOICES  # onnxruntime provider choices of the nodes ('auto' = the best this build has)
 SELECT_MODES = ("largest", "index", "most similar")
-MODULES = ["detection", "recognition"]
-
-
-def _expected(pack: str) -> str:
-    det, rec = PACK_FILES.get(pack, ("<detector>.onnx", "<recognition>.onnx"))
-    return f"{det} (face detector) and {rec} (ArcFace recognition)"
-
-
-def find_pack(roots: Iterable, pack: str) -> Path:
-    """The folder of model pack ``pack`` under one of the insightface folders ``roots``.
-
-    Looks in ``<root>/models/<pack>`` (the usual layout), ``<root>/<pack>`` and the doubly nested
-    ``.../<pack>/<pack>`` some zip extractions leave. Raises :class:`CheckpointError` naming the
-    folder and the expected files when no such folder holds ``.onnx`` files.
-    """
-    roots = [Path(r) for r in roots]
-    if not roots:
-        raise CheckpointError("models/insightface", "no insightface model folder is configured")
-    for root in roots:
-        for cand in (root / "models" / pack, root / pack):
-            for folder in (cand, cand / pack):
-                if folder.is_dir() and any(folder.glob("*.onnx")):
-                    return folder
-    expected = roots[0] / "models" / pack
-    others = ", ".join(str(r / "models" / pack) for r in roots[1:])
-    raise CheckpointError(expected, (f"insightface model pack '{pack}' not found (also looked in {others}); " if others
-                                     else f"insightface model pack '{pack}' not found; ")
-                          + f"put {_expected(pack)} there (packs: {', '.join(PACK_NAMES)}). "
-                          "The pack is never downloaded automatically")
-
-
-def onnx_providers(provider: str) -> Tuple[List[str], int]:
-    """'CPU' / 'CUDA' -> (onnxruntime providers, insightface ctx_id). CUDA falls back to CPU, with a
-    warning, when this onnxruntime has no CUDA provider (the CPU-only ``onnxruntime`` package)."""
-    if provider not in PROVIDERS:
-        raise InputError(f"provider must be one of {', '.join(PROVIDERS)}, got '{provider}'")
-    if provider == "CUDA":
-        import onnxruntime
-
-        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"], 0
-        log.warning("DreamID-V: onnxruntime has no CUDA provider (install onnxruntime-gpu); using the CPU")
-    return ["CPUExecutionProvider"], -1
-
-
-class FaceAnalyzer:
-    """insightface's FaceAnalysis over one pack folder, detection + recognition only.
-
-    ``faces(image)``: RGB uint8 [H, W, 3] -> list of :class:`FaceBox` left to right, each with an
-    L2-normalised float32 [512] embedding and [5, 2] landmarks.
-    """
-
-    def __init__(self, pack_dir, provider: str = "CPU", det_size: int = 640, det_thresh: float = 0.5,
-                 root=None):
-        try:
-            from insightface.app import FaceAnalysis
-        except ImportError as e:
-            raise DreamIDVError("the 'insightface' package is needed by the ID-token encoder: "
-                                "pip install -r requirements.txt (insightface>=2.1)") from e
-        self.pack_dir = Path(pack_dir).resolve()
-        if not self.pack_dir.is_dir():
-            raise CheckpointError(self.pack_dir, "insightface model pack folder does not exist")
-        if det_size < 32 or det_size % 32:
-            raise InputError(f"detection size must be a positive multiple of 32, got {det_size}")
-        providers, ctx_id = onnx_providers(provider)
-        pack = self.pack_dir.name
-        try:
-            # a directory path as `name` is used as is (no download); root only matters otherwise
-            app = FaceAnalysis(name=str(self.pack_dir), root=str(root or self.pack_dir.parent.parent),
-                               allowed_modules=MODULES, providers=providers)
-        except AssertionError:  # FaceAnalysis asserts that a detector was found
-            app = None
-        except Exception as e:  # corrupt/unreadable ONNX
-            raise CheckpointError(self.pack_dir, f"could not load the insightface models ({e}); "
-                                  f"expected {_expected(pack)}") from e
-        found = sorted(p.name for p in self.pack_dir.glob("*.onnx"))
-        missing = [m for m in MODULES if app is None or m not in app.models]
-        if missing:
-            raise CheckpointError(self.pack_dir, f"no {' and no '.join(missing)} model among {found}; "
-                                  f"expected {_expected(pack)}")
-        app.prepare(ctx_id=ctx_id, det_thresh=float(det_thresh), det_size=(int(det_size), int(det_size)))
-        self.app = app
-        self.provider, self.det_size, self.det_thresh = provider, int(det_size), float(det_thresh)
-
-    def faces(self, image: np.ndarray) -> List[FaceBox]:
-        bgr = np.ascontiguousarray(image[..., ::-1])
-        with warnings.catch_warnings():  # scikit-image's deprecation notice inside insightface's alignment
-            warnings.simplefilter("ignore", FutureWarning)
-            detected = self.app.get(bgr)
-        found = []
-        for f in detected:
-            emb = np.asarray(f.embedding, np.float32).reshape(-1)
-            norm = float(np.linalg.norm(emb))
-            found.append(FaceBox(bbox=tuple(float(v) for v in f.bbox[:4]), score=float(f.det_score),
-                                 landmarks=None if f.kps is None else np.asarray(f.kps, np.float32).reshape(5, 2),
-                                 embedding=emb / norm if norm > 0 else emb))
-        return sort_left_to_right(found)
-
-
-_CACHE: "OrderedDict[tuple, FaceAnalyzer]" = OrderedDict()
-_CACHE_LOCK = threading.Lock()
-
-
-def load_analyzer(pack_dir, provider: str = "CPU", det_size: int = 640, det_thresh: float = 0.5,
-                  keep: int = 2) -> FaceAnalyzer:
-    """A cached :class:`FaceAnalyzer` (reloaded when a file of the pack changes)."""
-    pack_dir = Path(pack_dir).resolve()
-    stamp = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in pack_dir.glob("*.onnx")))
-    key = (str(pack_dir), stamp, provider, int(det_size), float(det_thresh))
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key]
-        analyzer = FaceAnalyzer(pack_dir, provider, det_size, det_thresh)
-        _CACHE[key] = analyzer
-        while len(_CACHE) > keep:
-            _CACHE.popitem(last=False)
-        return analyzer
-
-
-def clear_cache() -> None:
-    with _CACHE_LOCK:
-        _CACHE.clear()
-
-
-def sort_left_to_right(faces: Sequence[FaceBox]) -> List[FaceBox]:
-    return sorted(faces, key=lambda f: ((f.bbox[0] + f.bbox[2]) / 2, (f.bbox[1] + f.bbox[3]) / 2))
 
 
 def photo(image, what: str) -> np.ndarray:
@@ -222,7 +84,7 @@ def detect(analyzer: FaceAnalyzer, image: np.ndarray, what: str) -> List[FaceBox
     faces = analyzer.faces(image)
     if not faces:
         h, w = image.shape[:2]
-        raise InputError(f"{what}: no face found in the {w}x{h} image (insightface pack "
+        raise InputError(f"{what}: no face found in the {w}x{h} image (face analysis pack "
                          f"'{analyzer.pack_dir.name}', detection size {analyzer.det_size}, threshold "
                          f"{analyzer.det_thresh}). Use a photo with a clearly visible face, or lower the "
                          "detection threshold")

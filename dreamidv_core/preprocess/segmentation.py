@@ -25,10 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import optional
 from ..errors import Cancelled, CheckpointError, InputError
 
-INSTALL_HINT = ("install it with: SAM2_BUILD_CUDA=0 pip install --no-deps --no-build-isolation sam2==1.1.0 "
-                "&& pip install hydra-core iopath")
 
 # The official checkpoint file names (what users download), for error messages.
 OFFICIAL_NAMES = tuple(f"{v}_hiera_{s}.pt" for v in ("sam2.1", "sam2")
@@ -45,12 +44,10 @@ _ALLOWED_TARGETS = ("sam2.modeling.", "sam2.sam2_video_predictor.")
 
 
 def _sam2_package():
-    try:
-        import sam2  # noqa: F401  (initialises hydra's config module)
-        import sam2.sam2_video_predictor as video_predictor
-    except ImportError as exc:
-        raise InputError(f"the 'sam2' package is needed for the SAM2 composite but cannot be imported ({exc}); "
-                         + INSTALL_HINT) from exc
+    """``sam2.sam2_video_predictor``, or :class:`optional.MissingDependency` with the install commands."""
+    optional.require("sam2", "SAM 2 segmentation", "sam2.sam2_video_predictor")
+    import sam2.sam2_video_predictor as video_predictor
+
     return video_predictor
 
 
@@ -184,6 +181,7 @@ def build_video_predictor(config_path, state_dict: Optional[dict] = None, device
 
 def load_video_predictor(ckpt_path, config: Optional[str] = "auto", device="cpu", image_size: Optional[int] = None):
     """Checkpoint file (+ config or "auto") -> ready ``SAM2VideoPredictor`` on ``device``."""
+    _sam2_package()  # the missing package is reported before any file is read
     sd = load_state_dict(ckpt_path)
     cfg = resolve_config(config, sd, str(ckpt_path))
     return build_video_predictor(cfg, sd, device=device, image_size=image_size, source=str(ckpt_path))

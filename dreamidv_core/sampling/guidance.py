@@ -3,11 +3,14 @@
 * identity guidance (DreamID-V's swap): ``c + g * (c - u)``, ``u`` the pass with a zeroed reference;
 * text guidance (the IVS, Wan's CFG): ``u + g * (c - u)``, ``u`` the pass with the negative text.
 
-Each ``*_guided_model`` returns a ``model(x, sigma) -> v`` for the samplers of :mod:`.samplers`.
+Each ``*_guided_model`` returns a ``model(x, sigma) -> v`` for the samplers of :mod:`.samplers`. ``pair``
+(optional) evaluates the two passes: ``pair(cond_fn, uncond_fn) -> (c, u)``; by default in turn in this process,
+with guidance-parallel (:meth:`dreamidv_core.parallel.mesh.Mesh.pair`) one pass per rank.
 """
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -23,8 +26,18 @@ def identity_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) ->
     return cond + scale * (cond - uncond)
 
 
-def make_guided_model(dit, cond, guidance: float, batch: bool):
-    """model(x, sigma) -> guided velocity, for the samplers. x: [1, 16, F', h, w]."""
+Pair = Callable[[Callable[[], torch.Tensor], Callable[[], torch.Tensor]], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def in_turn(cond: Callable[[], torch.Tensor], uncond: Callable[[], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The two guidance passes one after the other (one process)."""
+    c = cond()
+    return c, uncond()
+
+
+def make_guided_model(dit, cond, guidance: float, batch: bool, pair: Optional[Pair] = None):
+    """model(x, sigma) -> guided velocity, for the samplers. x: [1, 16, F', h, w]. ``pair``: see the module."""
+    pair = pair or in_turn
 
     def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         t = sigma_to_timestep(sigma).to(x.device).reshape(1).float()
@@ -33,24 +46,23 @@ def make_guided_model(dit, cond, guidance: float, batch: bool):
         if batch:
             c, u = dit(x.expand(2, -1, -1, -1, -1), t, cond, refs=[0, 1]).chunk(2)
         else:
-            c = dit(x, t, cond, refs=[0])
-            u = dit(x, t, cond, refs=[1])
+            c, u = pair(lambda: dit(x, t, cond, refs=[0]), lambda: dit(x, t, cond, refs=[1]))
         return identity_guidance(c, u, guidance)
 
     return model
 
 
-def text_guided_model(dit, cond, negative_kv, guidance: float):
+def text_guided_model(dit, cond, negative_kv, guidance: float, pair: Optional[Pair] = None):
     """model(x [1, 16, F, h, w], sigma) -> velocity: ``c``, or ``u + g * (c - u)`` where ``u`` uses ``cond``
     with the negative text K/V ``negative_kv`` (per block; ``None``: no guidance, one pass)."""
     uncond = None if negative_kv is None else replace(cond, context_kv=negative_kv)
+    pair = pair or in_turn
 
     def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         t = sigma_to_timestep(sigma).to(x.device).reshape(1).float()
-        c = dit(x, t, cond)
         if uncond is None:
-            return c
-        u = dit(x, t, uncond)
+            return dit(x, t, cond)
+        c, u = pair(lambda: dit(x, t, cond), lambda: dit(x, t, uncond))
         return u + guidance * (c - u)
 
     return model

@@ -8,6 +8,10 @@ input instead. After a real evaluation the accumulator is reset. The first ``war
 ``steps`` is known) the last one are always computed. The indicator only looks at video tokens, which are
 the same for the identity-guided and unguided passes, so both passes take the same decisions and the
 guidance extrapolation ``c + g (c - u)`` is never fed one stale branch.
+
+Several processes on one clip (:mod:`dreamidv_core.parallel`): the indicator is computed from the whole token
+sequence (which every rank has), so every rank takes one process's decision; ``agree`` (e.g.
+``Mesh.agree``) then makes sure no rank skips the blocks (and their collectives) while another runs them.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class StepCache:
     steps: evaluations per pass in the run (the sampler's step count); the last is then always computed.
     warmup: the first ``warmup`` evaluations of each pass are always computed (>= 1).
     residual_dtype: dtype of the stored residuals (float32; bf16 halves the cache memory).
+    agree: ``agree(compute) -> bool`` over the processes of one clip (True when any computes), or None.
 
     One object serves a whole run: every (conditions object, window, reference rows) combination
     gets its own state, so guided/unguided passes and sampler windows never mix. Counters:
@@ -51,12 +56,13 @@ class StepCache:
     """
 
     def __init__(self, threshold: float, steps: Optional[int] = None, warmup: int = 1,
-                 residual_dtype: torch.dtype = torch.float32):
+                 residual_dtype: torch.dtype = torch.float32, agree: Optional[Callable[[bool], bool]] = None):
         if not threshold >= 0:
             raise InputError(f"step cache threshold must be >= 0, got {threshold}")
         if warmup < 1:
             raise InputError(f"step cache warmup must be >= 1, got {warmup}")
         self.threshold, self.steps, self.warmup, self.residual_dtype = float(threshold), steps, int(warmup), residual_dtype
+        self.agree = agree
         self.states: Dict[Hashable, _PassState] = {}
         self.evaluations = 0
         self.skipped = 0
@@ -81,9 +87,12 @@ class StepCache:
 
     @torch.no_grad()
     def run(self, dit, tokens: torch.Tensor, e0: torch.Tensor, num_ref_tokens: int, key: Hashable,
-            blocks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            blocks: Callable[[torch.Tensor], torch.Tensor], local: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, Lr + Lv, C] (block 0's input), e0 [B, 6, C] float32, num_ref_tokens: Lr;
-        ``blocks(tokens)`` runs every block -> [B, L, C] float32. Returns the blocks' output (or its estimate)."""
+        ``blocks(tokens)`` runs every block -> [B, L, C] float32. Returns the blocks' output (or its estimate).
+        ``local``: the part of ``tokens`` the blocks run on (sequence parallelism; default all of them); the
+        decision still looks at all of ``tokens``."""
+        base = tokens if local is None else local
         state = self.states.setdefault(key, _PassState())
         self.evaluations += 1
         video = tokens[:, num_ref_tokens:]
@@ -92,18 +101,20 @@ class StepCache:
         indicator = dit.blocks[0].norm1(video).float() * (1 + scale[:, None]) + shift[:, None]
         last = self.steps is not None and state.calls >= self.steps - 1
         compute = (state.calls < self.warmup or last or state.previous is None or state.residual is None
-                   or state.previous.shape != indicator.shape or state.residual.shape[1] != tokens.shape[1])
+                   or state.previous.shape != indicator.shape or state.residual.shape[1] != base.shape[1])
         if not compute:
             change = ((indicator - state.previous).abs().mean() / state.previous.abs().mean().clamp_min(1e-12)).item()
             state.accumulated += change
             compute = state.accumulated >= self.threshold
+        if self.agree is not None:
+            compute = self.agree(compute)
         state.previous = indicator
         state.calls += 1
         if not compute:
             self.skipped += 1
-            return tokens.float() + state.residual.to(torch.float32)
-        out = blocks(tokens)
-        state.residual = (out - tokens.float()).to(self.residual_dtype)
+            return base.float() + state.residual.to(torch.float32)
+        out = blocks(base)
+        state.residual = (out - base.float()).to(self.residual_dtype)
         state.accumulated = 0.0
         return out
 

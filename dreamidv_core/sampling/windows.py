@@ -170,7 +170,7 @@ class WindowedModel:
             num_ref_tokens = 0 if cond.ref_tokens is None else cond.ref_tokens.shape[1]
             full = torch.cat([tokens.new_zeros(1, num_ref_tokens, tokens.shape[-1]), tokens], dim=1).to(device, cd)
             if self.cache_pose_kv:
-                cond.pose_kv = [blk.self_attn.pose_kv(full, cond.rope) for blk in dit.blocks]
+                cond.pose_kv = [blk.self_attn.pose_kv(full, cond.rope, cond.parallel) for blk in dit.blocks]
                 self._cache[i] = cond
             else:
                 cond.pose_tokens = full

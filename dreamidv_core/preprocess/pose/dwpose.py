@@ -14,13 +14,13 @@ coordinates normalised to the image, third column the score.
 """
 from __future__ import annotations
 
-import os
 from typing import List, Sequence, Tuple
 
 import cv2
 import numpy as np
 
 from ...errors import CheckpointError
+from .. import onnx_session
 from .landmark_sets import COCO_TO_OPENPOSE, SCORE_THRESHOLD, WHOLEBODY_FACE
 
 DET_SIZE = 640
@@ -32,30 +32,14 @@ BOX_PADDING = 1.25
 SIMCC_SPLIT = 2.0
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)
 STD = np.array([58.395, 57.12, 57.375], np.float32)
-PROVIDERS = {"CPU": ["CPUExecutionProvider"], "CUDA": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
-def make_session(path: str, provider: str = "CPU"):
-    """onnxruntime session on the chosen provider ('CPU' or 'CUDA'); returns (session, note) where the
-    note says when CUDA was asked for but this onnxruntime has no CUDA (then CPU is used)."""
-    import onnxruntime as ort
-
-    if not os.path.isfile(path):
-        raise CheckpointError(path, "file not found")
-    wanted = PROVIDERS.get(provider)
-    if wanted is None:
-        raise ValueError(f"provider must be one of {list(PROVIDERS)}, got {provider!r}")
-    available = ort.get_available_providers()
-    chosen = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-    note = ""
-    if provider == "CUDA" and "CUDAExecutionProvider" not in available:
-        note = f"CUDA asked for but this onnxruntime offers {available} (install onnxruntime-gpu); ran on CPU"
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(path, sess_options=opts, providers=chosen), note
-    except Exception as exc:  # onnxruntime raises its own types for broken files
-        raise CheckpointError(path, f"onnxruntime cannot load it ({exc})") from exc
+def make_session(path: str, provider: str = "auto"):
+    """onnxruntime session on the chosen provider (``auto``, ``CPU``, ``CUDA``, ... see
+    :mod:`dreamidv_core.preprocess.onnx_session`); returns (session, note), the note saying which
+    onnxruntime build ran it where (and why not where asked, if so)."""
+    opened = onnx_session.make_session(path, provider, "dwpose", "DWPose (pose source 'dwpose')")
+    return opened.session, opened.info
 
 
 # ----------------------------------------------------------------------------- detector
@@ -176,12 +160,13 @@ def to_openpose(kpts: np.ndarray, width: int, height: int) -> Tuple[np.ndarray, 
 
 
 class DWPose:
-    """Callable: uint8 RGB [H, W, 3] -> list of people (body [18, 3], face [68, 3]), normalised."""
+    """Callable: uint8 RGB [H, W, 3] -> list of people (body [18, 3], face [68, 3]), normalised.
+    ``note``: which onnxruntime build runs the two models where."""
 
-    def __init__(self, det_path: str, pose_path: str, provider: str = "CPU"):
+    def __init__(self, det_path: str, pose_path: str, provider: str = "auto"):
         self.det, note_a = make_session(det_path, provider)
         self.pose, note_b = make_session(pose_path, provider)
-        self.note = note_a or note_b
+        self.note = note_a if note_a == note_b else f"detector: {note_a}; pose: {note_b}"
         self._check(det_path, self.det, 4, "a YOLOX person detector like yolox_l.onnx (input [1, 3, 640, 640])")
         self._check(pose_path, self.pose, 4, "a DWPose estimator like dw-ll_ucoco_384.onnx (input [1, 3, 384, 288])")
 
