@@ -319,7 +319,7 @@ def _square_finder(view):
     t = np.linspace(0, 1, 478)
     lmks = np.stack([(xs.min() + t * (xs.max() + 1 - xs.min())) / w,
                      (ys.min() + (1 - t) * (ys.max() + 1 - ys.min())) / h, np.zeros(478)], 1)
-    return [(lmks, 0.5)]
+    return [(lmks, np.full(51, 0.01), None)]
 
 
 def test_mediapipe_tiles_find_small_faces_and_map_them_back():

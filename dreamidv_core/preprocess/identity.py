@@ -17,7 +17,7 @@ import torch
 from ..errors import InputError
 from .face_analysis import (PACK_FILES, PACK_NAMES, FaceAnalyzer, clear_cache, find_pack, load_analyzer,  # noqa: F401
                             sort_left_to_right)
-from .identity_bundle import FaceBox, IdentityBundle, encode_reference
+from .identity_bundle import FaceBox, IdentityBundle, cosine, encode_reference
 from ..io.video import to_uint8_frames
 from .onnx_session import PROVIDER_CHOICES
 from .video_ops import letterbox_reference
@@ -40,11 +40,6 @@ def photo(image, what: str) -> np.ndarray:
     elif len(shape) == 4 and shape[0] == 0:
         raise InputError(f"{what}: the image batch is empty")
     return np.ascontiguousarray(to_uint8_frames(image, what)[0])
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
 def largest(faces: Sequence[FaceBox]) -> int:

@@ -15,6 +15,12 @@ import torch
 from .video_ops import prepare_reference
 
 
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two embeddings of any shape (flattened), in float64; 0 where one is zero."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
 @dataclass
 class FaceBox:
     """One detected face in the reference photo (pixel coordinates of that photo)."""

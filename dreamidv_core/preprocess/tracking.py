@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import InputError
+from .identity_bundle import cosine
 
 TARGET_MODES = ("largest", "index", "similar")
 SETTLE_FRAMES = 5  # people first seen within this many frames of each other are numbered left to right
@@ -246,10 +247,6 @@ class TargetTrack:
 def _unit(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, np.float64).reshape(-1)
     return v / max(float(np.linalg.norm(v)), 1e-12)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(_unit(a) @ _unit(b))
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.video import to_uint8_frames
+from ..preprocess.identity_bundle import cosine
 
 Encoder = Callable[[np.ndarray], Sequence[Optional[np.ndarray]]]
 
@@ -28,11 +29,6 @@ def analyzer_encoder(analyzer) -> Encoder:
         return out
 
     return encode
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
 def embed_image(encoder: Encoder, image, what: str) -> np.ndarray:
