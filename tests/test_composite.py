@@ -271,7 +271,7 @@ def test_node_without_sam2_composites_inside_the_face_mask(pack):
 
     node = pack.nodes.composite.BackgroundComposite
     frames, gen, face = _clip(n=3, h=40, w=56, box=(8, 30, 16, 40))
-    out, mask = node.execute(frames, gen, face, "none", mask_dilation=2, feather=4, device="cpu").result
+    out, mask, video = node.execute(frames, gen, face, "none", mask_dilation=2, feather=4, device="cpu").result
     ref_out, ref_mask = C.composite_video(frames, gen, face, None, 2, 4)
     assert torch.equal(out, ref_out) and torch.equal(mask, ref_mask)
     assert torch.equal(out[:, 8:30, 16:40], gen[:, 8:30, 16:40]) and torch.equal(out[mask == 0], frames[mask == 0])
