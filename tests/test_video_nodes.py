@@ -139,6 +139,35 @@ def test_streaming_swap_equals_the_image_path(nodes):
           f"{float((diff > 0).float().mean()) * 100:.2f}% of values differ by one level")
 
 
+@pytest.mark.parametrize("frame_range", [dict(), dict(start_frame=1, select_every_nth=2)], ids=["all", "range"])
+def test_streaming_face_crop_equals_the_image_path_face_crop(nodes, frame_range):
+    """Face-crop mode streams: the sampler's VIDEO pastes each window back into the full-resolution source
+    frame (the crop track's feathered paste) as it is read, within one level of frames_in_source."""
+    n = nodes
+    src = video(n["clip12"])
+    images = src.get_components().images
+    track = pose_track(n, src, 12)[4]
+    pose_img, mask_img = pose_track(n, images, 12)[:2]
+    crop = dict(face_crop=True, crop_margin=0.5, window=5, overlap=4, **frame_range)
+    tokens_s, tokens_i = guide(n, track, mask=track, **crop), guide(n, pose_img, mask=mask_img, **crop)
+    assert tokens_s.plan.track is not None and tokens_s.plan.track == tokens_i.plan.track
+    assert torch.equal(tokens_s.tokens, tokens_i.tokens)
+    s = sample(n, n["full"], src, track, tokens_s, **crop)
+    i = sample(n, n["full"], images, mask_img, tokens_i, **crop)
+    count = s[2]
+    assert count == (12 if not frame_range else 6) and torch.equal(s[0], i[0]) and torch.equal(s[1], i[1])
+    with s[3].clip.open() as frames:
+        streamed = torch.from_numpy(frames[0:count]).int()
+    assert streamed.shape == (count, H, W, 3)  # the source's size: pasted back, not the model's window
+    diff = (streamed - (i[1] * 255).round().int()).abs()
+    assert int(diff.max()) <= 1, "streamed face-crop frames must be within one level of the IMAGE path's"
+    source = (images[list(s[3].clip.plan.source_frames)] * 255).round().int()
+    changed = (streamed != source).any(-1)
+    assert changed.any() and not changed.all(), "the swap changes the face window only"
+    print(f"[video] face crop {frame_range or 'all frames'}: streamed vs IMAGE path max {int(diff.max())}/255, "
+          f"{float(changed.float().mean()) * 100:.1f}% of pixels changed")
+
+
 def test_one_window_equals_the_single_pass_swap(nodes):
     from dreamidv_core.io.video import read_video
     from dreamidv_core.pipelines.adapters import PixelSpaceVAE, context_from_conditioning
