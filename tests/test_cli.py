@@ -225,6 +225,9 @@ def test_cli_swap_keeps_the_sound_and_the_exact_rate_and_takes_a_frame_range(tmp
                           "--frame-num", "5"]) == 0, capsys.readouterr().err
     rate, frames, sound = streams(tmp_path / "range.mp4")
     assert rate == NTSC / 2 and frames == 5 and sound == pytest.approx(float(10 / NTSC), abs=0.03)
+    assert main(common + ["--out", str(tmp_path / "crop.mp4"), "--face-crop", "--start-frame", "2", "--every-nth",
+                          "2", "--frame-num", "5"]) == 0, capsys.readouterr().err  # face crop streams the range too
+    assert streams(tmp_path / "crop.mp4") == (rate, 5, sound)
     assert main(common + ["--out", str(tmp_path / "mute.mp4"), "--no-audio"]) == 0
     assert streams(tmp_path / "mute.mp4")[2] is None
     assert main(common + ["--out", str(tmp_path / "short.mp4"), "--start-frame", "12"]) == 2
