@@ -177,7 +177,7 @@ class TreeWatch(threading.Thread):
 
 # ------------------------------------------------------------------------------------------------ one run
 
-def prompt_for(server, graph: str, area, steps: int, prefix: str) -> dict:
+def prompt_for(server, graph: str, area, steps: int, prefix: str, sam2: bool = True) -> dict:
     from tests import build_workflow
     from tests.comfy_harness import ui_to_api
     from tests.test_workflow import set_inputs
@@ -202,7 +202,7 @@ def prompt_for(server, graph: str, area, steps: int, prefix: str) -> dict:
         "DreamIDVIdentityEncoder": {"width": w, "height": h, "insightface_pack": "antelopev2",
                                     "detection_size": 128, "provider": "CPU"},
         "DreamIDVSampler": {"width": w, "height": h, "steps": steps, "seed": 0},
-        "DreamIDVBackgroundComposite": {"sam2_checkpoint": server.names["sam2"],
+        "DreamIDVBackgroundComposite": {"sam2_checkpoint": server.names["sam2"] if sam2 else "none",
                                         "sam2_config": server.names["sam2_config"], "device": "cpu",
                                         "prompt_frames": 1},
         "SaveVideo": {"filename_prefix": prefix},
@@ -210,7 +210,7 @@ def prompt_for(server, graph: str, area, steps: int, prefix: str) -> dict:
 
 
 def run_once(comfy_dir: Path, work: Path, names: dict, clip: Path, reference: Path, graph: str, area, steps: int,
-             limit: int, timeout: float) -> dict:
+             limit: int, timeout: float, sam2: bool = True) -> dict:
     import asyncio
 
     import aiohttp
@@ -229,7 +229,7 @@ def run_once(comfy_dir: Path, work: Path, names: dict, clip: Path, reference: Pa
     watch.start()
     result = {"graph": graph, "clip": clip.name, "status": "?"}
     try:
-        prompt = prompt_for(server, graph, area, steps, f"bench/{graph}_{clip.stem}")
+        prompt = prompt_for(server, graph, area, steps, f"bench/{graph}_{clip.stem}", sam2)
         titles = {k: v["class_type"] for k, v in prompt.items()}
         idle = watch.rss()
         times, t0 = {}, time.monotonic()
@@ -307,6 +307,9 @@ def main(argv=None) -> int:
     ap.add_argument("--image-lengths", default="1,2", help="seconds, IMAGE path (0.2.0's graph)")
     ap.add_argument("--area", default="832x480", help="the sampler's width x height (bundled: 832x480)")
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--no-sam2", action="store_true",
+                    help="the composite without SAM 2 (sam2_checkpoint 'none': inside the face mask only); SAM 2 "
+                         "on a CPU takes ~2 s a 1080p frame, most of a CPU run's time")
     ap.add_argument("--rss-limit-gb", type=float, default=10.0, help="kill a server whose RSS passes this")
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per run")
     ap.add_argument("--work", default=None, help="folder for clips, models and servers (default: a temp folder)")
@@ -352,7 +355,7 @@ def main(argv=None) -> int:
         path = make_clip(clip, seconds, work / f"clip_{seconds}s.mp4")
         print(f"[{graph} {seconds} s] running ({seconds * FPS} frames of {SIZE[0]}x{SIZE[1]})", flush=True)
         r = run_once(comfy, work, names, path, reference, graph, area, args.steps, int(args.rss_limit_gb * 2**30),
-                     args.timeout)
+                     args.timeout, sam2=not args.no_sam2)
         r.update(seconds=seconds, frames=seconds * FPS)
         results.append(r)
         stages = ", ".join(f"{k} {gib(v).strip()}" for k, v in sorted(r.get("by_stage", {}).items(),
@@ -365,7 +368,7 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps(results, indent=1))
 
     print(f"\narea {area[0]}x{area[1]}, {args.steps} steps, tiny random-weight models, {SIZE[0]}x{SIZE[1]} "
-          f"{FPS} fps clips from {clip.name}")
+          f"{FPS} fps clips from {clip.name}, composite {'without SAM 2' if args.no_sam2 else 'with SAM 2'}")
     print(f"{'graph':7} {'length':>7} {'frames':>6} {'peak GiB':>9} {'idle GiB':>9} {'s/frame':>8}  "
           f"{'latents GiB':>11}  status")
     for r in results:
