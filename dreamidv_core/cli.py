@@ -116,18 +116,24 @@ def cmd_swap(args) -> int:
     dit_path, vae_path, encoder, tokenizer = resolve_swap_files(args)
     device = _device(args.device)
     # the videos are read lazily and the output written as it is decoded: memory does not grow with the clip
-    video = VideoReader(args.video, max_frames=args.frame_num)
-    fps = video.fps
+    video = VideoReader(args.video)
+    plan = range_plan(args, video)
+    clip = plan.select(video)  # the frames of the range (--start-frame, --every-nth, --frame-num), lazily
+    rate, audio = output_rate_and_sound(args, video, plan)
     reference = read_image(args.reference)
     present = None
     if args.mask:
         if args.target != "largest" or args.target_photo:
             raise DreamIDVError("--target / --target-photo choose the person when the mask is made here; with --mask "
                                 "the mask already marks the person to swap")
-        mask = VideoReader(args.mask, max_frames=args.frame_num)
-        pose = VideoReader(args.pose, max_frames=args.frame_num) if args.pose else None
+        mask, pose = (None if path is None else _same_length(VideoReader(path), video) for path in (args.mask,
+                                                                                                   args.pose))
+        mask, pose = plan.select(mask), None if pose is None else plan.select(pose)
     else:
-        mask, pose, present = extract_pose_and_mask(args, video, reference)
+        mask, pose, present = extract_pose_and_mask(args, clip, reference)
+    if args.face_crop:
+        plan = face_crop_range_plan(args, plan, len(video), mask)
+        print(plan.track.describe())
     if args.context:
         context = load_precomputed_context(args.context)
     else:
@@ -143,50 +149,74 @@ def cmd_swap(args) -> int:
         from .sampling.offload import enable_block_offload
 
         print(enable_block_offload(dit, args.offload_blocks, device).describe())
-    plan = swap_plan(args, video, mask, settings)
-    if plan.track is not None:
-        print(plan.track.describe())
     start = time.time()
 
     def progress(stage, i, n):
         print(f"\r{stage} {i}/{n}  {time.time() - start:6.1f}s", end="\n" if i == n else "", flush=True)
 
-    with VideoWriter(args.out, args.fps or fps) as writer:
-        sink = output_sink(writer, video, plan, present)
-        result = swap_face(dit, vae, video, mask, reference, context.to(device), pose=pose, settings=settings,
+    with VideoWriter(args.out, rate, audio=audio) as writer:
+        sink = output_sink(writer, clip, plan, present)
+        result = swap_face(dit, vae, clip, mask, reference, context.to(device), pose=pose, settings=settings,
                            progress=progress, sink=sink, plan=plan)
     size = "{}x{}".format(*plan.source_size) if plan.track is not None else f"{plan.size[1]}x{plan.size[0]}"
-    print(f"wrote {args.out}: {result.frames_used} frames {size} at {args.fps or fps:g} fps")
+    print(f"wrote {args.out}: {result.frames_used} frames {size} at {float(rate):g} fps"
+          + (", with the source's sound" if audio is not None else ", no sound"))
     return 0
 
 
-def swap_plan(args, video, mask, settings):
-    """The clip's plan: whole frame (as released), or ``--face-crop`` windows around the mask's face."""
+def _same_length(reader, video):
+    if len(reader) != len(video):
+        raise DreamIDVError(f"{reader.name}: has {len(reader)} frames but the video {video.name} has {len(video)}; "
+                            "they must have the same length")
+    return reader
+
+
+def output_rate_and_sound(args, video, plan):
+    """The output's frame rate (the source's exactly, divided by --every-nth; or --fps) and the source's sound
+    over the swapped frames (:func:`~dreamidv_core.io.audio.clip_rate_and_sound`)."""
+    from .io.audio import clip_rate_and_sound
+
+    rate, audio = clip_rate_and_sound(args.video, video.probe, plan.frames, plan.start, plan.stride, args.fps,
+                                      not args.no_audio)
+    if audio is None and args.fps and video.probe.has_audio and not args.no_audio:
+        print(f"note: --fps {args.fps:g} plays the clip at another speed than the source's "
+              f"{float(video.rate / plan.stride):g} fps; its sound is left out")
+    return rate, audio
+
+
+def range_plan(args, video):
+    """The whole-frame plan of the frame range: --start-frame, every --every-nth frame, at most --frame-num."""
+    from .pipelines.plan import ClipPlan
+
+    return ClipPlan.build(video.probe.width, video.probe.height, len(video), args.frame_num, *args.size,
+                          args.window, args.overlap, start=args.start_frame, stride=args.every_nth)
+
+
+def face_crop_range_plan(args, plan, available: int, mask):
+    """``--face-crop``: windows around the face of ``mask`` (the range's frames), pasted back per frame."""
     from .pipelines.plan import face_crop_plan
-    from .pipelines.swap import plan_for
 
-    if not args.face_crop:
-        return plan_for(video, settings)
-    base = plan_for(video, settings)
-    return face_crop_plan(mask, *base.source_size, len(video), settings.frame_num, settings.width, settings.height,
-                          settings.window, settings.overlap, margin=args.crop_margin)
+    return face_crop_plan(mask, *plan.source_size, available, args.frame_num, *args.size, args.window, args.overlap,
+                          margin=args.crop_margin, start=plan.start, stride=plan.stride)
 
 
-def output_sink(writer, video, plan, present):
-    """Where decoded frames go: in face-crop mode pasted back into the full-resolution source frames (the
-    output has the source's size); whole frame: written at the model's size as released, except frames
-    without the target (``present`` False), which are the source frame prepared the same way."""
+def output_sink(writer, clip, plan, present):
+    """Where decoded frames go (``clip``: the range's source frames): in face-crop mode pasted back into the
+    full-resolution source frames (the output has the source's size); whole frame: written at the model's
+    size as released, except frames without the target (``present`` False), which are the source frame
+    prepared the same way."""
     import torch
 
     from .pipelines.clip_stream import FrameSource
+    from .io.video import to_uint8_frames
 
-    source = FrameSource(video, plan, "video") if plan.track is None else None
+    source = FrameSource(clip, plan, "video") if plan.track is None else None
 
     def sink(frames, start):
         if start != writer.frames_written:
             raise RuntimeError(f"decoded frames arrive out of order ({start} after {writer.frames_written})")
         if plan.track is not None:
-            src = torch.from_numpy(video[start:start + frames.shape[0]]).float().div_(255)
+            src = torch.from_numpy(to_uint8_frames(clip[start:start + frames.shape[0]], "video")).float().div_(255)
             frames = plan.paste_back(src, frames, start)
         elif present is not None:
             frames = frames.clone()
@@ -200,9 +230,10 @@ def output_sink(writer, video, plan, present):
 
 def extract_pose_and_mask(args, video, reference):
     """Pose video and face mask of the target person from the driving video with MediaPipe, retargeted onto
-    the reference -> (mask, pose, per-frame presence of the target)."""
+    the reference -> (mask, pose, per-frame presence of the target); pose and mask are drawn on demand from
+    the keypoints (a few frames in memory at a time, however long the clip)."""
     from .weights.model_files import find_model_files, format_missing
-    from .preprocess.pose.extract import extract_mediapipe
+    from .preprocess.pose.extract import track_mediapipe
     from .preprocess.pose.mediapipe_face import FaceLandmarker
 
     report = find_model_files(args.models_dir)
@@ -214,9 +245,9 @@ def extract_pose_and_mask(args, video, reference):
     with FaceLandmarker(str(task), num_faces=MAX_REFERENCE_FACES) as finder:
         ref_face = choose_reference_face(finder.detect_all(reference), args.reference_face, reference.shape)
     with FaceLandmarker(str(task), num_faces=MAX_FACES, tile_levels=args.small_faces) as landmarker:
-        result = extract_mediapipe(video, landmarker, reference=ref_face, target=spec, embed_face=embed_face)
-    print(result.info)
-    return result.mask, result.pose, result.present
+        track = track_mediapipe(video, landmarker, reference=ref_face, target=spec, embed_face=embed_face)
+    print(track.info)
+    return track.mask, track.pose, track.present
 
 
 MAX_FACES = 6  # faces looked for per frame; all are tracked and the target is chosen among them
@@ -360,6 +391,10 @@ def _refuse_face_crop(args) -> None:
     if getattr(args, "face_crop", False):
         raise DreamIDVError("--face-crop is not available with several processes or swap-batch yet: run the swap "
                             "in one process (without --ulysses / --cfg-parallel / torchrun)")
+    if getattr(args, "start_frame", 0) or getattr(args, "every_nth", 1) != 1:
+        raise DreamIDVError("--start-frame / --every-nth are not available with several processes or swap-batch yet "
+                            "(--frame-num is): run the swap in one process (without --ulysses / --cfg-parallel / "
+                            "torchrun)")
 
 
 def _extractor(args):
@@ -389,7 +424,8 @@ def cmd_swap_parallel(args) -> int:
         if mesh.is_main:
             print(f"swapping on {mesh.world} process{'es' if mesh.world > 1 else ''}: {mesh.config.describe()}")
         note = swap_job(mesh, models, Job("clip", files), args.out, swap_settings(args),
-                        extract=None if args.mask else _extractor(args), fps=args.fps, progress=progress)
+                        extract=None if args.mask else _extractor(args), fps=args.fps, progress=progress,
+                        sound=not args.no_audio)
         if mesh.is_main:
             print(f"wrote {args.out}: {note.split(' -> ')[0]}")
     return 0
@@ -409,7 +445,7 @@ def cmd_swap_batch(args) -> int:
         jobs = mesh.run_on_main(lambda: swap_jobs(args.inputs, args.reference, args.frame_num, args.size),
                                 f"reading the jobs of {args.inputs}")
         report = run_swap_batch(mesh, None, jobs, args.out_dir, swap_settings(args), extract=_extractor(args),
-                                fps=args.fps, load=lambda: _swap_models(args, mesh))
+                                fps=args.fps, load=lambda: _swap_models(args, mesh), sound=not args.no_audio)
     return 1 if report is not None and report.failed else 0
 
 
@@ -520,7 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--context", help="precomputed text context (.safetensors or the official context.pth)")
     sw.add_argument("--faster", action="store_true", help="use dreamidv_faster (no pose branch)")
     sw.add_argument("--size", type=_size, default=(832, 480), help="maximum area as W*H, e.g. 832*480 or 1280*720")
-    sw.add_argument("--frame-num", type=int, help="swap only the first N frames (default: the whole clip)")
+    sw.add_argument("--frame-num", type=int, help="swap at most N frames (default: the whole clip, or range)")
+    sw.add_argument("--start-frame", type=int, default=0, help="skip the first N frames of the video")
+    sw.add_argument("--every-nth", type=int, default=1,
+                    help="swap every n-th frame (the result plays at the source's rate / n, with its sound)")
     sw.add_argument("--steps", type=int, default=20)
     sw.add_argument("--shift", type=float, default=5.0)
     sw.add_argument("--guidance", type=float, default=4.0, help="identity guidance scale")
@@ -537,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--weight-dtype", default="bf16", choices=("fp32", "bf16", "fp16", "fp8_e4m3fn"))
     sw.add_argument("--attention", default="sdpa", choices=("sdpa", "flash", "sage"))
     sw.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    sw.add_argument("--fps", type=float, help="output frame rate (default: the source's)")
+    sw.add_argument("--fps", type=float, help="output frame rate (default: the source's, exactly)")
+    sw.add_argument("--no-audio", action="store_true", help="leave the source's sound out of the result")
     sw.add_argument("--target", default="largest", choices=("largest", "index", "similar"),
                     help="the person to swap, chosen once for the clip and tracked: the largest face over the clip, "
                          "--target-index, or the face most similar to --target-photo (ArcFace)")

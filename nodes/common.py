@@ -6,7 +6,7 @@ import os
 import threading
 import weakref
 from pathlib import Path
-from typing import Callable, Hashable, Iterable, NamedTuple, Optional, Tuple
+from typing import Callable, FrozenSet, Hashable, Iterable, NamedTuple, Optional, Tuple
 
 import comfy.model_management
 import comfy.utils
@@ -24,6 +24,9 @@ DreamIDVModel = io.Custom("DREAMIDV_MODEL")  # a loaded DiT (full or faster) wra
 PoseTokens = io.Custom("DREAMIDV_POSE_TOKENS")  # PoseGuider output, computed once per video
 Identity = io.Custom("DREAMIDV_IDENTITY")  # reference photo, its face + ArcFace embedding, letterbox and latent
 PoseKeypoint = io.Custom("POSE_KEYPOINT")  # controlnet_aux's keypoint format (list of per-frame dicts)
+# A clip's pose and face mask as found by the pose node (keypoints, drawn on demand at the frames' size) and
+# which source frames they belong to: the streaming alternative to the pose IMAGE and mask MASK outputs.
+PoseMask = io.Custom("DREAMIDV_POSE_MASK")
 
 # Model folders this pack adds next to ComfyUI's own (extra_model_paths.yaml can name them too).
 PACK_FOLDERS = {
@@ -183,3 +186,74 @@ def progress_hook(total_steps: int, stage: str = "sample") -> Callable[[str, int
             bar.update_absolute(i, n)
         comfy.model_management.throw_exception_if_processing_interrupted()
     return progress
+
+
+# ------------------------------------------------------------------------------------------------ frame range
+
+def frame_range_inputs(frame_num: bool = False) -> list:
+    """VideoHelperSuite-like frame range widgets, appended (optional) after a node's existing widgets:
+    ``start_frame``, ``frame_num`` (only where the node has none yet) and ``select_every_nth``."""
+    rows = [io.Int.Input("start_frame", default=0, min=0, max=10_000_000, optional=True,
+                         tooltip="Skip this many frames at the start of the clip (VideoHelperSuite's "
+                                 "skip_first_frames). Set the same frame range on every DreamID-V node that "
+                                 "reads this clip.")]
+    if frame_num:
+        rows.append(io.Int.Input("frame_num", default=0, min=0, max=10_000_000, optional=True,
+                                 tooltip="0: every frame of the range. Otherwise at most this many frames (at "
+                                         "least 5; VideoHelperSuite's frame_load_cap)."))
+    rows.append(io.Int.Input("select_every_nth", default=1, min=1, max=1000, optional=True,
+                             tooltip="Keep every n-th frame of the range (1: all). The result plays at the source's "
+                                     "frame rate / n with the source's sound unchanged, so both stay in sync."))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+def linked_outputs(prompt, node_id) -> Optional[FrozenSet[int]]:
+    """Output slots of node ``node_id`` that a node of ``prompt`` (API format) takes an input from; None when
+    that cannot be told (no prompt, or the node is not in it)."""
+    if not isinstance(prompt, dict) or node_id is None or str(node_id) not in prompt:
+        return None
+    used = set()
+    for node in prompt.values():
+        for value in (node.get("inputs") or {}).values() if isinstance(node, dict) else ():
+            if isinstance(value, (list, tuple)) and len(value) == 2 and str(value[0]) == str(node_id):
+                used.add(int(value[1]))
+    return frozenset(used)
+
+
+def wanted_outputs(node_cls) -> Optional[FrozenSet[int]]:
+    """The output slots of the executing node that something uses (its hidden prompt and id), or None (all).
+
+    Nodes whose IMAGE/MASK outputs would hold a whole clip compute them only when connected."""
+    hidden = getattr(node_cls, "hidden", None)
+    if hidden is None:
+        return None
+    return linked_outputs(getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None))
+
+
+def output_links_fingerprint():
+    """For ``fingerprint_inputs``: which outputs of the node being checked are connected in the prompt being
+    run, so connecting a formerly unused IMAGE output runs the node again (instead of reusing a cached result
+    that skipped it). None when the running prompt cannot be found."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+
+        context = get_executing_context()
+        running, _ = PromptServer.instance.prompt_queue.get_current_queue_volatile()
+    except Exception:  # noqa: BLE001  (another ComfyUI version or no server: the cache keys stay as they were)
+        return None
+    for item in running:
+        if context is not None and len(item) > 2 and item[1] == context.prompt_id:
+            links = linked_outputs(item[2], context.node_id)
+            return None if links is None else tuple(sorted(links))
+    return None
+
+
+def temp_folder() -> Path:
+    """Where the pack keeps intermediate files (swapped frames, rendered videos): ComfyUI's temporary folder,
+    which ComfyUI empties when it starts."""
+    folder = Path(folder_paths.get_temp_directory()) / "dreamidv"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

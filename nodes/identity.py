@@ -13,9 +13,9 @@ from comfy_api.latest import io
 
 from dreamidv_core.preprocess import identity as core
 from dreamidv_core.pipelines.adapters import PixelSpaceVAE
-from dreamidv_core.errors import InputError
 
 from . import common
+from .video import video_size as video_frame_size
 
 # The chosen face's L2-normalised ArcFace embedding, float32 [1, 512].
 FaceEmbedding = io.Custom("DREAMIDV_FACE_EMBEDDING")
@@ -60,9 +60,12 @@ class DreamIDVIdentityEncoder(io.ComfyNode):
                 io.Image.Input("similar_to", optional=True,
                                tooltip="For face_selection 'most similar': another photo of the person; its "
                                "largest face is compared (ArcFace cosine similarity) with every face found."),
-                io.Image.Input("video", optional=True,
-                               tooltip="The driving video frames: their frame size sets the letterbox (and "
-                               "the latent). Without them only the face and embedding are computed."),
+                io.MultiType.Input(io.Image.Input("video", optional=True,
+                                                  tooltip="The driving video (IMAGE frames or a VIDEO; only its "
+                                                          "frame size is read): it sets the letterbox (and the "
+                                                          "latent). Without it only the face and embedding are "
+                                                          "computed."),
+                                   types=[io.Video]),
                 io.Vae.Input("vae", optional=True,
                              tooltip="The Wan 2.1 VAE: with the video frames, the identity latent is encoded "
                              "here once instead of in the sampler."),
@@ -91,11 +94,7 @@ class DreamIDVIdentityEncoder(io.ComfyNode):
                 height=480) -> io.NodeOutput:
         pack_dir = core.find_pack(folder_paths.get_folder_paths("insightface"), insightface_pack)
         analyzer = core.load_analyzer(pack_dir, provider, detection_size, detection_threshold)
-        video_size = None
-        if video is not None:
-            if video.dim() != 4 or video.shape[0] == 0:
-                raise InputError(f"video: expected frames [F, H, W, C], got {list(video.shape)}")
-            video_size = (int(video.shape[2]), int(video.shape[1]))
+        video_size = None if video is None else video_frame_size(video, "video")
         bundle, faces, chosen = core.encode_identity(
             analyzer, reference, face_selection, face_index, similar_to, video_size,
             None if vae is None else PixelSpaceVAE(vae), (width, height))

@@ -1,8 +1,13 @@
-"""DreamID-V nodes: pose extraction (frames -> pose video + face mask + keypoints + info).
+"""DreamID-V nodes: pose extraction (frames or VIDEO -> pose video + face mask + keypoints + info).
 
 A thin adapter over :mod:`dreamidv_core.preprocess.pose`. Model files come from the pack's model folders:
 ``models/mediapipe/`` (face_landmarker_v2_with_blendshapes.task) and ``models/dwpose/``
 (yolox_l.onnx, dw-ll_ucoco_384.onnx), or wherever extra_model_paths.yaml points those folders.
+
+A VIDEO is read one frame at a time. The ``pose_mask`` output (DREAMIDV_POSE_MASK) carries what was found
+(keypoints, and which source frames) and draws pose and mask frames only when the PoseGuider, the sampler or
+the composite read them: flat memory for any clip length. The IMAGE ``pose`` and MASK ``mask`` outputs hold
+the whole clip at its size (~32 MB a 1080p frame) and are made only when connected (for other packs).
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import folder_paths
 
 from dreamidv_core.preprocess import pose as core
 from dreamidv_core.errors import CheckpointError, DreamIDVError, InputError
+from dreamidv_core.io.frames import select_frames
+from dreamidv_core.pipelines.plan import frame_range
 from dreamidv_core.preprocess import identity
 from dreamidv_core.preprocess.pose.dwpose import DWPose
 from dreamidv_core.preprocess.pose.mediapipe_face import FaceLandmarker
@@ -20,6 +27,7 @@ from dreamidv_core.preprocess.tracking import (TARGET_MODES, TargetSpec, analyze
                                                analyzer_photo_embedding)
 
 from . import common
+from .video import clip_of
 
 SOURCES = ("mediapipe", "dwpose", "keypoints")
 MEDIAPIPE_FILE = "face_landmarker_v2_with_blendshapes.task"
@@ -52,8 +60,9 @@ class DreamIDVPoseExtract(io.ComfyNode):
                         "them through unchanged); both are listed in 'info' with the track. To swap two "
                         "people, run a second pose + swap pass on the first pass's output with the other target.",
             inputs=[
-                io.Image.Input("frames", tooltip="The driving video frames (IMAGE batch); pose and mask come "
-                               "out at the same size and count."),
+                io.MultiType.Input("frames", types=[io.Image, io.Video],
+                                   tooltip="The driving video: IMAGE frames, or a VIDEO (Load Video; read a frame "
+                                           "at a time). Pose and mask come out at the same size and count."),
                 io.Combo.Input("source", options=list(SOURCES), default="mediapipe",
                                tooltip="mediapipe: face landmarks, expression retargeted onto 'reference' "
                                "(the DreamID-V default). dwpose: body limbs + 68 face points (YOLOX + DWPose "
@@ -99,6 +108,7 @@ class DreamIDVPoseExtract(io.ComfyNode):
                                      "long side; 1, 2, 3 also search overlapping tiles for faces down to ~1/6, "
                                      "1/12, 1/24 of the short side (wide shots, 4K). Slower: the tiles are searched "
                                      "every 12 frames, faces already found are followed cheaply every frame."),
+                *common.frame_range_inputs(frame_num=True),
             ],
             outputs=[
                 io.Image.Output("pose", display_name="pose", tooltip="Pose video for the DreamID-V PoseGuider."),
@@ -108,42 +118,57 @@ class DreamIDVPoseExtract(io.ComfyNode):
                 io.String.Output("info", display_name="info", tooltip="Source, frame count, people found (numbered "
                                  "left to right), the target and its track, bridged frames and frames without the "
                                  "target (passed through)."),
+                common.PoseMask.Output("pose_mask", display_name="pose_mask",
+                                       tooltip="Pose and face mask of the selected frames, drawn on demand (flat "
+                                               "memory): for the PoseGuider's pose_video, the sampler's mask and "
+                                               "the composite's face_mask."),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, **_inputs):
+        return common.output_links_fingerprint()
 
     @classmethod
     def execute(cls, frames, source, reference=None, keypoints=None, mediapipe_model=MEDIAPIPE_FILE,
                 detector_model=DET_FILE, pose_model=POSE_FILE, provider="auto", target="largest", target_index=0,
                 target_photo=None, min_similarity=0.3, bridge_frames=3, insightface_pack="auto",
-                small_faces=0) -> io.NodeOutput:
-        if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[0] == 0:
-            raise InputError(f"frames: expected IMAGE frames [F, H, W, C], got "
-                             f"{list(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__}")
+                small_faces=0, start_frame=0, frame_num=0, select_every_nth=1) -> io.NodeOutput:
         if source not in SOURCES:
             raise InputError(f"source: expected one of {list(SOURCES)}, got {source!r}")
         if source == "keypoints" and keypoints is None:
             raise InputError("keypoints: source is 'keypoints' but no POSE_KEYPOINT is connected")
+        clip = clip_of(frames, "frames")
+        picked = frame_range(clip.count, frame_num or None, start_frame, select_every_nth, minimum=1)
         spec, embed_face, arcface_note = target_spec(target, target_index, target_photo, min_similarity,
                                                      bridge_frames, insightface_pack, provider)
-        frames = frames.detach().cpu()
-        count = int(frames.shape[0])
-        progress = common.progress_hook(count, "pose")
+        progress = common.progress_hook(len(picked), "pose")
         cancel = common.cancel_hook()
-        if source == "mediapipe":
-            path = common.resolve_model_file("mediapipe", mediapipe_model, MEDIAPIPE_FILE)
-            ref = None if reference is None else reference.detach().cpu()
-            with FaceLandmarker(path, num_faces=MAX_FACES, tile_levels=small_faces) as landmarker:
-                result = core.extract_mediapipe(frames, landmarker, ref, "frames", progress, cancel, spec, embed_face)
-        elif source == "dwpose":
-            det = common.resolve_model_file("dwpose", detector_model, DET_FILE)
-            est = common.resolve_model_file("dwpose", pose_model, POSE_FILE)
-            result = core.extract_dwpose(frames, DWPose(det, est, provider), "frames", progress, cancel, spec,
-                                         embed_face)
-        else:
-            result = core.extract_keypoints(frames, keypoints, "keypoints", progress, spec, embed_face)
-        pose = torch.from_numpy(result.pose)
-        mask = torch.from_numpy(result.mask)
-        return io.NodeOutput(pose, mask, result.keypoints, f"{result.info}; {arcface_note}")
+        with clip.open() as seq:
+            seq = select_frames(seq, picked)
+            if source == "mediapipe":
+                path = common.resolve_model_file("mediapipe", mediapipe_model, MEDIAPIPE_FILE)
+                ref = None if reference is None else reference.detach().cpu()
+                with FaceLandmarker(path, num_faces=MAX_FACES, tile_levels=small_faces) as landmarker:
+                    track = core.track_mediapipe(seq, landmarker, ref, "frames", progress, cancel, spec, embed_face)
+            elif source == "dwpose":
+                det = common.resolve_model_file("dwpose", detector_model, DET_FILE)
+                est = common.resolve_model_file("dwpose", pose_model, POSE_FILE)
+                track = core.track_dwpose(seq, DWPose(det, est, provider), "frames", progress, cancel, spec,
+                                          embed_face)
+            else:
+                if isinstance(keypoints, list) and len(keypoints) == clip.count != len(picked):
+                    keypoints = [keypoints[i] for i in picked]  # made for the whole clip: the range's frames
+                track = core.track_keypoints(seq, keypoints, "keypoints", progress, spec, embed_face)
+        track.start, track.stride, track.available = picked.start, picked.step, clip.count
+        track.info = f"{track.info}; {arcface_note}"
+        wanted = common.wanted_outputs(cls)
+        use = (lambda slot: wanted is None or slot in wanted)
+        result = track.result(pose=use(0), mask=use(1), keypoints=use(2))
+        pose = torch.from_numpy(result.pose) if use(0) else None
+        mask = torch.from_numpy(result.mask) if use(1) else None
+        return io.NodeOutput(pose, mask, result.keypoints if use(2) else None, track.info, track)
 
 
 def load_face_analyzer(pack: str, provider: str):

@@ -4,7 +4,14 @@
   :class:`~dreamidv_core.pipelines.adapters.PoseTokenSet`: the PoseGuider tokens, computed once, and the
   geometry they belong to).
 * ``DreamIDVSampler``: model + VAE + text context + identity + pose tokens + video + mask -> the swapped
-  frames at model resolution, the same frames pasted back into the source frames, and the frame count.
+  frames at model resolution, the same frames pasted back into the source frames, the frame count, and the
+  result as a VIDEO (pasted back, the source's frame rate and sound).
+
+Streaming (VIDEO in, VIDEO out): the video is read from its file a piece at a time, the mask drawn on demand
+from the pose node's DREAMIDV_POSE_MASK, and the decoded frames go to a file at the model's resolution
+(exact, uint8) in ComfyUI's temporary folder; the VIDEO output pastes them into the source frames and
+encodes them when it is saved. The IMAGE outputs hold the whole clip (frames_in_source: ~24 MB a 1080p
+frame) and are made only when connected.
   A model with a trained ArcFace ID-token projection also gets the identity's ArcFace embedding; if the
   identity has none (face detection off or no face found) the sampler stops with an error rather than
   silently sampling without the identity signal the projection was trained to use.
@@ -19,8 +26,9 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from dreamidv_core.errors import InputError
-from dreamidv_core.io.video import check_pixels, even_size
-from dreamidv_core.pipelines.adapters import PixelSpaceVAE, PoseTokenSet, context_from_conditioning, rgb_frames
+from dreamidv_core.io.video import even_size
+from dreamidv_core.pipelines.adapters import PixelSpaceVAE, PoseTokenSet, context_from_conditioning
+from dreamidv_core.pipelines.clips import CHUNK, StoreSink, SwappedClip, to_float_frames
 from dreamidv_core.pipelines.plan import ClipPlan, face_crop_plan
 from dreamidv_core.preprocess.face_crop import DEFAULT_MARGIN, mask_presence
 from dreamidv_core.pipelines.swap import SwapSettings, id_embedding_rows, pose_tokens_for, swap_face
@@ -28,6 +36,7 @@ from dreamidv_core.preprocess.identity_bundle import encode_reference
 from dreamidv_core.sampling.samplers import SAMPLERS
 
 from . import common
+from .video import DreamIDVVideo, clip_of, plan_frames, source_geometry
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +100,6 @@ def face_crop_inputs() -> list:
     ]
 
 
-def clip_plan(video_size, count: int, frame_num, width, height, window, overlap, face_crop=False,
-              crop_margin=DEFAULT_MARGIN, mask=None, what: str = "mask") -> ClipPlan:
-    """The sampler's and the PoseGuider's plan: whole frame, or face crop around ``mask``'s face."""
-    src_w, src_h = video_size
-    if not face_crop:
-        return ClipPlan.build(src_w, src_h, count, frame_num or None, width, height, window, overlap)
-    if mask is None:
-        raise InputError(f"{what}: face_crop is on but no mask is connected; connect the pose node's mask (the "
-                         "crop windows follow the face it marks)")
-    return face_crop_plan(mask, src_w, src_h, count, frame_num or None, width, height, window, overlap, crop_margin)
-
-
 IDENTITY_GUIDANCE_TOOLTIP = ("Identity guidance: pred = c + g * (c - u), with u the pass without the reference. "
                              "0 skips the second pass (released: 4).")
 
@@ -135,13 +132,15 @@ class DreamIDVPoseGuider(io.ComfyNode):
             inputs=[
                 common.DreamIDVModel.Input("model", tooltip="The full DreamID-V model (the faster one has no "
                                                             "pose branch)."),
-                io.Image.Input("pose_video", tooltip="Pose frames from a DreamID-V pose node, same length and size "
-                                                     "as the video to swap."),
+                io.MultiType.Input("pose_video", types=[io.Image, io.Video, common.PoseMask],
+                                   tooltip="The pose node's pose_mask (drawn on demand), or pose frames (IMAGE or "
+                                           "VIDEO) of the same length and size as the video to swap."),
                 *_geometry_inputs(),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="Face crop only: the face mask (the pose node's), the same one the sampler "
-                                      "gets; the crop windows follow it."),
+                io.MultiType.Input("mask", types=[io.Mask, io.Video, common.PoseMask], optional=True,
+                                   tooltip="Face crop only: the face mask (the pose node's pose_mask or mask), the "
+                                           "same one the sampler gets; the crop windows follow it."),
                 *face_crop_inputs(),
+                *common.frame_range_inputs(),
             ],
             outputs=[common.PoseTokens.Output(display_name="pose_tokens",
                                               tooltip="Pose tokens and the clip geometry they were made for.")],
@@ -149,22 +148,20 @@ class DreamIDVPoseGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, pose_video, width=832, height=480, frame_num=0, window=81, overlap=16, mask=None,
-                face_crop=False, crop_margin=DEFAULT_MARGIN) -> io.NodeOutput:
+                face_crop=False, crop_margin=DEFAULT_MARGIN, start_frame=0, select_every_nth=1) -> io.NodeOutput:
         _check_model(model)
         if not model.dit.cfg.has_pose:
             raise InputError(f"model: {model.name} is the faster DreamID-V variant, which has no pose branch; "
                              "connect the mask straight to the sampler and leave pose_tokens empty")
-        pose = rgb_frames(pose_video, "pose_video")
-        if face_crop and mask is not None:
-            mask = _mask_frames(mask)
-            if tuple(mask.shape[1:3]) != tuple(pose.shape[1:3]):
-                raise InputError("mask is {}x{}, the pose video is {}x{}; they must come from the same clip".format(
-                    mask.shape[2], mask.shape[1], pose.shape[2], pose.shape[1]))
-        plan = clip_plan((pose.shape[2], pose.shape[1]), pose.shape[0], frame_num, width, height, window, overlap,
-                         face_crop, crop_margin, mask)
+        src_w, src_h, available = source_geometry(pose_video, "pose_video")
+        plan = ClipPlan.build(src_w, src_h, available, frame_num or None, width, height, window, overlap,
+                              start_frame, select_every_nth)
+        if face_crop:
+            plan = face_crop_clip_plan(plan, available, window, overlap, crop_margin, mask)
         model.load(memory_estimate(model.dit, plan, cache_pose_kv=False))
         try:
-            tokens = pose_tokens_for(model.dit, pose, plan, cancel=common.cancel_hook()).to("cpu")
+            with plan_frames(pose_video, plan, "pose_video", "pose") as pose:
+                tokens = pose_tokens_for(model.dit, pose, plan, cancel=common.cancel_hook()).to("cpu")
         finally:
             model.release()
         return io.NodeOutput(PoseTokenSet(tokens=tokens, plan=plan, model_key=model.key))
@@ -196,9 +193,14 @@ class DreamIDVSampler(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The text context of \"chang face\": DreamIDVTextContext, "
                                                           "or CLIPTextEncode with umT5-XXL (CLIPLoader type wan)."),
                 common.Identity.Input("identity", tooltip="The reference face, from the DreamID-V identity node."),
-                io.Image.Input("video", tooltip="Frames to swap (alpha is dropped, greyscale becomes RGB)."),
-                io.Mask.Input("mask", tooltip="Face mask per frame (white = face region), same length and size as "
-                                              "the video."),
+                io.MultiType.Input("video", types=[io.Image, io.Video],
+                                   tooltip="The clip to swap: a VIDEO (Load Video; read a piece at a time, its frame "
+                                           "rate and sound kept) or IMAGE frames (alpha is dropped, greyscale "
+                                           "becomes RGB)."),
+                io.MultiType.Input("mask", types=[io.Mask, io.Video, common.PoseMask],
+                                   tooltip="Face mask per frame (white = face region): the pose node's pose_mask "
+                                           "(drawn on demand), or a MASK / mask VIDEO of the same length and size "
+                                           "as the video."),
                 *_geometry_inputs(),
                 *sampling_inputs(io.Float.Input("identity_guidance", default=4.0, min=0.0, max=30.0, step=0.1,
                                                 tooltip=IDENTITY_GUIDANCE_TOOLTIP)),
@@ -223,26 +225,40 @@ class DreamIDVSampler(io.ComfyNode):
                                         tooltip="From DreamIDVPoseGuider; required by the full model, ignored by "
                                                 "the faster one."),
                 *face_crop_inputs(),
+                *common.frame_range_inputs(),
             ],
             outputs=[
                 io.Image.Output(display_name="frames",
                                 tooltip="Swapped frames at model resolution (the resized, centre-cropped area; with "
-                                        "face_crop: the face windows)."),
+                                        "face_crop: the face windows). Whole clip in memory: made only when "
+                                        "connected."),
                 io.Image.Output(display_name="frames_in_source",
                                 tooltip="The swapped frames resized back into the source frames: the input video's "
                                         "size (an odd width or height loses its last column or row, so video "
                                         "encoders accept it); pixels outside the model's crop (face_crop: outside "
-                                        "the face window) and frames whose mask is empty are the source's."),
+                                        "the face window) and frames whose mask is empty are the source's. Whole "
+                                        "clip at source size in memory (~24 MB a 1080p frame): made only when "
+                                        "connected; prefer the video output."),
                 io.Int.Output(display_name="frame_count",
-                              tooltip="Frames used: the first frame_num frames, floored to 4n+1."),
+                              tooltip="Frames swapped (the frame range, at most frame_num)."),
+                io.Video.Output(display_name="video",
+                                tooltip="The swapped frames pasted into the source frames, with the source's frame "
+                                        "rate (divided by select_every_nth) and sound; never held whole in memory. "
+                                        "For Save Video or the SAM2 composite."),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, **_inputs):
+        return common.output_links_fingerprint()
 
     @classmethod
     def execute(cls, model, vae, positive, identity, video, mask, width=832, height=480, frame_num=0, window=81,
                 overlap=16, steps=20, shift=5.0, identity_guidance=4.0, seed=0, sampler="unipc",
                 batch_guidance=False, background_strength=0.0, step_cache=0.0, vae_tile=0, vae_tile_overlap=8,
-                pose_tokens=None, face_crop=False, crop_margin=DEFAULT_MARGIN) -> io.NodeOutput:
+                pose_tokens=None, face_crop=False, crop_margin=DEFAULT_MARGIN, start_frame=0,
+                select_every_nth=1) -> io.NodeOutput:
         _check_model(model)
         dit = model.dit
         settings = SwapSettings(width=width, height=height, frame_num=frame_num or None, steps=steps, shift=shift,
@@ -251,20 +267,14 @@ class DreamIDVSampler(io.ComfyNode):
                                 step_cache=step_cache, vae_tile=vae_tile or None,
                                 vae_tile_overlap=vae_tile_overlap).validate(label=_input_name)
         context = conditioning_context(positive, dit.cfg.text_dim)
-        video = rgb_frames(video, "video")
-        mask = _mask_frames(mask)
-        if mask.shape[0] != video.shape[0]:
-            raise InputError(f"mask has {mask.shape[0]} frames but the video has {video.shape[0]}; they must have the "
-                             "same length")
-        if tuple(mask.shape[1:3]) != tuple(video.shape[1:3]):
-            raise InputError("mask is {}x{}, the video is {}x{}; they must have the same size".format(
-                mask.shape[2], mask.shape[1], video.shape[2], video.shape[1]))
+        source = clip_of(video, "video")
         if not hasattr(identity, "latent_for") or not hasattr(identity, "image"):
             raise InputError(f"identity: expected the output of the DreamID-V identity node, got {type(identity).__name__}")
         id_embedding = identity_embedding(dit, identity, model.name)
-        src_h, src_w = video.shape[1:3]
-        plan = clip_plan((src_w, src_h), video.shape[0], frame_num, width, height, window, overlap, face_crop,
-                         crop_margin, mask)
+        plan = ClipPlan.build(source.width, source.height, source.count, frame_num or None, width, height, window,
+                              overlap, start_frame, select_every_nth)
+        if face_crop:
+            plan = face_crop_clip_plan(plan, source.count, window, overlap, crop_margin, mask)
         tokens = None
         if dit.cfg.has_pose:
             if pose_tokens is None:
@@ -275,26 +285,58 @@ class DreamIDVSampler(io.ComfyNode):
         elif pose_tokens is not None:
             log.info("DreamID-V: %s is the faster variant; pose tokens are ignored", model.name)
 
+        wanted = common.wanted_outputs(cls)
+        use = (lambda slot: wanted is None or slot in wanted)
+        sink = StoreSink(plan, common.temp_folder(), store=use(3), keep=use(0) or use(1))
         need = memory_estimate(dit, plan, 2 if batch_guidance else 1)
         adapter = PixelSpaceVAE(vae, after_encode=lambda: model.load(need))
         ref_latent = identity.latent_for(plan.reference_size, plan.area)
         if ref_latent is None:
             ref_latent = encode_reference(adapter, identity.image, plan.reference_size, plan.area)
-        model.load(need)
-        progress, preview = common.sampling_progress(steps)  # with ComfyUI's latent previews when they are on
-        try:
-            result = swap_face(dit, adapter, video, mask, None, context, settings=settings,
-                               progress=progress, cancel=common.cancel_hook(), preview=preview,
-                               pose_tokens=tokens, ref_latent=ref_latent, id_embedding=id_embedding, plan=plan)
-        finally:
-            model.release()
+        with source.open() as frames, plan_frames(mask, plan, "mask", "mask", source.count) as mask_frames:
+            # whole frame: frames whose mask is empty stay the source's (face crop: the track knows them)
+            present = None if plan.track is not None else mask_presence(mask_frames, plan.frames)
+            model.load(need)
+            progress, preview = common.sampling_progress(steps)  # with ComfyUI's latent previews when they are on
+            try:
+                result = swap_face(dit, adapter, plan.select(frames), mask_frames, None, context, settings=settings,
+                                   progress=progress, cancel=common.cancel_hook(), preview=preview,
+                                   pose_tokens=tokens, ref_latent=ref_latent, id_embedding=id_embedding, plan=plan,
+                                   sink=sink)
+            finally:
+                model.release()
         if step_cache > 0:
             log.info("DreamID-V: step cache skipped %d of %d DiT evaluations", result.skipped, result.evaluations)
-        frames = result.frames.to(mm.intermediate_device(), torch.float32)
-        present = None if plan.track is not None else mask_presence(mask, plan.frames)
-        in_source = even_size(plan.paste_back(video[:plan.frames].to(frames.device), frames, present=present),
-                              "frames_in_source")
-        return io.NodeOutput(frames, in_source, result.frames_used)
+        frames = sink.kept.to(mm.intermediate_device(), torch.float32) if use(0) else None
+        in_source = (even_size(pasted_in_source(source, plan, sink.kept, present), "frames_in_source")
+                     if use(1) else None)
+        out_video = DreamIDVVideo(SwappedClip(source, plan, sink.store, present=present)) if use(3) else None
+        return io.NodeOutput(frames, in_source, result.frames_used, out_video)
+
+
+def face_crop_clip_plan(plan: ClipPlan, available: int, window: int, overlap: int, crop_margin: float,
+                        mask) -> ClipPlan:
+    """``plan``'s frame range in face-crop mode: windows around the face of ``mask`` (the pose node's), read
+    a frame at a time."""
+    if mask is None:
+        raise InputError("mask: face_crop is on but no mask is connected; connect the pose node's pose_mask or mask "
+                         "(the crop windows follow the face it marks)")
+    w, h = plan.source_size
+    with plan_frames(mask, plan, "mask", "mask", available) as mask_frames:
+        return face_crop_plan(mask_frames, w, h, available, plan.frames, *plan.area, window, overlap, crop_margin,
+                              start=plan.start, stride=plan.stride)
+
+
+def pasted_in_source(source, plan: ClipPlan, frames: torch.Tensor, present=None) -> torch.Tensor:
+    """IMAGE [F, H, W, 3]: the model's frames (float) pasted into the plan's source frames (``present``:
+    :meth:`ClipPlan.paste_back`), a chunk at a time into one preallocated tensor (the memory-hungry output)."""
+    out = torch.empty(plan.frames, source.height, source.width, 3, dtype=torch.float32)
+    with source.open() as seq:
+        picked = plan.select(seq)
+        for a in range(0, plan.frames, CHUNK):
+            b = min(a + CHUNK, plan.frames)
+            out[a:b] = plan.paste_back(to_float_frames(picked[a:b]), frames[a:b], a, present)
+    return out.to(mm.intermediate_device())
 
 
 def identity_embedding(dit, identity, model_name: str):
@@ -313,20 +355,6 @@ def identity_embedding(dit, identity, model_name: str):
 def _input_name(setting: str) -> str:
     """A SwapSettings field as the sampler's input that sets it."""
     return {"guidance": "identity_guidance"}.get(setting, setting)
-
-
-def _mask_frames(mask) -> torch.Tensor:
-    """MASK [F, H, W] (or [H, W] for one frame) -> float32 [F, H, W] in [0, 1] (NaN or 0..255 values refused)."""
-    if not isinstance(mask, torch.Tensor):
-        raise InputError(f"mask: expected a MASK tensor [frames, height, width], got {type(mask).__name__}")
-    if mask.dim() == 2:
-        mask = mask[None]
-    if mask.dim() == 4 and mask.shape[-1] in (1, 3, 4):  # an IMAGE wired as mask
-        mask = mask[..., 0]
-    if mask.dim() != 3:
-        raise InputError(f"mask: expected [frames, height, width], got {list(mask.shape)}")
-    check_pixels(mask, "mask")
-    return mask.float().clamp(0, 1)
 
 
 NODES = [DreamIDVPoseGuider, DreamIDVSampler]

@@ -22,8 +22,10 @@ from dreamidv_core.pipelines.swap import SwapSettings
 from dreamidv_core.preprocess.identity_bundle import encode_reference
 from dreamidv_core.synthesis.background import MODES
 from dreamidv_core.synthesis.writer import DIRECTIONS, QuadrupletSettings, summary
+from dreamidv_core.pipelines.clips import to_float_frames
 
 from . import common
+from .video import clip_of
 from .composite import CKPT_SUFFIXES, SAM2_FOLDER, sam2_config_path, sam2_device
 from .pose import MEDIAPIPE_FILE, model_file_choices
 from .sampler import IDENTITY_GUIDANCE_TOOLTIP, conditioning_context, sampling_inputs
@@ -45,7 +47,9 @@ class DreamIDVFirstLastFrames(io.ComfyNode):
             description="The first and last frames of the real clip (the IVS conditioning frames), with the same "
                         "frames of its face mask and pose drawing when connected. The clip needs at least 5 frames.",
             inputs=[
-                io.Image.Input("frames", tooltip="The real clip V_r (IMAGE batch, at least 5 frames)."),
+                io.MultiType.Input("frames", types=[io.Image, io.Video],
+                                   tooltip="The real clip V_r (IMAGE batch or VIDEO, at least 5 frames; of a VIDEO "
+                                           "only the two frames are decoded)."),
                 io.Mask.Input("mask", optional=True, tooltip="Its face mask (pose node), sliced the same way."),
                 io.Image.Input("pose", optional=True, tooltip="Its pose drawing (e.g. the expression adaptation "
                                "output), sliced the same way."),
@@ -67,7 +71,12 @@ class DreamIDVFirstLastFrames(io.ComfyNode):
 
     @classmethod
     def execute(cls, frames, mask=None, pose=None) -> io.NodeOutput:
-        first, last, count = core.first_last_frames(frames, "frames")
+        if isinstance(frames, torch.Tensor):
+            first, last, count = core.first_last_frames(frames, "frames")
+        else:
+            with clip_of(frames, "frames").open() as seq:
+                count = core.check_clip(seq, "frames")
+                first, last = to_float_frames(seq[0:1]), to_float_frames(seq[count - 1:count])
         h, w = first.shape[1:3]
         if mask is None:
             m0 = m1 = torch.zeros(1, h, w)
@@ -175,7 +184,8 @@ class DreamIDVExpressionAdaptation(io.ComfyNode):
                         "frame: the MediaPipe retargeting of DreamID-V Pose Extract with I_g as the reference (the "
                         "same result; this node names the stage and requires I_g).",
             inputs=[
-                io.Image.Input("frames", tooltip="The real clip V_r."),
+                io.MultiType.Input("frames", types=[io.Image, io.Video],
+                                   tooltip="The real clip V_r (IMAGE batch, or a VIDEO read a frame at a time)."),
                 io.Image.Input("identity_image", tooltip="The generated identity I_g (must show one clear face)."),
                 io.Combo.Input("mediapipe_model", options=model_file_choices("mediapipe", ".task", MEDIAPIPE_FILE),
                                tooltip=f"The face landmarker in models/mediapipe ({MEDIAPIPE_FILE})."),
@@ -193,11 +203,11 @@ class DreamIDVExpressionAdaptation(io.ComfyNode):
     def execute(cls, frames, identity_image, mediapipe_model=MEDIAPIPE_FILE) -> io.NodeOutput:
         from dreamidv_core.preprocess.pose.mediapipe_face import FaceLandmarker
 
-        frames = rgb_frames(frames, "frames")
-        hook = common.progress_hook(frames.shape[0], "pose")
+        clip = clip_of(frames, "frames")
+        hook = common.progress_hook(clip.count, "pose")
         path = common.resolve_model_file("mediapipe", mediapipe_model, MEDIAPIPE_FILE)
-        with FaceLandmarker(str(path)) as landmarker:
-            res = core.adapt_expression(frames, landmarker, identity_image.detach().cpu(),
+        with FaceLandmarker(str(path)) as landmarker, clip.open() as seq:
+            res = core.adapt_expression(seq, landmarker, identity_image.detach().cpu(),
                                         progress=hook, cancel=common.cancel_hook())
         return io.NodeOutput(torch.from_numpy(res.pose), torch.from_numpy(res.mask), res.keypoints, res.info)
 

@@ -2,7 +2,9 @@
 first one's output. Pass 1 swaps person 0 (the leftmost when people first appear) for photo A; pass 2 takes
 pass 1's frames and swaps person 1 for photo B. Each pass's SAM 2 composite keeps everything outside the
 pass's target head, so pass 2 leaves pass 1's new face as it is. One face-crop switch drives all four
-nodes that have it (off: whole frame, as released). Built from the live ``/object_info`` like
+nodes that have it (off: whole frame, as released). Both passes stream (VIDEO in, VIDEO out, pose and mask
+drawn on demand): pass 2 reads pass 1's composited VIDEO, and Save Video writes pass 2's with the source's
+frame rate and sound. Built from the live ``/object_info`` like
 tests/build_workflow.py; re-run after a node's inputs change::
 
     .venv/bin/python -m tests.build_two_people_workflow      # starts a throw-away ComfyUI ($COMFYUI_DIR)
@@ -44,7 +46,6 @@ def _pass(first: int, y: int, person: int, photo_title: str) -> dict:
 PASS_2_Y = 760
 NODES = {
     1: ("LoadVideo", [0, 0], [300, 360], "Source video (two people)", {"file": "source.mp4"}),
-    2: ("GetVideoComponents", [340, 0], [240, 70], None, {}),
     3: ("LoadImage", [0, 420], [300, 340], "Photo A: new face for person 0 (leftmost)", {"image": "reference.png"}),
     4: ("LoadImage", [0, 800], [300, 340], "Photo B: new face for person 1", {"image": "reference.png"}),
     5: ("DreamIDVModelLoader", [0, 1260], [330, 160], None, {"model_name": "dreamidv.safetensors"}),
@@ -53,8 +54,7 @@ NODES = {
         {"text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "precomputed_context": "none"}),
     **_pass(8, 0, 0, "photo A"),
     **_pass(13, PASS_2_Y, 1, "photo B"),
-    18: ("CreateVideo", [2100, PASS_2_Y], [270, 80], None, {}),
-    19: ("SaveVideo", [2100, PASS_2_Y + 140], [420, 460], None, {"filename_prefix": "video/DreamID-V_two_people"}),
+    19: ("SaveVideo", [2100, PASS_2_Y], [420, 460], None, {"filename_prefix": "video/DreamID-V_two_people"}),
     20: ("PrimitiveBoolean", [340, 130], [260, 60], "Face crop (off: whole frame, as released)", {"value": False}),
     21: ("PrimitiveFloat", [340, 220], [260, 60], "Crop margin (face sizes around the face)", {"value": 1.0}),
 }
@@ -66,25 +66,21 @@ def _pass_links(first: int, frames, photo: int) -> list:
     pose, guider, ident, sampler, comp = range(first, first + 5)
     return [
         (*frames, pose, "frames"), (photo, "IMAGE", pose, "reference"),
-        (pose, "pose", guider, "pose_video"), (5, "model", guider, "model"), (pose, "mask", guider, "mask"),
+        (pose, "pose_mask", guider, "pose_video"), (5, "model", guider, "model"), (pose, "pose_mask", guider, "mask"),
         (photo, "IMAGE", ident, "reference"), (*frames, ident, "video"), (6, "VAE", ident, "vae"),
         (5, "model", sampler, "model"), (6, "VAE", sampler, "vae"), (7, "positive", sampler, "positive"),
-        (ident, "identity", sampler, "identity"), (*frames, sampler, "video"), (pose, "mask", sampler, "mask"),
+        (ident, "identity", sampler, "identity"), (*frames, sampler, "video"), (pose, "pose_mask", sampler, "mask"),
         (guider, "pose_tokens", sampler, "pose_tokens"),
-        (*frames, comp, "frames"), (sampler, "frames_in_source", comp, "generated"), (pose, "mask", comp, "face_mask"),
+        (*frames, comp, "frames"), (sampler, "video", comp, "generated"), (pose, "pose_mask", comp, "face_mask"),
         (20, "BOOLEAN", guider, "face_crop"), (20, "BOOLEAN", sampler, "face_crop"),
         (21, "FLOAT", guider, "crop_margin"), (21, "FLOAT", sampler, "crop_margin"),
     ]
 
 
 LINKS = [
-    (1, "VIDEO", 2, "video"),
-    *_pass_links(8, (2, "images"), 3),
-    *_pass_links(13, (12, "frames"), 4),  # pass 2 swaps pass 1's output
-    (17, "frames", 18, "images"),
-    (2, "audio", 18, "audio"),
-    (2, "fps", 18, "fps"),
-    (18, "VIDEO", 19, "video"),
+    *_pass_links(8, (1, "VIDEO"), 3),
+    *_pass_links(13, (12, "video"), 4),  # pass 2 swaps pass 1's output
+    (17, "video", 19, "video"),
 ]
 
 GROUPS = [

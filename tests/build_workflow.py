@@ -32,54 +32,51 @@ W, H, STEPS, SHIFT, GUIDANCE = 832, 480, 20, 5.0, 4.0
 
 # id: (type, [x, y], [w, h], title, {widget: value})
 WORKFLOW_ID = "5f0d9e2c-6d1b-4f7e-9a51-d7e1d2a0c0a1"
+# The streaming path: core Load Video -> the pack's nodes (VIDEO in, read a piece at a time; pose and mask
+# carried as keypoints and drawn on demand) -> core Save Video (the composite's VIDEO: the source's frame rate
+# and sound, never a whole-clip IMAGE in memory).
 NODES = {
     1: ("LoadVideo", [0, 0], [300, 360], "Source video", {"file": "source.mp4"}),
-    2: ("GetVideoComponents", [340, 0], [240, 70], None, {}),
     3: ("LoadImage", [0, 420], [300, 340], "Reference face photo", {"image": "reference.png"}),
-    4: ("DreamIDVModelLoader", [640, 420], [330, 130], None, {"model_name": "dreamidv.safetensors"}),
-    5: ("VAELoader", [640, 590], [330, 60], None, {"vae_name": "wan_2.1_vae.safetensors"}),
-    6: ("DreamIDVTextContext", [640, 690], [330, 110], None, {"text_encoder": "auto", "precomputed_context": "none"}),
-    7: ("DreamIDVPoseExtract", [640, 0], [330, 200], None,
+    4: ("DreamIDVModelLoader", [340, 470], [330, 130], None, {"model_name": "dreamidv.safetensors"}),
+    5: ("VAELoader", [340, 640], [330, 60], None, {"vae_name": "wan_2.1_vae.safetensors"}),
+    6: ("DreamIDVTextContext", [340, 740], [330, 110], None, {"text_encoder": "auto", "precomputed_context": "none"}),
+    7: ("DreamIDVPoseExtract", [340, 0], [330, 350], None,
         {"source": "mediapipe", "mediapipe_model": "face_landmarker_v2_with_blendshapes.task",
          "detector_model": "yolox_l.onnx", "pose_model": "dw-ll_ucoco_384.onnx"}),
-    8: ("DreamIDVPoseGuider", [1010, 0], [300, 130], None, {"width": W, "height": H}),
-    9: ("DreamIDVIdentityEncoder", [1010, 420], [320, 290], None, {"width": W, "height": H}),
-    10: ("DreamIDVSampler", [1370, 0], [320, 340], None,
+    8: ("DreamIDVPoseGuider", [710, 0], [300, 330], None, {"width": W, "height": H}),
+    9: ("DreamIDVIdentityEncoder", [710, 470], [320, 300], None, {"width": W, "height": H}),
+    10: ("DreamIDVSampler", [1090, 0], [320, 600], None,
          {"width": W, "height": H, "steps": STEPS, "shift": SHIFT, "identity_guidance": GUIDANCE, "seed": 0}),
-    11: ("DreamIDVBackgroundComposite", [1730, 0], [330, 230], None,
+    11: ("DreamIDVBackgroundComposite", [1450, 0], [330, 300], None,
          {"sam2_checkpoint": "sam2.1_hiera_tiny.pt", "sam2_config": "auto"}),
-    12: ("CreateVideo", [2130, 0], [270, 80], None, {}),
-    13: ("SaveVideo", [2130, 140], [420, 460], None, {"filename_prefix": "video/DreamID-V"}),
-    14: ("PrimitiveBoolean", [1730, 390], [330, 60], "Face crop (off: whole frame, as released)", {"value": False}),
-    15: ("PrimitiveFloat", [1730, 480], [330, 60], "Crop margin (face sizes around the face)", {"value": 1.0}),
+    13: ("SaveVideo", [1850, 0], [420, 460], None, {"filename_prefix": "video/DreamID-V"}),
+    14: ("PrimitiveBoolean", [1450, 400], [330, 60], "Face crop (off: whole frame, as released)", {"value": False}),
+    15: ("PrimitiveFloat", [1450, 490], [330, 60], "Crop margin (face sizes around the face)", {"value": 1.0}),
 }
 CONTROL = {10: "fixed"}  # control_after_generate value of seed widgets
 
 # (from node, output name, to node, input name); output/input names as in /object_info
 LINKS = [
-    (1, "VIDEO", 2, "video"),
-    (2, "images", 7, "frames"),
+    (1, "VIDEO", 7, "frames"),
     (3, "IMAGE", 7, "reference"),
-    (7, "pose", 8, "pose_video"),
+    (7, "pose_mask", 8, "pose_video"),
     (4, "model", 8, "model"),
     (3, "IMAGE", 9, "reference"),
-    (2, "images", 9, "video"),
+    (1, "VIDEO", 9, "video"),
     (5, "VAE", 9, "vae"),
     (4, "model", 10, "model"),
     (5, "VAE", 10, "vae"),
     (6, "positive", 10, "positive"),
     (9, "identity", 10, "identity"),
-    (2, "images", 10, "video"),
-    (7, "mask", 10, "mask"),
+    (1, "VIDEO", 10, "video"),
+    (7, "pose_mask", 10, "mask"),
     (8, "pose_tokens", 10, "pose_tokens"),
-    (2, "images", 11, "frames"),
-    (10, "frames_in_source", 11, "generated"),
-    (7, "mask", 11, "face_mask"),
-    (11, "frames", 12, "images"),
-    (2, "audio", 12, "audio"),
-    (2, "fps", 12, "fps"),
-    (12, "VIDEO", 13, "video"),
-    (7, "mask", 8, "mask"),
+    (1, "VIDEO", 11, "frames"),
+    (10, "video", 11, "generated"),
+    (7, "pose_mask", 11, "face_mask"),
+    (11, "video", 13, "video"),
+    (7, "pose_mask", 8, "mask"),
     (14, "BOOLEAN", 8, "face_crop"),
     (14, "BOOLEAN", 10, "face_crop"),
     (15, "FLOAT", 8, "crop_margin"),
@@ -87,12 +84,13 @@ LINKS = [
 ]
 
 GROUPS = [
-    ("Inputs: source video and reference face", [-20, -90, 620, 870], "#3f789e"),
-    ("Models", [620, 330, 370, 490], "#88A"),
-    ("Pose, sampling, background", [620, -90, 1460, 410], "#b06634"),
-    ("Identity", [990, 330, 360, 400], "#b58b2a"),
-    ("Output: source fps and audio", [2110, -90, 460, 710], "#a1309b"),
-    ("Face crop: small faces in large frames", [1710, 340, 370, 220], "#3f8f6e"),
+    ("Source video, face photo", [-20, -90, 340, 870], "#3f789e"),
+    ("Pose and face mask (drawn on demand)", [320, -90, 720, 470], "#b06634"),
+    ("Models", [320, 400, 370, 470], "#88A"),
+    ("Identity", [690, 400, 360, 400], "#b58b2a"),
+    ("Sampling and background (streamed: flat memory for any clip length)", [1070, -90, 730, 720], "#b06634"),
+    ("Face crop: small faces in large frames", [1430, 330, 370, 230], "#3f8f6e"),
+    ("Output: source fps and audio", [1830, -90, 460, 570], "#a1309b"),
 ]
 
 NODES_DEFAULT, LINKS_DEFAULT, GROUPS_DEFAULT, CONTROL_DEFAULT = NODES, LINKS, GROUPS, CONTROL

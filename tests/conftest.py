@@ -63,7 +63,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def comfy(comfyui_dir):
+def comfy(comfyui_dir, tmp_path_factory):
     """ComfyUI's own modules importable in this process (CPU), for node unit tests.
 
     ComfyUI's folder goes first on sys.path so that its top-level ``nodes`` module wins over this
@@ -80,7 +80,9 @@ def comfy(comfyui_dir):
 
     comfy.cli_args.args.cpu = True  # no GPU here; must be set before comfy.model_management is imported
     import comfy.model_management  # noqa: F401
-    import folder_paths  # noqa: F401
+    import folder_paths
+
+    folder_paths.set_temp_directory(str(tmp_path_factory.mktemp("comfy_temp")))  # never inside the ComfyUI folder
     return comfyui_dir
 
 

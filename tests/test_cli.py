@@ -381,3 +381,43 @@ def test_cli_reference_with_two_faces_retargets_onto_the_chosen_one(tmp_path, mo
             if a not in (str(tmp_path / "mask.mp4"), str(tmp_path / "pose.mp4"), "--mask", "--pose")]
     assert main(args) == 0, capsys.readouterr().err
     assert seen["reference"].tag == "small" and "using face 1 (--reference-face)" in capsys.readouterr().out
+
+
+def test_cli_swap_keeps_the_sound_and_the_exact_rate_and_takes_a_frame_range(tmp_path, models_dir, capsys):
+    import av
+
+    from tests.test_video_stream import NTSC, make_clip
+
+    make_clip(tmp_path / "video.mp4", frames=16, size=(64, 48))  # 30000/1001 fps, AAC stereo
+    mask = np.zeros((16, 48, 64, 3), np.uint8)
+    mask[:, 10:40, 20:50] = 255
+    write_video(tmp_path / "mask.mp4", mask, fps=NTSC)
+    write_video(tmp_path / "pose.mp4", np.zeros_like(mask), fps=NTSC)
+    from PIL import Image
+    Image.fromarray(np.full((40, 30, 3), 128, np.uint8)).save(tmp_path / "face.png")
+    torch.save([torch.randn(3, 4096)], tmp_path / "context.pth")
+    common = ["swap", "--video", str(tmp_path / "video.mp4"), "--mask", str(tmp_path / "mask.mp4"), "--pose",
+              str(tmp_path / "pose.mp4"), "--reference", str(tmp_path / "face.png"), "--context",
+              str(tmp_path / "context.pth"), "--models-dir", str(models_dir), "--size", "64*48", "--steps", "1",
+              "--weight-dtype", "fp32", "--device", "cpu"]
+
+    def streams(path):
+        with av.open(str(path)) as c:
+            v = c.streams.video[0]
+            a = c.streams.audio[0] if c.streams.audio else None
+            return v.average_rate, v.frames, None if a is None else float(a.duration * a.time_base)
+
+    assert main(common + ["--out", str(tmp_path / "all.mp4")]) == 0, capsys.readouterr().err
+    rate, frames, sound = streams(tmp_path / "all.mp4")
+    assert rate == NTSC and frames == 16 and sound == pytest.approx(float(16 / NTSC), abs=0.03)
+    assert main(common + ["--out", str(tmp_path / "range.mp4"), "--start-frame", "2", "--every-nth", "2",
+                          "--frame-num", "5"]) == 0, capsys.readouterr().err
+    rate, frames, sound = streams(tmp_path / "range.mp4")
+    assert rate == NTSC / 2 and frames == 5 and sound == pytest.approx(float(10 / NTSC), abs=0.03)
+    assert main(common + ["--out", str(tmp_path / "crop.mp4"), "--face-crop", "--start-frame", "2", "--every-nth",
+                          "2", "--frame-num", "5"]) == 0, capsys.readouterr().err  # face crop streams the range too
+    assert streams(tmp_path / "crop.mp4") == (rate, 5, sound)
+    assert main(common + ["--out", str(tmp_path / "mute.mp4"), "--no-audio"]) == 0
+    assert streams(tmp_path / "mute.mp4")[2] is None
+    assert main(common + ["--out", str(tmp_path / "short.mp4"), "--start-frame", "12"]) == 2
+    assert "at least 5" in capsys.readouterr().err and not (tmp_path / "short.mp4").exists()

@@ -4,12 +4,14 @@ from __future__ import annotations
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 from dreamidv_core.preprocess import composite as C
 from dreamidv_core.preprocess import segmentation as S
 from dreamidv_core.errors import CheckpointError, InputError
+from tests.test_video_stream import NTSC, make_clip
 
 TINY = "configs/sam2.1/sam2.1_hiera_t.yaml"
 
@@ -48,6 +50,25 @@ def test_dilate_reach():
         k = math.ceil(r / 2)
         assert d[0, 20 + k, 20 + k] == 1 and d[0, 20 - k, 20 - k] == 1  # diagonal reach ceil(r/2)
         assert d[0, 20 + r, 20 + r] == (1 if r == 1 else 0)  # a rounded shape, not a square
+
+
+def test_fast_paths_are_exact():
+    """OpenCV dilation of bool masks equals max pooling, and the blend mask made on the box around the region
+    equals the one made on the whole frame (edges of the frame included)."""
+    g = torch.Generator().manual_seed(3)
+    for r in (1, 2, 5, 8):
+        m = torch.rand(3, 50, 70, generator=g) > 0.97
+        m[:, 0, 0] = m[:, -1, 30] = True
+        assert torch.equal(C.dilate(m, r), C.dilate(m.float(), r)), r
+    face = torch.zeros(2, 60, 80)
+    face[0, 20:30, 30:45] = 1
+    face[1, 0:8, 70:80] = 1  # touches the frame's edge
+    head = torch.zeros(2, 60, 80, dtype=torch.bool)
+    head[:, 15:35, 25:50] = True
+    for dil, fea in ((0, 0), (3, 0), (2, 7), (8, 16)):
+        region = (face >= 0.5) | head
+        whole = C.feather(C.dilate(region.float(), dil), fea)
+        assert torch.equal(C.blend_mask(face, head, dil, fea), whole), (dil, fea)
 
 
 def test_feather_edge_profile():
@@ -221,7 +242,7 @@ def test_node_schema(pack, sam2_folder):
     node = pack.nodes.composite.BackgroundComposite
     schema = node.define_schema()
     schema.validate()  # what ComfyUI checks when it registers the node (unique ids, ...)
-    assert list(node.RETURN_TYPES) == ["IMAGE", "MASK"] and "frames" in node.INPUT_TYPES()["required"]
+    assert list(node.RETURN_TYPES) == ["IMAGE", "MASK", "VIDEO"] and "frames" in node.INPUT_TYPES()["required"]
     assert schema.node_id == "DreamIDVBackgroundComposite" and schema.category == "DreamID-V"
     assert all(i.tooltip for i in schema.inputs)
     inputs = {i.id: i for i in schema.inputs}
@@ -235,8 +256,9 @@ def test_node_execute(pack, sam2_folder):
     frames, gen, face = _clip(n=3, h=40, w=56, box=(8, 30, 16, 40))
     res = node.execute(frames, gen, face, "sam2.1_hiera_tiny.pt", "tiny128.yaml", prompt_frames=2,
                        mask_dilation=2, feather=4, device="cpu")
-    out, mask = res.result
+    out, mask, video = res.result
     assert out.shape == (3, 40, 56, 3) and mask.shape == (3, 40, 56)
+    assert torch.equal(video.get_components().images, (out * 255).round() / 255)  # the VIDEO: the same frames
     assert torch.equal(out[:, 8:30, 16:40], gen[:, 8:30, 16:40])
     assert torch.all(mask[face >= 0.5] == 1) and float(mask.min()) >= 0 and float(mask.max()) <= 1
     off = mask == 0
@@ -249,7 +271,7 @@ def test_node_without_sam2_composites_inside_the_face_mask(pack):
 
     node = pack.nodes.composite.BackgroundComposite
     frames, gen, face = _clip(n=3, h=40, w=56, box=(8, 30, 16, 40))
-    out, mask = node.execute(frames, gen, face, "none", mask_dilation=2, feather=4, device="cpu").result
+    out, mask, video = node.execute(frames, gen, face, "none", mask_dilation=2, feather=4, device="cpu").result
     ref_out, ref_mask = C.composite_video(frames, gen, face, None, 2, 4)
     assert torch.equal(out, ref_out) and torch.equal(mask, ref_mask)
     assert torch.equal(out[:, 8:30, 16:40], gen[:, 8:30, 16:40]) and torch.equal(out[mask == 0], frames[mask == 0])
@@ -274,7 +296,33 @@ def test_node_takes_the_samplers_even_sized_frames_of_an_odd_source(pack, sam2_f
     composite takes them with the odd source frames and mask and returns 54x38 frames Save Video accepts."""
     node = pack.nodes.composite.BackgroundComposite
     frames, gen, face = _clip(n=3, h=39, w=55, box=(8, 30, 16, 40))
-    out, mask = node.execute(frames, gen[:, :38, :54], face, "sam2.1_hiera_tiny.pt", "tiny128.yaml",
+    out, mask, _ = node.execute(frames, gen[:, :38, :54], face, "sam2.1_hiera_tiny.pt", "tiny128.yaml",
                              prompt_frames=1, device="cpu").result
     assert out.shape == (3, 38, 54, 3) and mask.shape == (3, 38, 54)
     assert pack.nodes.composite.BackgroundComposite.define_schema().display_name == "DreamID-V SAM2 Background Composite"
+
+
+def test_node_streams_a_video_and_equals_the_image_path(pack, sam2_folder, tmp_path):
+    """VIDEO frames + a pose track (drawn on demand) composite exactly as the IMAGE frames + MASK do, and
+    the VIDEO output keeps the source's 30000/1001 frame rate and its sound."""
+    import av
+    from comfy_api.latest import InputImpl
+    from dreamidv_core.preprocess.pose.extract import PoseTrack
+
+    node = pack.nodes.composite.BackgroundComposite
+    src = InputImpl.VideoFromFile(str(make_clip(tmp_path / "c.mp4", frames=6, size=(56, 40))))
+    images = src.get_components().images
+    pts = [[np.array([[16.0 + i, 8], [40, 8], [40, 30], [16, 30]] + [[20, 12]] * 474)] for i in range(6)]
+    track = PoseTrack("face", [p[0] for p in pts], 40, 56)
+    gen = torch.rand(5, 40, 56, 3)
+    args = dict(sam2_checkpoint="sam2.1_hiera_tiny.pt", sam2_config="tiny128.yaml", prompt_frames=2,
+                mask_dilation=2, feather=4, device="cpu")
+    streamed = node.execute(src, gen, track, **args).result
+    mask = torch.from_numpy(np.stack([track.mask_frame(i) for i in range(6)]) > 0).float()
+    image_path = node.execute(images, gen, mask, **args).result
+    assert torch.equal(streamed[0], image_path[0]) and torch.equal(streamed[1], image_path[1])
+    video = streamed[2]
+    assert video.get_frame_rate() == NTSC and video.get_frame_count() == 5
+    with av.open(video.get_stream_source()) as c:  # encoded while the node ran
+        assert c.streams.video[0].average_rate == NTSC and c.streams.video[0].frames == 5 and c.streams.audio
+    assert torch.equal(video.get_components().images, (streamed[0] * 255).round() / 255)

@@ -221,7 +221,7 @@ def run(pack, model, vae, pose=None, video=None, mask=None, ident=None, cond=Non
                 batch_guidance=False)
     args.update(kw)
     return pack.nodes.sampler.DreamIDVSampler.execute(model, vae, cond or conditioning(), ident or identity(), video,
-                                                      mask, pose_tokens=pose, **args).result
+                                                      mask, pose_tokens=pose, **args).result[:3]  # the IMAGE outputs
 
 
 def pose_for(pack, model, video=None, **kw):

@@ -130,6 +130,27 @@ def test_swap_batch_reports_a_bad_clip_goes_on_and_a_rerun_retries_only_it(tmp_p
     assert "v0.mp4 would be one of its clip's input files" in capsys.readouterr().err  # never written over
 
 
+def test_swap_batch_keeps_the_sound_and_exact_rate_and_refuses_a_frame_range(tmp_path, cli_models, capsys,
+                                                                             one_thread):
+    import av
+
+    from dreamidv_core.cli import main
+    from tests.test_video_stream import NTSC, make_clip
+
+    make_clip(tmp_path / "v.mp4", frames=9, size=(48, 32))  # 30000/1001 fps, AAC stereo
+    small_video(tmp_path / "m.mp4", frames=9, seed=3)
+    image(tmp_path / "f.png")
+    (tmp_path / "jobs.csv").write_text("video,reference,mask,pose,name\nv.mp4,f.png,m.mp4,m.mp4,c\n")
+    args = ["swap-batch", "--inputs", str(tmp_path / "jobs.csv"), "--out-dir", str(tmp_path / "out"), *cli_models]
+    assert main(args) == 0, capsys.readouterr().err
+    with av.open(str(tmp_path / "out" / "c.mp4")) as c:
+        v, a = c.streams.video[0], c.streams.audio[0]
+        assert v.average_rate == NTSC and v.frames == 9
+        assert float(a.duration * a.time_base) == pytest.approx(float(9 / NTSC), abs=0.03)
+    assert main(args[:4] + [str(tmp_path / "out2"), *cli_models, "--every-nth", "2"]) == 2
+    assert "--every-nth are not available with several processes or swap-batch" in capsys.readouterr().err
+
+
 def test_swap_with_a_parallel_layout_outside_torchrun_says_how_to_start_it(tmp_path, cli_models, capsys):
     from dreamidv_core.cli import main
 

@@ -263,17 +263,19 @@ def test_node_schema_and_execute(pack, tmp_path):
     schema = mod.DreamIDVPoseExtract.define_schema()
     assert schema.node_id == "DreamIDVPoseExtract" and all(i.tooltip for i in schema.inputs)
     schema.validate()  # ComfyUI's own check (unique ids etc.)
-    assert [o.display_name for o in schema.outputs] == ["pose", "mask", "keypoints", "info"]
+    assert [o.display_name for o in schema.outputs] == ["pose", "mask", "keypoints", "info", "pose_mask"]
     det, pose, _, _ = _dwpose_files(tmp_path)
     folder_paths.add_model_folder_path("dwpose", str(tmp_path))
     frames = torch.rand(2, 32, 48, 3)
     out = mod.DreamIDVPoseExtract.execute(frames, "dwpose", detector_model="yolox_l.onnx",
                                           pose_model="dw-ll_ucoco_384.onnx", provider="CPU")
-    img, mask, kps, info = out.result
+    img, mask, kps, info, track = out.result
     assert img.shape == (2, 32, 48, 3) and mask.shape == (2, 32, 48) and img.dtype == torch.float32
+    assert np.array_equal(track.mask[0:2] > 0, mask.numpy() > 0)  # drawn on demand = the MASK output
+    assert np.array_equal(track.pose[0:2], (img * 255).round().byte().numpy())
     assert len(kps) == 2 and "DWPose" in info and mask.max() == 1
     data = [_frame([0.0] * 54, _square_face(0.2, 0.2, 0.4))] * 2
-    img2, mask2, _, info2 = mod.DreamIDVPoseExtract.execute(frames, "keypoints", keypoints=data).result
+    img2, mask2, _, info2, _ = mod.DreamIDVPoseExtract.execute(frames, "keypoints", keypoints=data).result
     assert mask2[0].any() and "normalised" in info2
     with pytest.raises(CheckpointError, match="'mediapipe' model folder"):
         mod.DreamIDVPoseExtract.execute(frames, "mediapipe", mediapipe_model="missing.task")

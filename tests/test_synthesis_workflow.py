@@ -46,10 +46,10 @@ WF_NODES = {
     7: ("DreamIDVTextContext", [0, 1650], [330, 110], None, {"text_encoder": "auto", "precomputed_context": "none"}),
     8: ("DreamIDVPoseExtract", [640, 0], [330, 200], "Face mask of V_r",
         {"source": "mediapipe", "mediapipe_model": "face_landmarker_v2_with_blendshapes.task"}),
-    9: ("DreamIDVExpressionAdaptation", [640, 260], [330, 130], None,
+    9: ("DreamIDVExpressionAdaptation", [640, 410], [330, 130], None,
         {"mediapipe_model": "face_landmarker_v2_with_blendshapes.task"}),
     10: ("DreamIDVFirstLastFrames", [1010, 0], [300, 190], None, {}),
-    11: ("DreamIDVIdentityEncoder", [640, 440], [320, 290], "ArcFace ID of I_g", {"width": 832, "height": 480}),
+    11: ("DreamIDVIdentityEncoder", [1010, 250], [300, 300], "ArcFace ID of I_g", {"width": 832, "height": 480}),
     12: ("DreamIDVImageFaceSwap", [1350, 0], [320, 400], "Swap the first frame to I_g",
          {"width": 832, "height": 480, "steps": STEPS}),
     13: ("DreamIDVImageFaceSwap", [1350, 440], [320, 400], "Swap the last frame to I_g",
@@ -72,14 +72,14 @@ WF_CONTROL = {12: "fixed", 13: "fixed", 15: "fixed"}
 # (from node, output name, to node, input name)
 WF_LINKS = [
     (1, "VIDEO", 2, "video"),
-    (2, "images", 8, "frames"),
-    (2, "images", 9, "frames"),
+    (1, "VIDEO", 8, "frames"),  # the nodes that read the clip take the VIDEO (streamed); Get Video Components
+    (1, "VIDEO", 9, "frames"),  # feeds only the background recomposition and the writer, which hold the clip
     (3, "IMAGE", 9, "identity_image"),
-    (2, "images", 10, "frames"),
+    (1, "VIDEO", 10, "frames"),
     (8, "mask", 10, "mask"),
     (9, "pose", 10, "pose"),
     (3, "IMAGE", 11, "reference"),
-    (2, "images", 11, "video"),
+    (1, "VIDEO", 11, "video"),
     (6, "VAE", 11, "vae"),
     (10, "first", 12, "image"),
     (10, "first_mask", 12, "mask"),

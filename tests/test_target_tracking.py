@@ -279,18 +279,21 @@ def test_pose_node_target_inputs(pack):
     mod = pack.nodes.pose
     schema = mod.DreamIDVPoseExtract.define_schema()
     names = [i.id for i in schema.inputs]
-    assert names[-7:] == ["target", "target_index", "target_photo", "min_similarity", "bridge_frames",
-                          "insightface_pack", "small_faces"]
+    assert names[-10:-3] == ["target", "target_index", "target_photo", "min_similarity", "bridge_frames",
+                             "insightface_pack", "small_faces"]
+    assert names[-3:] == ["start_frame", "frame_num", "select_every_nth"]  # the frame range, appended after
     scene = sp.scenario("occlusion", count=24)  # short: DWPose-style drawing is on a 1024-pixel canvas
     frames = torch.from_numpy(scene.frames).float() / 255
     node = mod.DreamIDVPoseExtract.execute
-    pose, mask, kps, info = node(frames, "keypoints", keypoints=scene.keypoints, insightface_pack="none").result
+    pose, mask, kps, info, track = node(frames, "keypoints", keypoints=scene.keypoints,
+                                        insightface_pack="none").result
     acc = sp.mask_accuracy(scene, mask.numpy(), "B")
     assert acc["on_target"] == acc["visible"] == 24 and acc["wrong"] == 0
+    assert torch.equal(torch.from_numpy(track.mask[0:24] > 0), mask > 0)  # drawn on demand: the same target mask
     # B, seen in every frame, is the largest face over the clip (A's face is larger, but hidden for 8 frames)
     assert "target: person 1 (largest face over the clip)" in info and "ArcFace: off" in info
-    _, mask0, _, info0 = node(frames, "keypoints", keypoints=scene.keypoints, target="index", target_index=0,
-                              insightface_pack="none").result
+    _, mask0, _, info0, _ = node(frames, "keypoints", keypoints=scene.keypoints, target="index", target_index=0,
+                                 insightface_pack="none").result
     assert "target: person 0 (index 0)" in info0 and "target absent in 8 frames" in info0
     assert not mask0[15:23].any() and mask0[14].any() and mask0[23].any()
     with pytest.raises(InputError, match="target_index 5 is out of range"):

@@ -27,14 +27,15 @@ WORKFLOW = PACK_DIR / "workflows" / "dreamidv_swap.json"
 PACK_NODES = ("DreamIDVModelLoader", "DreamIDVTextContext", "DreamIDVPoseGuider", "DreamIDVSampler",
               "DreamIDVPoseExtract", "DreamIDVIdentityEncoder", "DreamIDVBackgroundComposite")
 FPS, FRAMES, W, H = 12, 9, 64, 48
+NTSC = Fraction(30000, 1001)  # an odd frame rate, kept exactly from the source to the saved video
 LONG_FRAMES = 19  # with window 9 / overlap 4: 3 windows over 21 padded frames
 SAMPLE_RATE = 16000
 
 
 # ----------------------------------------------------------------------------------- test inputs
-def write_clip(path: Path, frames: np.ndarray, fps: int = FPS, audio: bool = True) -> Path:
+def write_clip(path: Path, frames: np.ndarray, fps=FPS, audio: bool = True) -> Path:
     """uint8 [F, H, W, 3] -> H.264 mp4 (+ an AAC 440 Hz tone as long as the video) with PyAV (4:4:4 for an odd
-    width or height, which 4:2:0 cannot hold)."""
+    width or height, which 4:2:0 cannot hold); ``fps`` an int or a Fraction (30000/1001)."""
     import av
 
     with av.open(str(path), "w") as out:
@@ -165,6 +166,12 @@ def server(comfyui_dir, tmp_path_factory):
     write_clip(s.input_dir / "short.mp4", face_frames(4))
     write_clip(s.input_dir / "long.mp4", face_frames(LONG_FRAMES))
     write_clip(s.input_dir / "odd.mp4", face_frames(size=(H - 1, W - 1)))  # 63x47: valid, but odd
+    write_clip(s.input_dir / "ntsc.mp4", face_frames(), fps=NTSC)
+    from dreamidv_core.io.video import remux_video
+
+    remux_video(s.input_dir / "long.mp4", s.input_dir / "truncated.mp4")  # index first, then cut mid-clip
+    data = (s.input_dir / "truncated.mp4").read_bytes()
+    (s.input_dir / "truncated.mp4").write_bytes(data[: len(data) // 2])
     from tests.onnx_models import paint_face
 
     ref = np.full((96, 128, 3), 90, np.uint8)  # fits the 128 detection size at scale 1
@@ -312,9 +319,10 @@ def test_bundled_workflow_matches_node_schemas(server):
     assert have["version"] == 0.4
 
 
-@pytest.mark.parametrize("video, count, window", [("clip.mp4", FRAMES, None), ("long.mp4", LONG_FRAMES, (9, 4))],
-                         ids=["one_window", "three_windows"])
-def test_bundled_workflow_runs_and_keeps_fps_and_audio(server, video, count, window):
+@pytest.mark.parametrize("video, count, window, rate", [("ntsc.mp4", FRAMES, None, NTSC),
+                                                        ("long.mp4", LONG_FRAMES, (9, 4), Fraction(FPS))],
+                         ids=["one_window_30000/1001", "three_windows"])
+def test_bundled_workflow_runs_and_keeps_fps_and_audio(server, video, count, window, rate):
     import av
 
     prefix = f"dreamidv_test/run_{count}"
@@ -327,12 +335,13 @@ def test_bundled_workflow_runs_and_keeps_fps_and_audio(server, video, count, win
         v = c.streams.video[0]
         frames = [f for f in c.decode(video=0)]
         assert len(frames) == count
-        assert abs(float(v.average_rate) - FPS) < 0.01, v.average_rate
+        assert v.average_rate == rate, v.average_rate  # exactly: 30000/1001 is not rounded to 2997/100
         assert (frames[0].width, frames[0].height) == (W, H)
         assert c.streams.audio, "the swapped video has no audio track"
         c.seek(0)
         audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
-        assert audio.size > 0.5 * SAMPLE_RATE * count / FPS and np.abs(audio).max() > 0.1
+        seconds = float(count / rate)
+        assert abs(audio.size - SAMPLE_RATE * seconds) < 0.1 * SAMPLE_RATE and np.abs(audio).max() > 0.1
     print(f"[workflow] swap of {count} frames {W}x{H} through /prompt: {run_s:.1f} s")
 
 
@@ -404,6 +413,7 @@ def test_interrupt_during_sampling_then_next_prompt_runs(server):
     ("reference_without_face", {"reference": "noface.png"}, ("face", "reference")),
     ("video_without_face", {"video": "noface.mp4", "pose_model": "dw_noface.onnx"}, ("face",)),
     ("fewer_than_5_frames", {"video": "short.mp4"}, ("5", "frame")),
+    ("truncated_video", {"video": "truncated.mp4"}, ("truncated.mp4", "truncated")),
 ])
 def test_bad_input_fails_with_clear_error_and_no_output(server, case, changes, words):
     prefix = f"dreamidv_test/bad_{case}"
@@ -419,6 +429,17 @@ def test_bad_input_fails_with_clear_error_and_no_output(server, case, changes, w
     assert execution_error(err.value.entry) is not None
 
 
+def test_connecting_an_unused_image_output_later_runs_the_node_again(server):
+    """The streaming workflow leaves the sampler's IMAGE outputs unconnected, so the sampler does not make them;
+    connecting one afterwards must run the sampler again (not reuse its cached result without the frames)."""
+    prompt = swap_prompt(server, video="ntsc.mp4", prefix="dreamidv_test/cached")
+    server.run(prompt, timeout=180)
+    sampler = next(k for k, n in prompt.items() if n["class_type"] == "DreamIDVSampler")
+    prompt["900"] = {"class_type": "PreviewImage", "inputs": {"images": [sampler, 0]}}
+    prompt = {k: v for k, v in prompt.items() if v["class_type"] != "SaveVideo"}  # nothing else to do
+    entry = server.run(prompt, timeout=180)
+    previews = entry["outputs"]["900"]["images"]
+    assert len(previews) == FRAMES, entry["outputs"]
 # ----------------------------------------------------------------------------------- who and where
 TWO_PEOPLE = PACK_DIR / "workflows" / "dreamidv_swap_two_people.json"
 
@@ -457,7 +478,7 @@ def test_two_people_workflow_swaps_both_in_two_passes(server):
     changes["17"] = changes["12"]
     for nid, values in changes.items():
         api[nid]["inputs"].update(values)
-    assert api["13"]["inputs"]["target_index"] == 1 and api["13"]["inputs"]["frames"] == ["12", 0]
+    assert api["13"]["inputs"]["target_index"] == 1 and api["13"]["inputs"]["frames"] == ["12", 2]
     entry = server.run(api, timeout=300)
     files = saved_videos(entry, server)
     assert len(files) == 1
@@ -478,4 +499,4 @@ def test_swap_workflow_has_one_face_crop_switch_off_by_default(server):
         assert node["inputs"]["face_crop"] == [switch[0], 0] and node["inputs"]["crop_margin"] == [margin[0], 0]
     guider = next(n for n in api.values() if n["class_type"] == "DreamIDVPoseGuider")
     extract = next(k for k, n in api.items() if n["class_type"] == "DreamIDVPoseExtract")
-    assert guider["inputs"]["mask"] == [extract, 1]
+    assert guider["inputs"]["mask"] == [extract, 4]  # pose_mask: drawn on demand

@@ -190,6 +190,9 @@ class PoseTokenSet:
             problems.append("window {} / overlap {} (the sampler's: {} / {})".format(*mine.window, *plan.window))
         if mine.frames != plan.frames:
             problems.append(f"{mine.frames} frames (the sampler uses {plan.frames})")
+        if (mine.start, mine.stride) != (plan.start, plan.stride):
+            problems.append(f"start_frame {mine.start}, select_every_nth {mine.stride} (the sampler's: {plan.start}, "
+                            f"{plan.stride})")
         if mine.source_size != plan.source_size:
             problems.append("a {}x{} pose video (the video is {}x{})".format(*mine.source_size, *plan.source_size))
         if mine.area != plan.area:
@@ -204,4 +207,5 @@ class PoseTokenSet:
         if problems:
             raise InputError("pose tokens were computed for " + "; ".join(problems) + ". Give DreamIDVPoseGuider the "
                              "same model, the pose video of this clip, and the same width, height, frame_num, "
-                             "window and overlap as the sampler (and the same face_crop, crop_margin and mask)")
+                             "window, overlap and frame range as the sampler (and the same face_crop, crop_margin and\n"
+                             "mask)")

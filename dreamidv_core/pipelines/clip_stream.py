@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import InputError, NonFiniteError
+from ..io.frames import select_frames
 from ..models.frame_grid import TEMPORAL_STRIDE, latent_frame_count
 from ..preprocess.face_crop import prepare_crops
 from ..preprocess.video_ops import prepare_frames
@@ -45,7 +46,8 @@ class FrameSource:
     def _prepare(self, start: int, stop: int) -> torch.Tensor:
         if self.plan.track is not None:  # face-crop mode: every frame's own window, at the model's size
             return prepare_crops(self.frames, self.plan.track, start, stop, self.plan.size, self.what)
-        out = prepare_frames(self.frames[start:stop], stop - start, *self.plan.area, self.what)
+        # a lazy view: prepare_frames reads one source frame at a time, never the whole piece at source size
+        out = prepare_frames(select_frames(self.frames, range(start, stop)), stop - start, *self.plan.area, self.what)
         if tuple(out.shape[-2:]) != self.plan.size:
             raise InputError(f"{self.what}: frames {start}..{stop - 1} become {out.shape[-1]}x{out.shape[-2]} at the "
                              f"model's area, the clip's plan is {self.plan.size[1]}x{self.plan.size[0]} (frames of "

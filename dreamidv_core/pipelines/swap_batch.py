@@ -22,6 +22,7 @@ from typing import Callable, List, Optional
 import torch
 
 from ..errors import InputError
+from ..io.audio import clip_rate_and_sound
 from ..io.video import VideoReader, VideoWriter, read_image
 from ..parallel.batch import (IMAGE_SUFFIXES, VIDEO_SUFFIXES, BatchReport, Job, check_files, check_names,
                               files_by_stem, leftover_partials, plan_jobs, read_job_table, run_jobs, say,
@@ -156,21 +157,23 @@ def _open_inputs(job: Job, settings: SwapSettings, extract: Optional[Extract]):
 
 
 def swap_job(mesh: Mesh, models: SwapModels, job: Job, output, settings: SwapSettings,
-             extract: Optional[Extract] = None, fps: Optional[float] = None, progress=None) -> str:
+             extract: Optional[Extract] = None, fps: Optional[float] = None, progress=None,
+             sound: bool = True) -> str:
     """Swap one job's clip on this rank's group and write ``output`` (leader) -> a one-line description.
-    Called by every rank of the group. ``fps``: the output's rate (default the source's)."""
+    Called by every rank of the group. ``fps``: the output's rate (default the source's, exactly, with the
+    source's sound unless ``sound`` is False)."""
     output = Path(output)
     s = settings if job.seed is None else replace(settings, seed=job.seed)
     opened = mesh.run_on_leader(lambda: _open_inputs(job, s, extract), f"reading the files of {job.name}")
     if not mesh.is_leader:
         res = swap_face_parallel(mesh, models.dit, None, None, None, None, None, settings=s)
         return f"{res.frames_used} frames"
-    video, mask, pose, reference, source_fps = opened
-    rate = fps or source_fps
+    video, mask, pose, reference, _ = opened
+    rate, audio = clip_rate_and_sound(job.files["video"], video.probe, len(video), fps=fps, sound=sound)
     for stale in leftover_partials(output):  # from a run killed while writing this output
         stale.unlink(missing_ok=True)
     start = time.time()
-    with VideoWriter(output, rate) as writer:
+    with VideoWriter(output, rate, audio=audio) as writer:
 
         def sink(frames, first):
             if first != writer.frames_written:
@@ -181,7 +184,8 @@ def swap_job(mesh: Mesh, models: SwapModels, job: Job, output, settings: SwapSet
                                  settings=s, progress=progress, sink=sink)
     took = time.time() - start
     cached = f", {res.skipped} of {res.evaluations} evaluations skipped" if res.skipped else ""
-    return f"{res.frames_used} frames at {rate:g} fps, {took / max(res.frames_used, 1):.2f} s/frame{cached} -> {output}"
+    sound_note = ", with the source's sound" if audio is not None else ""
+    return f"{res.frames_used} frames at {float(rate):g} fps{sound_note}, {took / max(res.frames_used, 1):.2f} s/frame{cached} -> {output}"
 
 
 def swap_output(out_dir, job: Job) -> Path:
@@ -190,7 +194,7 @@ def swap_output(out_dir, job: Job) -> Path:
 
 def run_swap_batch(mesh: Mesh, models: Optional[SwapModels], jobs: List[Job], out_dir, settings: SwapSettings,
                    extract: Optional[Extract] = None, fps: Optional[float] = None, log: Callable[[str], None] = say,
-                   load: Optional[Callable[[], SwapModels]] = None) -> Optional[BatchReport]:
+                   load: Optional[Callable[[], SwapModels]] = None, sound: bool = True) -> Optional[BatchReport]:
     """Every job whose ``<out_dir>/<name>.mp4`` does not exist yet (module docstring): a line per clip, a
     summary. ``models``, or ``load()`` to load them only when some clip is left to do. Returns the report on rank 0
     (None elsewhere)."""
@@ -202,5 +206,6 @@ def run_swap_batch(mesh: Mesh, models: Optional[SwapModels], jobs: List[Job], ou
     pending, finished = plan_jobs(mesh, jobs, lambda j: swap_output(out_dir, j).is_file())
     if pending and models is None:
         models = load()
-    return run_jobs(mesh, pending, lambda j: swap_job(mesh, models, j, swap_output(out_dir, j), settings, extract, fps),
+    return run_jobs(mesh, pending, lambda j: swap_job(mesh, models, j, swap_output(out_dir, j), settings, extract, fps,
+                                                     sound=sound),
                     finished, log=log, what="clips")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,8 +61,11 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
 
     mask: [B,H,W] (0/1 float or bool). Returns float [B,H,W] in {0,1}, an approximate disc dilation:
     it sets every pixel up to ``radius`` away along a row or column and up to ``ceil(radius/2)`` away
-    diagonally, and nothing farther than ``radius`` in either axis.
+    diagonally, and nothing farther than ``radius`` in either axis. A bool mask on the CPU is dilated with
+    OpenCV (the same steps on uint8, many times faster at 1080p).
     """
+    if mask.dtype == torch.bool and mask.device.type == "cpu" and int(radius) > 0:
+        return _dilate_cv2(mask, int(radius))
     x = mask.float()[:, None]
     for i in range(max(0, int(radius))):
         if i % 2 == 0:
@@ -70,6 +74,24 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
             x = torch.maximum(F.max_pool2d(x, (3, 1), stride=1, padding=(1, 0)),
                               F.max_pool2d(x, (1, 3), stride=1, padding=(0, 1)))
     return x[:, 0]
+
+
+_SQUARE = np.ones((3, 3), np.uint8)
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)
+
+
+def _dilate_cv2(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """:func:`dilate` of a bool mask [B,H,W] on the CPU, frame by frame with OpenCV (outside the frame counts
+    as empty, as max pooling's padding does)."""
+    import cv2
+
+    frames = mask.numpy().astype(np.uint8)
+    out = np.empty(frames.shape, np.float32)
+    for b, frame in enumerate(frames):
+        for i in range(radius):
+            frame = cv2.dilate(frame, _SQUARE if i % 2 == 0 else _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        out[b] = frame
+    return torch.from_numpy(out)
 
 
 def feather(hard: torch.Tensor, radius: int) -> torch.Tensor:
@@ -84,7 +106,7 @@ def feather(hard: torch.Tensor, radius: int) -> torch.Tensor:
     r = int(math.ceil(max(0, int(radius)) / 2))
     if r == 0:
         return hard
-    grown = dilate(hard, r)
+    grown = dilate(hard > 0.5, r)
     sigma = max(r / 2.0, 0.5)
     soft = kornia.filters.gaussian_blur2d(grown[:, None], (2 * r + 1, 2 * r + 1), (sigma, sigma),
                                           border_type="replicate")[:, 0]
@@ -93,17 +115,41 @@ def feather(hard: torch.Tensor, radius: int) -> torch.Tensor:
 
 def blend_mask(face_mask: torch.Tensor, head_mask: Optional[torch.Tensor] = None, dilation: int = 0,
                feather_radius: int = 0) -> torch.Tensor:
-    """face_mask [B,H,W] (>= 0.5 = face), head_mask [B,H,W] bool/0-1 or None -> blend weight [B,H,W] in [0,1]."""
+    """face_mask [B,H,W] (>= 0.5 = face), head_mask [B,H,W] bool/0-1 or None -> blend weight [B,H,W] in [0,1].
+
+    The morphology runs only on the box around the region (grown by everything dilation and feathering can
+    reach, so the result is the same as on the whole frame): at 1080p a head covers a small part of it."""
     region = face_mask >= 0.5
     if head_mask is not None:
         region = region | (head_mask.to(region.device).float() > 0.5)
-    return feather(dilate(region, dilation), feather_radius)
+    reach = max(0, int(dilation)) + 2 * int(math.ceil(max(0, int(feather_radius)) / 2)) + 2
+    rows, cols = torch.nonzero(region.any(dim=(0, 2))).flatten(), torch.nonzero(region.any(dim=(0, 1))).flatten()
+    out = torch.zeros(region.shape, dtype=torch.float32, device=region.device)
+    if rows.numel() == 0:
+        return out
+    h, w = region.shape[1:]
+    y0, y1 = max(0, int(rows[0]) - reach), min(h, int(rows[-1]) + 1 + reach)
+    x0, x1 = max(0, int(cols[0]) - reach), min(w, int(cols[-1]) + 1 + reach)
+    out[:, y0:y1, x0:x1] = feather(dilate(region[:, y0:y1, x0:x1], dilation), feather_radius)
+    return out
 
 
 def composite(original: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """out = M*gen + (1-M)*orig. original/generated [B,H,W,3], mask [B,H,W] in [0,1] -> [B,H,W,3]."""
     m = mask.to(original.dtype)[..., None]
     return torch.lerp(original, generated.to(original.dtype), m.expand_as(original))
+
+
+def composite_chunk(original: torch.Tensor, generated: torch.Tensor, face_mask: torch.Tensor,
+                    head_mask: Optional[torch.Tensor] = None, dilation: int = 0, feather_radius: int = 0,
+                    device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+    """A few frames composited: original/generated [k,H,W,3] float, face_mask [k,H,W], head_mask [k,H,W] or
+    None -> (frames [k,H,W,3] float32 in [0, 1], blend mask [k,H,W] float32), both on the CPU."""
+    head = head_mask.to(device) if head_mask is not None else None
+    m = blend_mask(face_mask.to(device), head, dilation, feather_radius)
+    o = original.to(device, torch.float32)
+    out = composite(o, generated.to(device, torch.float32), m).clamp_(0.0, 1.0)
+    return out.cpu(), m.cpu()
 
 
 def composite_video(frames: torch.Tensor, generated: torch.Tensor, face_mask: torch.Tensor,
@@ -128,9 +174,7 @@ def composite_video(frames: torch.Tensor, generated: torch.Tensor, face_mask: to
         if cancel is not None and cancel():
             raise Cancelled("composite cancelled")
         sl = slice(start, min(count, start + max(1, int(chunk))))
-        head = head_mask[sl].to(device) if head_mask is not None else None
-        m = blend_mask(face_mask[sl].to(device), head, dilation, feather_radius)
-        o = src[sl].to(device, torch.float32)
-        out[sl] = composite(o, gen[sl].to(device, torch.float32), m).clamp_(0.0, 1.0).cpu()
-        out_mask[sl] = m.cpu()
+        out[sl], out_mask[sl] = composite_chunk(src[sl], gen[sl], face_mask[sl],
+                                                head_mask[sl] if head_mask is not None else None, dilation,
+                                                feather_radius, device)
     return out, out_mask

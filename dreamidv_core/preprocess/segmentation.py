@@ -1,9 +1,11 @@
 """SAM 2 head segmentation for the background composite (the ``sam2`` package, no ComfyUI).
 
 SAM 2 is prompted with the face mask of the first frames (``add_new_mask``) and propagated through the
-clip with its video predictor. Frames are fed from memory: a lazy sequence resizes and normalises one
-frame when the predictor asks for it, so no folder of JPEGs and no resized copy of the whole clip is
-made; old per-frame tracking memory beyond what SAM 2 reads back is dropped as the clip advances.
+clip with its video predictor. Frames are fed from a frame sequence (an IMAGE tensor or a lazy video
+reader, :mod:`dreamidv_core.io.frames`): one frame is read, resized and normalised when the predictor asks
+for it, so no folder of JPEGs and no resized copy of the whole clip is made; old per-frame tracking memory
+beyond what SAM 2 reads back is dropped as the clip advances. :func:`track_head_iter` hands each frame's
+mask over as it is found (nothing clip-sized is kept); :func:`track_head` collects them.
 
 Checkpoints are the official ``{"model": state_dict}`` ``.pt`` files (read with
 ``torch.load(weights_only=True)``), a bare state dict, or a ``.safetensors`` file. The model config is
@@ -17,8 +19,9 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -194,34 +197,45 @@ def rgb_view(frames: torch.Tensor, what: str = "frames") -> torch.Tensor:
     return frames[..., :3]
 
 
+def frame_tensor(frames, index: int) -> torch.Tensor:
+    """Frame ``index`` of a frame sequence as float32 [H, W, 3] in [0, 1] (uint8 frames divided by 255, as
+    ComfyUI's video loader does; grey expanded, alpha dropped)."""
+    frame = frames[index:index + 1]
+    frame = torch.from_numpy(np.ascontiguousarray(frame)) if isinstance(frame, np.ndarray) else frame
+    frame = frame.float() / 255.0 if frame.dtype == torch.uint8 else frame.float()
+    if frame.dim() == 3:  # [1, H, W]: a mask-like grey frame
+        frame = frame[..., None]
+    return rgb_view(frame, "frames")[0]
+
+
 class _InMemoryFrames:
     """What SAM 2's ``init_state`` expects from its frame loader: ``frames[i]`` -> [3,S,S] normalised.
 
-    Frames are resized on access (bilinear, antialiased, like SAM 2's own square resize).
+    Frames are read and resized on access (bilinear, antialiased, like SAM 2's own square resize).
     """
 
-    def __init__(self, frames: torch.Tensor, size: int):
-        self.frames = rgb_view(frames)
+    def __init__(self, frames, size: int):
+        self.frames = frames
         self.size = int(size)
         self.mean = torch.tensor(_IMG_MEAN).view(3, 1, 1)
         self.std = torch.tensor(_IMG_STD).view(3, 1, 1)
 
     def __len__(self) -> int:
-        return int(self.frames.shape[0])
+        return len(self.frames)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        img = self.frames[index].permute(2, 0, 1)[None].float()
+        img = frame_tensor(self.frames, index).permute(2, 0, 1)[None]
         img = F.interpolate(img, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         return (img[0].clamp(0, 1).cpu() - self.mean) / self.std
 
 
 @contextlib.contextmanager
-def _frames_from_memory(module, frames: torch.Tensor):
+def _frames_from_memory(module, frames, height: int, width: int):
     """Make the predictor's ``init_state`` take frames from ``frames`` instead of a path."""
     original = module.load_video_frames
 
     def load(video_path, image_size, **_kwargs):
-        return _InMemoryFrames(frames, image_size), int(frames.shape[1]), int(frames.shape[2])
+        return _InMemoryFrames(frames, image_size), int(height), int(width)
 
     with _PATCH_LOCK:
         module.load_video_frames = load
@@ -231,11 +245,21 @@ def _frames_from_memory(module, frames: torch.Tensor):
             module.load_video_frames = original
 
 
-def prompt_frame_indices(face_mask: torch.Tensor, count: int) -> list:
-    """The first ``count`` frames whose face mask is not empty (>= 0.5 somewhere)."""
+def mask_frame(masks, index: int) -> torch.Tensor:
+    """Frame ``index`` of a mask sequence as float32 [H, W] in [0, 1]: a MASK tensor [F, H, W], uint8 masks
+    [F, H, W] in {0, 255}, or mask frames [F, H, W, C] (the first channel, e.g. a mask video)."""
+    m = masks[index:index + 1]
+    m = torch.from_numpy(np.ascontiguousarray(m)) if isinstance(m, np.ndarray) else m
+    m = m.float() / 255.0 if m.dtype == torch.uint8 else m.float()
+    return (m[..., 0] if m.dim() == 4 else m)[0]
+
+
+def prompt_frame_indices(face_mask, count: int) -> list:
+    """The first ``count`` frames whose face mask (a mask sequence, :func:`mask_frame`) is not empty (>= 0.5
+    somewhere)."""
     found = []
-    for i in range(face_mask.shape[0]):
-        if bool((face_mask[i] >= 0.5).any()):
+    for i in range(len(face_mask)):
+        if bool((mask_frame(face_mask, i) >= 0.5).any()):
             found.append(i)
             if len(found) >= count:
                 break
@@ -254,43 +278,68 @@ def _drop_old_memory(predictor, state: dict, frame_idx: int) -> None:
             del store[t]
 
 
-def track_head(predictor, frames: torch.Tensor, face_mask: torch.Tensor, prompt_frames: int = 4,
-               progress: Optional[Callable[[str, int, int], None]] = None,
-               cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
-    """Segment the head through the clip.
+def track_head_iter(predictor, frames, face_mask, prompt_frames: int = 4,
+                    progress: Optional[Callable[[str, int, int], None]] = None,
+                    cancel: Optional[Callable[[], bool]] = None) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Segment the head through the clip, handing each frame's mask over as SAM 2 finds it.
 
-    frames: [F,H,W,C] float 0..1 (C 1/3/4); face_mask: [F,H,W] (>= 0.5 = face).
-    Returns a bool mask [F,H,W] on CPU: SAM 2's object mask (logit > 0) on every frame.
+    frames: a frame sequence [F, H, W, C] (float 0..1 or uint8, C 1/3/4); face_mask: a mask sequence
+    (:func:`mask_frame`; >= 0.5 = face). Yields ``(frame index, bool mask [H, W] on the CPU)``: SAM 2's
+    object mask (logit > 0), from the first prompted frame to the end, then (when the face first shows
+    later than frame 0) from there back to frame 0.
     """
     module = _sam2_package()
-    n, h, w = int(frames.shape[0]), int(frames.shape[1]), int(frames.shape[2])
+    n = len(frames)
+    h, w = frame_tensor(frames, 0).shape[:2]
     prompts = prompt_frame_indices(face_mask, max(1, int(prompt_frames)))
     device = predictor.device
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    result = torch.zeros((n, h, w), dtype=torch.bool)
+
+    def modes():  # entered around each step only: the caller's code between masks runs in its own modes
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else contextlib.nullcontext())
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(autocast)
+        return stack
+
     done = set()
-    with torch.inference_mode(), autocast:
-        with _frames_from_memory(module, frames):
-            state = predictor.init_state(video_path="<in-memory frames>", offload_video_to_cpu=True,
-                                         offload_state_to_cpu=False)
-        try:
+    with modes(), _frames_from_memory(module, frames, h, w):
+        state = predictor.init_state(video_path="<in-memory frames>", offload_video_to_cpu=True,
+                                     offload_state_to_cpu=False)
+    try:
+        with modes():
             for i in prompts:
-                predictor.add_new_mask(state, frame_idx=i, obj_id=1, mask=face_mask[i] >= 0.5)
-            passes = [False] + ([True] if prompts[0] > 0 else [])
-            for reverse in passes:
-                for idx, _ids, masks in predictor.propagate_in_video(state, start_frame_idx=prompts[0],
-                                                                      reverse=reverse):
-                    result[idx] = (masks[0, 0] > 0).cpu()
+                predictor.add_new_mask(state, frame_idx=i, obj_id=1, mask=mask_frame(face_mask, i) >= 0.5)
+        for reverse in [False] + ([True] if prompts[0] > 0 else []):
+            steps = predictor.propagate_in_video(state, start_frame_idx=prompts[0], reverse=reverse)
+            while True:
+                with modes():
+                    step = next(steps, None)
+                    if step is None:
+                        break
+                    idx, _ids, masks = step
                     done.add(idx)
                     _drop_old_memory(predictor, state, idx)
-                    if progress is not None:
-                        progress("segment", len(done), n)
-                    if cancel is not None and cancel():
-                        raise Cancelled("SAM2 segmentation cancelled")
-        finally:
-            predictor.reset_state(state)
-            state.clear()
+                    mask = (masks[0, 0] > 0).cpu()
+                yield idx, mask.clone()  # cloned outside inference mode: an ordinary tensor
+                if progress is not None:
+                    progress("segment", len(done), n)
+                if cancel is not None and cancel():
+                    raise Cancelled("SAM2 segmentation cancelled")
+    finally:
+        predictor.reset_state(state)
+        state.clear()
+
+
+def track_head(predictor, frames, face_mask, prompt_frames: int = 4,
+               progress: Optional[Callable[[str, int, int], None]] = None,
+               cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+    """:func:`track_head_iter` collected: a bool mask [F, H, W] on the CPU (a whole clip of masks)."""
+    result = None
+    for idx, mask in track_head_iter(predictor, frames, face_mask, prompt_frames, progress, cancel):
+        if result is None:
+            result = torch.zeros((len(frames), *mask.shape), dtype=torch.bool)
+        result[idx] = mask
     return result
 
 
@@ -306,4 +355,4 @@ def head_masks(ckpt_or_predictor, frames: torch.Tensor, face_mask: torch.Tensor,
 
 __all__ = ("OFFICIAL_NAMES", "bundled_configs", "config_from_name", "config_from_weights", "load_state_dict",
            "resolve_config", "build_video_predictor", "load_video_predictor", "rgb_view", "prompt_frame_indices",
-           "track_head", "head_masks")
+           "track_head", "track_head_iter", "frame_tensor", "mask_frame", "head_masks")

@@ -64,7 +64,7 @@ def _raw(normalised: torch.Tensor) -> torch.Tensor:
 def build(positive, negative, vae, video, mask, reference, pose_video=None, identity=None, width=832, height=480,
           frame_num: Optional[int] = None):
     """-> (positive, negative, latent) for ComfyUI's samplers (module docstring). ``mask``: float [F, H, W]
-    (see ``nodes.sampler._mask_frames``); ``negative`` None: the positive's text."""
+    (see ``nodes.video.mask_tensor``); ``negative`` None: the positive's text."""
     frames = rgb_frames(video, "video")
     if mask.shape[0] != frames.shape[0] or tuple(mask.shape[1:3]) != tuple(frames.shape[1:3]):
         raise InputError(f"mask is {mask.shape[0]} frames of {mask.shape[2]}x{mask.shape[1]}, the video "

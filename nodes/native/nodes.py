@@ -29,7 +29,8 @@ from dreamidv_core.weights.pose_branch import load_pose_branch
 from .. import common
 from ..loaders import DIT_FOLDER, ID_PROJECTION_EXPECTED, LORA_FOLDER, NONE, expected_dit_names, file_problem, \
     id_projection_choice, lora_patches
-from ..sampler import MAX_SIZE, _mask_frames
+from ..sampler import MAX_SIZE
+from ..video import mask_tensor
 from . import branch as native_branch
 from . import conditioning as native_conditioning
 from .sampling import PackNoise, sample_flow_unipc, window_handler
@@ -155,8 +156,8 @@ class DreamIDVConditioning(io.ComfyNode):
     def execute(cls, positive, vae, video, mask, reference, width=832, height=480, frame_num=0, pose_video=None,
                 negative=None, identity=None) -> io.NodeOutput:
         return io.NodeOutput(*native_conditioning.build(
-            positive, negative, vae, video, _mask_frames(mask), reference, pose_video, identity, width, height,
-            frame_num or None))
+            positive, negative, vae, video, mask_tensor(mask).float().clamp(0, 1), reference, pose_video, identity,
+            width, height, frame_num or None))
 
 
 class DreamIDVDecode(io.ComfyNode):
