@@ -65,6 +65,8 @@ def swap_settings(args):
     problems = [p + " (leave --fps out to keep the source's frame rate)"
                 for p in numeric_problems(str, ("--fps", args.fps, "float>?", 0, None))]
     problems += numeric_problems(str, ("--offload-blocks", args.offload_blocks, "int", 0, None))
+    problems += numeric_problems(str, ("--start-frame", getattr(args, "start_frame", 0), "int", 0, None),
+                                 ("--every-nth", getattr(args, "every_nth", 1), "int", 1, None))
     settings = SwapSettings(width=args.size[0], height=args.size[1], frame_num=args.frame_num, steps=args.steps,
                             shift=args.shift, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
                             window=args.window, overlap=args.overlap, background_strength=args.background_strength,

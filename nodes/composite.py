@@ -133,8 +133,6 @@ class BackgroundComposite(io.ComfyNode):
         out = mask = video = None
         if use(0) or use(1):
             out, mask = _composited_tensors(result, use(0), use(1))
-            out = None if out is None else even_size(out, "composited frames")
-            mask = None if mask is None else even_size(mask, "blend mask")
         if use(2):
             video = DreamIDVVideo(result)
             video.render()  # encoded now, once: Save Video (and any later save) copies the file
@@ -185,18 +183,19 @@ class _PlanMask:
 
 
 def _composited_tensors(result: CompositedClip, frames: bool, masks: bool):
-    """IMAGE [G, H, W, 3] and MASK [G, H, W] of the composite (the memory-hungry outputs), chunk by chunk."""
-    shape = (result.count, result.height, result.width)
-    out = torch.empty(*shape, 3, dtype=torch.float32) if frames else None
-    blend = torch.empty(*shape, dtype=torch.float32) if masks else None
+    """IMAGE [G, H, W, 3] and MASK [G, H, W] of the composite (the memory-hungry outputs), chunk by chunk; an odd
+    width or height loses its last column or row (:func:`even_size`: video encoders need even sizes)."""
+    h, w = even_size(torch.empty(0, result.height, result.width), "composited frames").shape[1:3]
+    out = torch.empty(result.count, h, w, 3, dtype=torch.float32) if frames else None
+    blend = torch.empty(result.count, h, w, dtype=torch.float32) if masks else None
     cancel = common.cancel_hook()
     with result.chunks() as parts:
         for a, chunk, m in parts:
             cancel()
             if out is not None:
-                out[a:a + chunk.shape[0]] = chunk
+                out[a:a + chunk.shape[0]] = chunk[:, :h, :w]
             if blend is not None:
-                blend[a:a + m.shape[0]] = m
+                blend[a:a + m.shape[0]] = m[:, :h, :w]
     return out, blend
 
 

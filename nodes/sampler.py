@@ -52,7 +52,8 @@ def _geometry_inputs():
         io.Int.Input("height", default=480, min=16, max=MAX_SIZE, step=16,
                      tooltip="Area height (see width)."),
         io.Int.Input("frame_num", default=0, min=0, max=100000, step=1,
-                     tooltip="0: swap the whole clip. Otherwise swap only the first frame_num frames (at least 5)."),
+                     tooltip="0: swap the whole clip (or range). Otherwise swap at most frame_num frames: the "
+                             "first ones of the range start_frame / select_every_nth sets (at least 5)."),
         *window_inputs(),
     ]
 
@@ -308,8 +309,7 @@ class DreamIDVSampler(io.ComfyNode):
         if step_cache > 0:
             log.info("DreamID-V: step cache skipped %d of %d DiT evaluations", result.skipped, result.evaluations)
         frames = sink.kept.to(mm.intermediate_device(), torch.float32) if use(0) else None
-        in_source = (even_size(pasted_in_source(source, plan, sink.kept, present), "frames_in_source")
-                     if use(1) else None)
+        in_source = pasted_in_source(source, plan, sink.kept, present) if use(1) else None
         out_video = DreamIDVVideo(SwappedClip(source, plan, sink.store, present=present)) if use(3) else None
         return io.NodeOutput(frames, in_source, result.frames_used, out_video)
 
@@ -329,13 +329,15 @@ def face_crop_clip_plan(plan: ClipPlan, available: int, window: int, overlap: in
 
 def pasted_in_source(source, plan: ClipPlan, frames: torch.Tensor, present=None) -> torch.Tensor:
     """IMAGE [F, H, W, 3]: the model's frames (float) pasted into the plan's source frames (``present``:
-    :meth:`ClipPlan.paste_back`), a chunk at a time into one preallocated tensor (the memory-hungry output)."""
-    out = torch.empty(plan.frames, source.height, source.width, 3, dtype=torch.float32)
+    :meth:`ClipPlan.paste_back`), a chunk at a time into one preallocated tensor (the memory-hungry output).
+    An odd width or height loses its last column or row (:func:`even_size`: video encoders need even sizes)."""
+    h, w = even_size(torch.empty(0, source.height, source.width), "frames_in_source").shape[1:3]
+    out = torch.empty(plan.frames, h, w, 3, dtype=torch.float32)
     with source.open() as seq:
         picked = plan.select(seq)
         for a in range(0, plan.frames, CHUNK):
             b = min(a + CHUNK, plan.frames)
-            out[a:b] = plan.paste_back(to_float_frames(picked[a:b]), frames[a:b], a, present)
+            out[a:b] = plan.paste_back(to_float_frames(picked[a:b]), frames[a:b], a, present)[:, :h, :w]
     return out.to(mm.intermediate_device())
 
 

@@ -222,6 +222,8 @@ def no_compute(monkeypatch):
     (("--fps", "0"), "--fps must be > 0, got 0.0"),
     (("--frame-num", "3"), "--frame-num must be >= 5"),
     (("--background-strength", "1.5"), "--background-strength must be <= 1"),
+    (("--every-nth", "0"), "--every-nth must be >= 1, got 0"),
+    (("--start-frame", "-1"), "--start-frame must be >= 0, got -1"),
 ])
 def test_cli_bad_numbers_are_messages_before_any_work(tmp_path, models_dir, no_compute, capsys, extra, words):
     write_inputs(tmp_path)
@@ -367,13 +369,13 @@ def test_cli_reference_with_two_faces_retargets_onto_the_chosen_one(tmp_path, mo
         def detect_all(self, image):
             return faces
 
-    def fake_extract(video, landmarker, reference=None, **kw):
+    def fake_track(video, landmarker, reference=None, **kw):  # a PoseResult has the track's mask/pose/present/info
         seen["reference"] = reference
         n, h, w = len(video), *video[0].shape[:2]
         return extract.PoseResult(np.zeros((n, h, w, 3), np.float32), np.ones((n, h, w), np.float32), [{}] * n)
 
     monkeypatch.setattr(mediapipe_face, "FaceLandmarker", Landmarker)
-    monkeypatch.setattr(extract, "extract_mediapipe", fake_extract)
+    monkeypatch.setattr(extract, "track_mediapipe", fake_track)
     write_inputs(tmp_path)
     (models_dir / "mediapipe").mkdir()
     (models_dir / "mediapipe" / "face_landmarker_v2_with_blendshapes.task").write_bytes(b"stand-in")

@@ -93,7 +93,7 @@ def test_pyproject_has_registry_metadata(repo_root):
 
     data = toml_module().loads((repo_root / "pyproject.toml").read_text(encoding="utf-8"))
     proj, comfy = data["project"], data["tool"]["comfy"]
-    assert proj["name"] == "comfyui-dreamidv" and proj["version"] == "0.2.0"
+    assert proj["name"] == "comfyui-dreamidv" and proj["version"] == "0.3.0"
     assert "Repository" in proj["urls"]
     for key in ("PublisherId", "DisplayName", "Icon"):
         assert key in comfy

@@ -385,6 +385,14 @@ class VideoReader:
 
 # ------------------------------------------------------------------------------------------------ writing
 
+def _frame_rate(fps) -> Fraction:
+    """A Fraction stays exact (30000/1001); a float is read as the nearest rate with a denominator <= 1001."""
+    rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
+    if rate <= 0:
+        raise InputError(f"frame rate must be positive, got {fps}")
+    return rate
+
+
 class _Target:
     """Where a finished mp4 goes, without half-written results: a path (an :class:`~.files.AtomicFile`: written
     beside it under a hidden temporary name, then renamed, with the user's umask) or a writable binary file
@@ -440,6 +448,8 @@ class VideoWriter:
     with a denominator up to 1001. ``audio``: an :class:`~.audio.AudioClip`, encoded as AAC and interleaved
     as the frames are written (its sound from time 0 to its duration). ``metadata``: container tags
     (non-strings are written as JSON), as ComfyUI's Save Video does. ``preset``: libx264's (default medium).
+    Frames of an odd width or height lose their last column or row (:func:`even_size`: H.264 in yuv420p
+    encodes even sizes only).
     """
 
     def __init__(self, path, fps, crf: Optional[float] = 18, audio=None, preset: Optional[str] = None,
@@ -458,14 +468,20 @@ class VideoWriter:
         tmp = self._target.open()
         try:
             self._container = av.open(tmp, mode="w", format="mp4", options=_container_options(self._target))
+            _set_metadata(self._container, self.metadata)
+            if self.audio is not None and self.audio.duration > 0:
+                self._audio_stream = self._container.add_stream("aac", rate=self.audio.sample_rate)
+                self._audio_stream.layout = self.audio.layout
+                self._audio_iter = self.audio.chunks()
         except BaseException:
+            if self._container is not None:
+                try:
+                    self._container.close()
+                except Exception:  # noqa: BLE001  (already failing; the original error is what matters)
+                    pass
+                self._container = None
             self._target.discard()
             raise
-        _set_metadata(self._container, self.metadata)
-        if self.audio is not None and self.audio.duration > 0:
-            self._audio_stream = self._container.add_stream("aac", rate=self.audio.sample_rate)
-            self._audio_stream.layout = self.audio.layout
-            self._audio_iter = self.audio.chunks()
         return self
 
     def write(self, frames) -> None:

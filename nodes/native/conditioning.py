@@ -27,6 +27,7 @@ import comfy.latent_formats
 import node_helpers
 
 from dreamidv_core.errors import InputError
+from dreamidv_core.io.video import even_size
 from dreamidv_core.pipelines.adapters import PixelSpaceVAE, denormalise_latent, normalise_latent, rgb_frames
 from dreamidv_core.pipelines.clip_stream import FrameSource, decode_clip, encode_clip
 from dreamidv_core.pipelines.plan import ClipPlan
@@ -63,8 +64,8 @@ def _raw(normalised: torch.Tensor) -> torch.Tensor:
 
 def build(positive, negative, vae, video, mask, reference, pose_video=None, identity=None, width=832, height=480,
           frame_num: Optional[int] = None):
-    """-> (positive, negative, latent) for ComfyUI's samplers (module docstring). ``mask``: float [F, H, W]
-    (see ``nodes.video.mask_tensor``); ``negative`` None: the positive's text."""
+    """-> (positive, negative, latent) for ComfyUI's samplers (module docstring). ``mask``: float [F, H, W] in 0..1
+    (the node checks it with ``nodes.video.mask_tensor``); ``negative`` None: the positive's text."""
     frames = rgb_frames(video, "video")
     if mask.shape[0] != frames.shape[0] or tuple(mask.shape[1:3]) != tuple(frames.shape[1:3]):
         raise InputError(f"mask is {mask.shape[0]} frames of {mask.shape[2]}x{mask.shape[1]}, the video "
@@ -127,5 +128,6 @@ def decode(vae, samples: dict, video, tile: int = 0, tile_overlap: int = 8):
     if tuple(source.shape[1:3]) != (plan.source_size[1], plan.source_size[0]) or source.shape[0] < plan.frames:
         raise InputError("video: expected the source video given to DreamID-V Conditioning "
                          f"({plan.source_size[0]}x{plan.source_size[1]}, at least {plan.frames} frames)")
-    in_source = paste_back(source[:plan.frames].to(out.device), out, plan.crop)
+    # an odd width or height loses its last column or row, as the pack sampler's (video encoders need even sizes)
+    in_source = even_size(paste_back(source[:plan.frames].to(out.device), out, plan.crop), "frames_in_source")
     return out, in_source, plan.frames

@@ -181,7 +181,8 @@ class DreamIDVDecode(io.ComfyNode):
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="Swapped frames at model resolution."),
                 io.Image.Output(display_name="frames_in_source",
-                                tooltip="The swapped frames resized back into the source frames."),
+                                tooltip="The swapped frames resized back into the source frames (an odd width or "
+                                        "height loses its last column or row, so video encoders accept it)."),
                 io.Int.Output(display_name="frame_count", tooltip="Frames swapped."),
             ],
         )
