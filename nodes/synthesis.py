@@ -21,6 +21,7 @@ from dreamidv_core.errors import InputError
 from dreamidv_core.pipelines.swap import SwapSettings
 from dreamidv_core.preprocess.identity_bundle import encode_reference
 from dreamidv_core.synthesis.background import MODES
+from dreamidv_core.synthesis.frames import check_clip
 from dreamidv_core.synthesis.writer import DIRECTIONS, QuadrupletSettings, summary
 from dreamidv_core.pipelines.clips import to_float_frames
 
@@ -75,7 +76,7 @@ class DreamIDVFirstLastFrames(io.ComfyNode):
             first, last, count = core.first_last_frames(frames, "frames")
         else:
             with clip_of(frames, "frames").open() as seq:
-                count = core.check_clip(seq, "frames")
+                count = check_clip(seq, "frames")
                 first, last = to_float_frames(seq[0:1]), to_float_frames(seq[count - 1:count])
         h, w = first.shape[1:3]
         if mask is None:

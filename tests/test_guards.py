@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,7 +324,7 @@ def test_partial_files_of_killed_runs_are_cleaned_and_said(tmp_path, caplog):
 def test_partial_names_carry_host_and_pid(tmp_path):
     writer = VideoWriter(tmp_path / "x.mp4", fps=8).__enter__()
     try:
-        assert writer._tmp.tmp.name.startswith(f".x.mp4.{files._host()}-{os.getpid()}-")
+        assert Path(writer._target.tmp).name.startswith(f".x.mp4.{files._host()}-{os.getpid()}-")
     finally:
         writer.__exit__(RuntimeError, None, None)
     assert list(tmp_path.iterdir()) == []

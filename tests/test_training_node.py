@@ -146,6 +146,14 @@ def test_interrupt_saves_and_resume_continues(pack, dirs, comfy_vae):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # resumed run == uninterrupted run
 
 
+def weights_of(pack, handle) -> dict:
+    """The weights ``handle`` computes with: its LoRA patches merged in (they are ComfyUI patches, applied when
+    the model is loaded; the clones share one module), whatever clone is patched in now."""
+    sd = {k: v.detach().clone() for k, v in handle.dit.state_dict().items()}
+    sd.update({k: v.detach().clone() for k, v in pack.nodes.loaders.patched_weights(handle.patcher).items()})
+    return sd
+
+
 def test_loader_applies_a_trained_lora(pack, dirs, comfy_vae):
     base = load(pack)
     tuned, _, ckpt = finetune(pack, base, comfy_vae, dirs["data"], trains="lora", learning_rate=1e-2)
@@ -156,11 +164,11 @@ def test_loader_applies_a_trained_lora(pack, dirs, comfy_vae):
     folder_paths.filename_list_cache.clear()
     with_lora = load(pack, lora="mine.safetensors", lora_strength=1.0)
     assert with_lora is not base and load(pack, lora="mine.safetensors", lora_strength=1.0) is with_lora  # cached
-    b, t, l = base.dit.state_dict(), tuned.dit.state_dict(), with_lora.dit.state_dict()
+    b, t, l = weights_of(pack, base), weights_of(pack, tuned), weights_of(pack, with_lora)
     changed = [k for k in b if not torch.equal(b[k], l[k])]
     assert changed and all(k.endswith(".weight") for k in changed)
     assert all(torch.allclose(l[k], t[k], atol=1e-6) for k in b)  # loader + LoRA == the tuned model
-    half = load(pack, lora="mine.safetensors", lora_strength=0.5).dit.state_dict()
+    half = weights_of(pack, load(pack, lora="mine.safetensors", lora_strength=0.5))
     k = changed[0]
     assert torch.allclose(half[k] - b[k], (l[k] - b[k]) / 2, atol=1e-6)
     from dreamidv_core.errors import CheckpointError

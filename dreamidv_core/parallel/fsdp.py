@@ -12,9 +12,10 @@ unit gets its own unit, so its parameters are gathered whenever it runs:
   root's own weights (embeddings, head, ``ref_conv``, PoseGuider, ID projection: ~60 MB in bf16) stay whole on
   every rank, so one rank can run the PoseGuider or the text embedding alone while the others wait.
 
-``prepare`` / ``pose_tokens`` / ``embed_context`` are registered on the root. Calling a sharded parameter
-outside these (e.g. ``dit.blocks[0].modulation`` from the step cache) would mix a sharded DTensor with plain
-tensors; go through a registered method instead.
+``prepare`` / ``pose_tokens`` / ``embed_context`` / ``embed_condition`` (the windows' conditioning latent
+embedded once) are registered on the root. Calling a sharded parameter outside these (e.g.
+``dit.blocks[0].modulation`` from the step cache) would mix a sharded DTensor with plain tensors; go through a
+registered method instead.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def shard_fsdp(model: nn.Module, device: torch.device, mesh=None, replicate_root
         if hasattr(blk, "cross_attn"):
             shard(blk.cross_attn, f"blocks.{i}.cross_attn", ("context_kv",))
         shard(blk, f"blocks.{i}")
-    root_methods = ("prepare", "pose_tokens", "embed_context")
+    root_methods = ("prepare", "pose_tokens", "embed_context", "embed_condition")
     if replicate_root:
         whole = {p for n, p in model.named_parameters() if not n.startswith("blocks.")}
         shard(model, "root (weights outside the blocks kept whole)", root_methods, ignored_params=whole)

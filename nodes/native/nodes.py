@@ -18,7 +18,6 @@ import logging
 
 import torch
 
-import comfy.samplers
 from comfy_api.latest import io
 
 from dreamidv_core.io.state_dict import read_state_dict, strip_prefix
@@ -229,6 +228,8 @@ class DreamIDVUniPCSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, order=2) -> io.NodeOutput:
+        import comfy.samplers  # imported here: it pulls scipy, which a bare ComfyUI install may lack at load time
+
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_flow_unipc, extra_options={"order": int(order)}))
 
 
