@@ -41,3 +41,26 @@ def progress_updates():
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
 
+
+
+def tiny_wan_vae(jitter: float = 0.05, seed: int = 0):
+    """A tiny random Wan 2.1 VAE that ``comfy.sd.VAE`` recognises (it fixes num_res_blocks=2): seeded, and its
+    weights moved by ``jitter`` x N(0, 1) so that no layer is an identity."""
+    import torch
+
+    from dreamidv_core.models.vae import WanVAE, WanVAEConfig
+
+    torch.manual_seed(seed)
+    vae = WanVAE(WanVAEConfig(dim=8, num_res_blocks=2)).eval().requires_grad_(False)
+    if jitter:
+        with torch.no_grad():
+            for p in vae.parameters():
+                p.add_(torch.randn_like(p) * jitter)
+    return vae
+
+
+def as_comfy_vae(vae):
+    """``vae`` (the pack's WanVAE) as ComfyUI's VAE, what VAELoader gives for the same file."""
+    import comfy.sd
+
+    return comfy.sd.VAE(sd={k: v.clone() for k, v in vae.state_dict().items()})

@@ -10,10 +10,8 @@ from dreamidv_core.models.configs import tiny_config
 from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import CheckpointError, InputError
 from dreamidv_core.models.ivs import init_ivs_state_dict, ivs_config_from
-from dreamidv_core.models.vae import WanVAE, WanVAEConfig
-from tests.node_helpers import model_folders, progress_updates
+from tests.node_helpers import as_comfy_vae, model_folders, progress_updates, tiny_wan_vae
 
-COMFY_TINY_VAE = WanVAEConfig(dim=8, num_res_blocks=2)  # a tiny Wan 2.1 VAE comfy.sd.VAE recognises
 H, W = 40, 56
 AREA = dict(width=64, height=32)  # 40x56 -> 32x48 model frames
 
@@ -23,11 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def comfy_vae(comfy):
-    import comfy.sd
-
-    torch.manual_seed(0)
-    ours = WanVAE(COMFY_TINY_VAE).eval().requires_grad_(False)
-    return comfy.sd.VAE(sd={k: v.clone() for k, v in ours.state_dict().items()})
+    return as_comfy_vae(tiny_wan_vae(jitter=0))
 
 
 @pytest.fixture

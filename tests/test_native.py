@@ -190,16 +190,10 @@ def test_apply_checks_the_checkpoint_and_leaves_the_model_alone(folders, native)
 
 @pytest.fixture(scope="module")
 def comfy_vae(comfy):
-    """ComfyUI's VAE with a tiny random Wan 2.1 VAE (ComfyUI fixes num_res_blocks=2)."""
-    import comfy.sd
-    from dreamidv_core.models.vae import WanVAE, WanVAEConfig
+    """ComfyUI's VAE with a tiny random Wan 2.1 VAE."""
+    from tests.node_helpers import as_comfy_vae, tiny_wan_vae
 
-    torch.manual_seed(0)
-    ours = WanVAE(WanVAEConfig(dim=8, num_res_blocks=2)).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return comfy.sd.VAE(sd={k: v.clone() for k, v in ours.state_dict().items()})
+    return as_comfy_vae(tiny_wan_vae())
 
 
 def pixel_clip(seed=0, frames=N):

@@ -16,11 +16,10 @@ from dreamidv_core.errors import CheckpointError, InputError
 from dreamidv_core.preprocess.geometry import CropBox, paste_back, source_crop_box
 from dreamidv_core.preprocess.identity_bundle import IdentityBundle
 from dreamidv_core.io.state_dict import save_safetensors
-from dreamidv_core.models.vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEConfig
-from tests.node_helpers import model_folders, progress_updates
+from dreamidv_core.models.vae import LATENT_MEAN, LATENT_STD
+from tests.node_helpers import as_comfy_vae, model_folders, progress_updates, tiny_wan_vae
 
 # A tiny Wan 2.1 VAE that ComfyUI's comfy.sd.VAE recognises (it fixes num_res_blocks=2, dim_mult 1,2,4,4).
-COMFY_TINY_VAE = WanVAEConfig(dim=8, num_res_blocks=2)
 F_SRC, H_SRC, W_SRC = 5, 40, 72  # source clip; area 64x32 -> resized 61x34 -> model frames 48x32
 AREA = dict(width=64, height=32)
 
@@ -88,14 +87,8 @@ def test_normalisation_arithmetic():
 @pytest.fixture(scope="module")
 def tiny_vaes(comfy):
     """(our WanVAE, ComfyUI's comfy.sd.VAE) with the same random weights."""
-    import comfy.sd
-
-    torch.manual_seed(0)
-    ours = WanVAE(COMFY_TINY_VAE).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    theirs = comfy.sd.VAE(sd={k: v.clone() for k, v in ours.state_dict().items()})
+    ours = tiny_wan_vae()
+    theirs = as_comfy_vae(ours)
     assert type(theirs.first_stage_model).__name__ == "WanVAE" and theirs.latent_channels == 16
     return ours, theirs
 

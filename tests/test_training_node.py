@@ -20,8 +20,7 @@ from dreamidv_core.weights.checkpoints import save_dit
 from dreamidv_core.models.configs import tiny_config
 from dreamidv_core.models.dit import DreamIDVTransformer, init_random_
 from dreamidv_core.errors import InputError
-from dreamidv_core.models.vae import WanVAE, WanVAEConfig
-from tests.node_helpers import model_folders, progress_updates
+from tests.node_helpers import as_comfy_vae, model_folders, progress_updates, tiny_wan_vae
 from tests.synthetic_data import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,14 +38,7 @@ def _training_nodes(pack):
 @pytest.fixture(scope="module")
 def comfy_vae(comfy):
     """ComfyUI's VAE around a tiny random Wan 2.1 VAE (what VAELoader would give)."""
-    import comfy.sd
-
-    torch.manual_seed(0)
-    ours = WanVAE(WanVAEConfig(dim=8, num_res_blocks=2)).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return comfy.sd.VAE(sd={k: v.clone() for k, v in ours.state_dict().items()})
+    return as_comfy_vae(tiny_wan_vae())
 
 
 @pytest.fixture
