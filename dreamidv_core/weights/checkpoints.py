@@ -33,6 +33,21 @@ CONFIG_METADATA_KEY = "dreamidv_config"
 UNUSED_CROSS_ATTN_POSE = ("cross_attn.k_pose.", "cross_attn.v_pose.", "cross_attn.norm_k_pose.", "cross_attn.pose_gate")
 
 
+def dit_prefix(reader) -> str:
+    """The prefix the DiT's tensor names carry in a checkpoint (``model.``, ``diffusion_model.``, ... or "")."""
+    return strip_prefix(reader.keys(), DIT_PREFIXES) or ""
+
+
+def dit_tensor(path, name: str) -> torch.Tensor:
+    """One DiT tensor of the checkpoint file ``path`` by its model name (e.g. ``blocks.0.modulation``), whatever
+    prefix the file gives it; read alone (the file is opened lazily)."""
+    reader = read_state_dict(path)
+    key = dit_prefix(reader) + name
+    if key not in reader:
+        raise CheckpointError(path, f"has no DiT tensor '{name}'")
+    return reader[key]
+
+
 def detect_dit_config(reader: StateDictReader, prefix: str = "") -> DiTConfig:
     """Work out the variant and the sizes of a DiT from its tensor names and shapes.
 
@@ -194,7 +209,7 @@ def load_dit(path, weight_dtype="bf16", compute_dtype: Optional[torch.dtype] = N
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if wdt == torch.float8_e4m3fn else wdt
     reader = read_state_dict(path)
-    prefix = strip_prefix(reader.keys(), DIT_PREFIXES) or ""
+    prefix = dit_prefix(reader)
     cfg = config or detect_dit_config(reader, prefix)
     if variants is not None and cfg.variant not in variants:
         raise CheckpointError(path, wrong_variant(cfg.variant, variants))
@@ -269,7 +284,7 @@ def convert_to_safetensors(src, dst, dtype: Optional[str] = None) -> Dict[str, s
         raise CheckpointError(dst, "fp8 is a load-time choice; convert to bf16 or fp16 instead")
     metadata = {"format": "pt"}
     kind = "weights"
-    prefix = strip_prefix(reader.keys(), DIT_PREFIXES) or ""
+    prefix = dit_prefix(reader)
     names = [n[len(prefix):] for n in reader]
     if "patch_embedding.weight" in names:
         cfg = detect_dit_config(reader, prefix)
@@ -292,7 +307,7 @@ def load_ivs(path, weight_dtype: str = "bf16", compute_dtype: Optional[torch.dty
     if weight_dtype not in WEIGHT_DTYPES:
         raise CheckpointError(path, f"unknown weight dtype '{weight_dtype}'; choose one of {', '.join(WEIGHT_DTYPES)}")
     reader = read_state_dict(path)
-    prefix = strip_prefix(reader.keys(), DIT_PREFIXES) or ""
+    prefix = dit_prefix(reader)
     src_cfg = detect_dit_config(reader, prefix)
     if src_cfg.variant == "ivs":
         return load_dit(path, weight_dtype, compute_dtype, device, attention_backend=attention_backend), None

@@ -14,11 +14,11 @@ from typing import Tuple
 import torch
 
 from ..errors import CheckpointError
-from ..io.state_dict import read_state_dict, strip_prefix
+from ..io.state_dict import read_state_dict
 from ..models.configs import DiTConfig
 from ..models.id_projection import PREFIX as ID_PREFIX
 from ..models.pose_branch import PoseBranch, is_branch_tensor
-from .checkpoints import DIT_PREFIXES, WEIGHT_DTYPES, _set_tensor, detect_dit_config, storage_dtype
+from .checkpoints import WEIGHT_DTYPES, _set_tensor, detect_dit_config, dit_prefix, storage_dtype
 from .id_projection import read_id_projection_file
 
 
@@ -32,7 +32,7 @@ def load_pose_branch(path, weight_dtype="bf16", device="cpu", operations=None,
         raise CheckpointError(path, f"pose branch weight dtype must be bf16, fp16 or fp32, got '{weight_dtype}'")
     wdt = WEIGHT_DTYPES[weight_dtype]
     reader = read_state_dict(path)
-    prefix = strip_prefix(reader.keys(), DIT_PREFIXES) or ""
+    prefix = dit_prefix(reader)
     cfg = detect_dit_config(reader, prefix)
     if cfg.variant not in ("full", "faster"):
         raise CheckpointError(path, f"is a {cfg.variant} checkpoint, not DreamID-V (full or faster)")

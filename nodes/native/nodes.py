@@ -20,9 +20,8 @@ import torch
 
 from comfy_api.latest import io
 
-from dreamidv_core.io.state_dict import read_state_dict, strip_prefix
 from dreamidv_core.sampling.samplers import flow_sigmas
-from dreamidv_core.weights.checkpoints import DIT_PREFIXES
+from dreamidv_core.weights.checkpoints import dit_tensor
 from dreamidv_core.weights.pose_branch import load_pose_branch
 
 from .. import common
@@ -63,9 +62,7 @@ def load_branch(model, model_name: str, id_projection: str = NONE):
         return patcher, cfg
 
     patcher, cfg = _BRANCHES.get_or_load(key, load)
-    reader = read_state_dict(path)
-    prefix = strip_prefix(reader.keys(), DIT_PREFIXES) or ""
-    native_branch.check_same_checkpoint(model, cfg, reader[prefix + "blocks.0.modulation"], path)
+    native_branch.check_same_checkpoint(model, cfg, dit_tensor(path, "blocks.0.modulation"), path)
     return patcher.model, patcher
 
 
