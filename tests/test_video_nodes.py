@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from dreamidv_core.errors import InputError
-from tests.node_helpers import model_folders
-from tests.test_nodes_model import COMFY_TINY_VAE, conditioning, identity, write_dit
+from tests.node_helpers import as_comfy_vae, model_folders, tiny_wan_vae
+from tests.test_nodes_model import conditioning, identity, write_dit
 from tests.test_video_stream import NTSC, RATE, level, make_clip, tone
 
 pytestmark = pytest.mark.comfyui
@@ -41,10 +41,7 @@ def face_keypoints(count: int) -> list:
 @pytest.fixture(scope="module")
 def nodes(pack, tmp_path_factory):
     """The pack's node modules, tiny models (full and faster DiT, ComfyUI VAE), clips and an output folder."""
-    import comfy.sd
     import folder_paths
-
-    from dreamidv_core.models.vae import WanVAE
 
     root = tmp_path_factory.mktemp("video_nodes")
     with model_folders(root, ("diffusion_models", "dreamidv", "text_encoders")) as dirs:
@@ -53,12 +50,7 @@ def nodes(pack, tmp_path_factory):
         load = pack.nodes.loaders.DreamIDVModelLoader.execute
         full = load("dreamidv.safetensors", "fp32", "sdpa", "cpu").result[0]
         faster = load("dreamidv_faster.safetensors", "fp32", "sdpa", "cpu").result[0]
-        torch.manual_seed(0)
-        ours = WanVAE(COMFY_TINY_VAE).eval().requires_grad_(False)
-        with torch.no_grad():
-            for p in ours.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        vae = comfy.sd.VAE(sd={k: v.clone() for k, v in ours.state_dict().items()})
+        vae = as_comfy_vae(tiny_wan_vae())
         output = root / "output"
         output.mkdir()
         saved_output = folder_paths.get_output_directory()
